@@ -1,0 +1,6 @@
+// cpet/cpet.hpp — the umbrella header: every CPU room of the library (not cuda/).
+#pragma once
+
+#include "cpet/core/core.hpp"
+#include "cpet/arch/dispatch.hpp"
+#include "cpet/kernels/kernels.hpp"
