@@ -3,15 +3,39 @@
 //   out_h = softmax(q_h · k_gᵀ · scale + mask) · v_g,   g = h / (n_heads / n_kv_heads)
 // Masks: keys j >= kv_len are padding; with `causal`, query i sees keys j <= q_pos0 + i (q_pos0 is the
 // position of query row 0 among the keys: 0 for a full sequence, cache length for decoding). A query that sees
-// no key gets a zero output.
+// no key (kv_len 0, or a causal position before key 0) gets a zero output, not NaN: the softmax over an empty
+// set is taken as the zero distribution, so a fully padded row contributes nothing downstream.
+//
+// Algorithm (FlashAttention, Dao et al. 2022, forward pass on a CPU): a work item is one KV head g and a tile of
+// query tokens; its rows are every query head of the group × every token of the tile, so the query heads of a
+// GQA group share each K/V load. For each tile of `key_tile` keys the item computes the score tile S = Q·Kᵀ,
+// then per row the online softmax
+//   m' = max(m, max_j S_j),  P = exp(S − m'),  l' = l·exp(m − m') + Σ_j P_j,  O' = O·exp(m − m') + P·V
+// and finally out = O / l. Memory is O(tile) per thread, never Sq × Sk. Work items go to the threads from a
+// shared counter, the heaviest (last causal tiles) first, so a causal triangle balances.
+//
+// Scores use two shapes: with >= 4 rows the K tile is transposed into scratch (D × key_tile) and a register-
+// tiled micro-kernel broadcasts q (4 rows × NV vectors of keys per step, a small GEMM); with fewer rows (decode:
+// Sq = 1 and a small group) each score is a vector dot product straight from the K rows, since transposing would
+// touch every K element twice for one use. When head_dim is not a multiple of the vector width, the K/V rows of
+// a tile are copied into zero-padded scratch so the inner loops never need a tail.
+//
+// Parallelism is over (KV head, query tile) only: a decode step with one KV head (MQA, Sq = 1) runs on one thread.
+// Splitting the keys across threads with a final merge of (m, l, O) ("flash-decoding") would fix that; not done.
 #pragma once
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpet/arch/dispatch.hpp"
+#include "cpet/core/buffer.hpp"
 #include "cpet/core/matrix.hpp"
+#include "cpet/core/parallel.hpp"
 
 namespace cpet::kernels {
 
@@ -29,39 +53,410 @@ struct attention_args {
     index_t kv_len = -1;  ///< keys at index >= kv_len are masked (padding); −1 means all Sk keys
 };
 
-template <class Arch>
-void attention(Arch, const attention_args& a) {
-    const index_t Sq = a.q.rows(), Sk = a.k.rows(), D = a.head_dim;
-    const index_t group = a.n_heads / a.n_kv_heads;
-    const float scale = a.scale != 0.f ? a.scale : 1.f / std::sqrt(float(D));
+/// Multiply-adds of one attention call counted the usual way (2·D per score, 2·D per P·V term, visible pairs
+/// only); used by the benchmarks.
+inline double attention_flops(const attention_args& a) {
+    const index_t Sq = a.q.rows(), Sk = a.k.rows();
     const index_t kv_len = a.kv_len < 0 ? Sk : a.kv_len;
-    std::vector<double> s(static_cast<std::size_t>(Sk));
-    for (index_t h = 0; h < a.n_heads; ++h) {
-        const index_t g = h / group;
-        for (index_t i = 0; i < Sq; ++i) {
-            index_t visible = kv_len;
-            if (a.causal && a.q_pos0 + i + 1 < visible) visible = a.q_pos0 + i + 1;
-            float* o = a.out.row(i) + h * D;
-            if (visible <= 0) {
-                for (index_t d = 0; d < D; ++d) o[d] = 0.f;
+    double pairs = 0;
+    for (index_t i = 0; i < Sq; ++i) {
+        index_t vis = kv_len;
+        if (a.causal) vis = std::min(vis, a.q_pos0 + i + 1);
+        pairs += double(std::max<index_t>(vis, 0));
+    }
+    return pairs * 4.0 * double(a.head_dim) * double(a.n_heads);
+}
+
+namespace detail::attn {
+
+inline constexpr index_t key_tile = 64;     // keys per tile: a multiple of 4 vectors of AVX-512 and of AVX2
+inline constexpr index_t target_rows = 64;  // query rows (heads of a group × tokens) per work item
+inline constexpr index_t gemm_rows = 4;     // below this many rows scores are dot products (decode shape)
+
+template <class Arch>
+struct widths {
+    static constexpr index_t W = 1;
+    static constexpr int NV = 1;
+};
+template <class Arch>
+    requires arch::is_simd_v<Arch>
+struct widths<Arch> {
+    static constexpr index_t W = static_cast<index_t>(xsimd::batch<float, Arch>::size);
+    static constexpr int NV = W >= 16 ? 4 : 2;  // vectors per micro-tile row: 16 (AVX-512) / 8 (AVX2) accumulators
+};
+
+inline index_t round_up(index_t x, index_t m) { return (x + m - 1) / m * m; }
+
+/// Per-thread tile scratch; sized once per call, outside the parallel region.
+struct scratch {
+    aligned_buffer<float> q;   // rows × Dp, scaled queries, zero padded
+    aligned_buffer<float> kt;  // D × key_tile (transposed K) or key_tile × Dp (padded K rows)
+    aligned_buffer<float> vp;  // key_tile × Dp (padded V rows, only when D % W != 0)
+    aligned_buffer<float> s;   // rows × key_tile scores, then probabilities
+    aligned_buffer<float> o;   // rows × Dp unnormalised output accumulator
+    std::vector<float> m, l;   // running max and running sum per row
+    std::vector<index_t> lim;  // keys [0, lim) are visible to the row
+    std::vector<float*> out;   // output row pointers
+
+    scratch(index_t rows, index_t D, index_t Dp)
+        : q(std::size_t(rows * Dp)),
+          kt(std::size_t(key_tile * std::max(D, Dp))),
+          vp(std::size_t(key_tile * Dp)),
+          s(std::size_t(rows * key_tile)),
+          o(std::size_t(rows * Dp)),
+          m(std::size_t(rows)),
+          l(std::size_t(rows)),
+          lim(std::size_t(rows)),
+          out(std::size_t(rows)) {}
+};
+
+// ---- scores S[r, j] = q_r · k_j ------------------------------------------------------------------------------
+
+/// MR rows × all key vectors of a tile from the transposed tile kt (D × key_tile): a register-tiled GEMM step.
+template <class Arch, int MR>
+void scores_gemm_rows(const float* q, index_t qs, const float* kt, index_t D, index_t ncols, float* s) {
+    using B = xsimd::batch<float, Arch>;
+    constexpr index_t W = widths<Arch>::W;
+    constexpr int NV = widths<Arch>::NV;
+    for (index_t j0 = 0; j0 < ncols; j0 += NV * W) {
+        B acc[MR][NV];
+        for (int r = 0; r < MR; ++r)
+            for (int c = 0; c < NV; ++c) acc[r][c] = B(0.f);
+        const float* kp = kt + j0;
+        for (index_t d = 0; d < D; ++d, kp += key_tile) {
+            B kv[NV];
+            for (int c = 0; c < NV; ++c) kv[c] = B::load_aligned(kp + c * W);
+            for (int r = 0; r < MR; ++r) {
+                const B qb(q[r * qs + d]);
+                for (int c = 0; c < NV; ++c) acc[r][c] = xsimd::fma(qb, kv[c], acc[r][c]);
+            }
+        }
+        for (int r = 0; r < MR; ++r)
+            for (int c = 0; c < NV; ++c) acc[r][c].store_aligned(s + r * key_tile + j0 + c * W);
+    }
+}
+
+/// MR (< 4) rows × nk keys as dot products over Dp straight from K rows (stride ks, padded to Dp).
+template <class Arch, int MR>
+void scores_dot_rows(const float* q, index_t Dp, const float* k, index_t ks, index_t nk, float* s) {
+    using B = xsimd::batch<float, Arch>;
+    constexpr index_t W = widths<Arch>::W;
+    constexpr int KB = 4;  // keys per step: MR·KB accumulators, one K load feeds MR FMAs
+    index_t j = 0;
+    for (; j + KB <= nk; j += KB) {
+        B acc[MR][KB];
+        for (int r = 0; r < MR; ++r)
+            for (int c = 0; c < KB; ++c) acc[r][c] = B(0.f);
+        for (index_t d = 0; d < Dp; d += W) {
+            B kv[KB];
+            for (int c = 0; c < KB; ++c) kv[c] = B::load_unaligned(k + (j + c) * ks + d);
+            for (int r = 0; r < MR; ++r) {
+                const B qv = B::load_aligned(q + r * Dp + d);
+                for (int c = 0; c < KB; ++c) acc[r][c] = xsimd::fma(qv, kv[c], acc[r][c]);
+            }
+        }
+        for (int r = 0; r < MR; ++r)
+            for (int c = 0; c < KB; ++c) s[r * key_tile + j + c] = xsimd::hadd(acc[r][c]);
+    }
+    for (; j < nk; ++j) {
+        B acc[MR];
+        for (int r = 0; r < MR; ++r) acc[r] = B(0.f);
+        for (index_t d = 0; d < Dp; d += W) {
+            const B kv = B::load_unaligned(k + j * ks + d);
+            for (int r = 0; r < MR; ++r) acc[r] = xsimd::fma(B::load_aligned(q + r * Dp + d), kv, acc[r]);
+        }
+        for (int r = 0; r < MR; ++r) s[r * key_tile + j] = xsimd::hadd(acc[r]);
+    }
+}
+
+// ---- O[r, :] += Σ_j P[r, j] · v_j --------------------------------------------------------------------------
+
+template <class Arch, int MR, int NC>
+void pv_block(const float* p, const float* v, index_t vs, index_t nk, float* o, index_t Dp) {
+    using B = xsimd::batch<float, Arch>;
+    constexpr index_t W = widths<Arch>::W;
+    B acc[MR][NC];
+    for (int r = 0; r < MR; ++r)
+        for (int c = 0; c < NC; ++c) acc[r][c] = B::load_aligned(o + r * Dp + c * W);
+    for (index_t j = 0; j < nk; ++j) {
+        B vv[NC];
+        for (int c = 0; c < NC; ++c) vv[c] = B::load_unaligned(v + j * vs + c * W);
+        for (int r = 0; r < MR; ++r) {
+            const B pb(p[r * key_tile + j]);
+            for (int c = 0; c < NC; ++c) acc[r][c] = xsimd::fma(pb, vv[c], acc[r][c]);
+        }
+    }
+    for (int r = 0; r < MR; ++r)
+        for (int c = 0; c < NC; ++c) acc[r][c].store_aligned(o + r * Dp + c * W);
+}
+
+template <class Arch, int MR>
+void pv_rows(const float* p, const float* v, index_t vs, index_t nk, float* o, index_t Dp) {
+    constexpr index_t W = widths<Arch>::W;
+    constexpr int NV = widths<Arch>::NV;
+    index_t d = 0;
+    for (; d + NV * W <= Dp; d += NV * W) pv_block<Arch, MR, NV>(p, v + d, vs, nk, o + d, Dp);
+    switch ((Dp - d) / W) {
+        case 3: pv_block<Arch, MR, 3>(p, v + d, vs, nk, o + d, Dp); break;
+        case 2: pv_block<Arch, MR, 2>(p, v + d, vs, nk, o + d, Dp); break;
+        case 1: pv_block<Arch, MR, 1>(p, v + d, vs, nk, o + d, Dp); break;
+        default: break;
+    }
+}
+
+/// Calls f(std::integral_constant<int, MR>{}, r0) over rows [0, rows) in blocks of 4 and a tail of 1..3.
+template <class F>
+void for_row_blocks(index_t rows, F&& f) {
+    index_t r = 0;
+    for (; r + 4 <= rows; r += 4) f(std::integral_constant<int, 4>{}, r);
+    switch (rows - r) {
+        case 3: f(std::integral_constant<int, 3>{}, r); break;
+        case 2: f(std::integral_constant<int, 2>{}, r); break;
+        case 1: f(std::integral_constant<int, 1>{}, r); break;
+        default: break;
+    }
+}
+
+// ---- per-row online softmax step ------------------------------------------------------------------------------
+
+/// s[0, ncols) ← exp(s − m), returns the sum. ncols is a multiple of the vector width.
+template <class Arch>
+float exp_row(float* s, index_t ncols, float m) {
+    if constexpr (arch::is_simd_v<Arch>) {
+        using B = xsimd::batch<float, Arch>;
+        constexpr index_t W = widths<Arch>::W;
+        const B mb(m);
+        B sum(0.f);
+        for (index_t j = 0; j < ncols; j += W) {
+            const B e = xsimd::exp(B::load_aligned(s + j) - mb);
+            e.store_aligned(s + j);
+            sum += e;
+        }
+        return xsimd::hadd(sum);
+    } else {
+        float sum = 0.f;
+        for (index_t j = 0; j < ncols; ++j) sum += (s[j] = std::exp(s[j] - m));
+        return sum;
+    }
+}
+
+template <class Arch>
+float max_row(const float* s, index_t ncols) {
+    if constexpr (arch::is_simd_v<Arch>) {
+        using B = xsimd::batch<float, Arch>;
+        constexpr index_t W = widths<Arch>::W;
+        B mx(-std::numeric_limits<float>::infinity());
+        for (index_t j = 0; j < ncols; j += W) mx = xsimd::max(mx, B::load_aligned(s + j));
+        alignas(64) float lanes[W];
+        mx.store_aligned(lanes);
+        float r = lanes[0];
+        for (index_t i = 1; i < W; ++i) r = lanes[i] > r ? lanes[i] : r;
+        return r;
+    } else {
+        float r = -std::numeric_limits<float>::infinity();
+        for (index_t j = 0; j < ncols; ++j) r = s[j] > r ? s[j] : r;
+        return r;
+    }
+}
+
+template <class Arch>
+void scale_row(float* o, index_t Dp, float alpha) {
+    if constexpr (arch::is_simd_v<Arch>) {
+        using B = xsimd::batch<float, Arch>;
+        constexpr index_t W = widths<Arch>::W;
+        const B ab(alpha);
+        for (index_t d = 0; d < Dp; d += W) (B::load_aligned(o + d) * ab).store_aligned(o + d);
+    } else {
+        for (index_t d = 0; d < Dp; ++d) o[d] *= alpha;
+    }
+}
+
+/// One work item: KV head g, query tokens [t0, t0 + tn).
+template <class Arch>
+void attention_item(const attention_args& a, index_t g, index_t t0, index_t tn, index_t kv_len, float scale,
+                    scratch& w) {
+    constexpr index_t W = widths<Arch>::W;
+    constexpr float ninf = -std::numeric_limits<float>::infinity();
+    const index_t D = a.head_dim, Dp = round_up(D, W);
+    const index_t group = a.n_heads / a.n_kv_heads;
+    const index_t rows = group * tn;
+    const bool padded = Dp != D;
+
+    // Load the rows: scaled queries, limits, empty accumulators.
+    index_t kend = 0;
+    for (index_t hh = 0; hh < group; ++hh) {
+        const index_t h = g * group + hh;
+        for (index_t t = 0; t < tn; ++t) {
+            const index_t r = hh * tn + t, i = t0 + t;
+            const float* src = a.q.row(i) + h * D;
+            float* dst = w.q.data() + r * Dp;
+            for (index_t d = 0; d < D; ++d) dst[d] = src[d] * scale;
+            for (index_t d = D; d < Dp; ++d) dst[d] = 0.f;
+            index_t lim = kv_len;
+            if (a.causal) lim = std::min(lim, a.q_pos0 + i + 1);
+            lim = std::max<index_t>(lim, 0);
+            w.lim[r] = lim;
+            w.m[r] = ninf;
+            w.l[r] = 0.f;
+            w.out[r] = a.out.row(i) + h * D;
+            kend = std::max(kend, lim);
+        }
+    }
+    std::memset(w.o.data(), 0, sizeof(float) * std::size_t(rows * Dp));
+
+    const index_t ks = a.k.stride(), vs = a.v.stride();
+    for (index_t j0 = 0; j0 < kend; j0 += key_tile) {
+        const index_t nk = std::min(key_tile, kend - j0);
+        const index_t ncols = round_up(nk, W);
+        const float* kp = a.k.row(j0) + g * D;
+        const float* vp = a.v.row(j0) + g * D;
+        float* S = w.s.data();
+
+        // 1. scores
+        if constexpr (arch::is_simd_v<Arch>) {
+            if (rows >= gemm_rows) {
+                float* kt = w.kt.data();
+                for (index_t j = 0; j < nk; ++j) {
+                    const float* kr = kp + j * ks;
+                    for (index_t d = 0; d < D; ++d) kt[d * key_tile + j] = kr[d];
+                }
+                for_row_blocks(rows, [&](auto mr, index_t r0) {
+                    scores_gemm_rows<Arch, decltype(mr)::value>(w.q.data() + r0 * Dp, Dp, kt, D, ncols,
+                                                                S + r0 * key_tile);
+                });
+            } else {
+                const float* kk = kp;
+                index_t kst = ks;
+                if (padded) {
+                    float* kpad = w.kt.data();
+                    for (index_t j = 0; j < nk; ++j) {
+                        std::memcpy(kpad + j * Dp, kp + j * ks, sizeof(float) * std::size_t(D));
+                        for (index_t d = D; d < Dp; ++d) kpad[j * Dp + d] = 0.f;
+                    }
+                    kk = kpad;
+                    kst = Dp;
+                }
+                for_row_blocks(rows, [&](auto mr, index_t r0) {
+                    scores_dot_rows<Arch, decltype(mr)::value>(w.q.data() + r0 * Dp, Dp, kk, kst, nk,
+                                                               S + r0 * key_tile);
+                });
+            }
+        } else {
+            for (index_t r = 0; r < rows; ++r) {
+                const float* qr = w.q.data() + r * D;
+                for (index_t j = 0; j < nk; ++j) {
+                    const float* kr = kp + j * ks;
+                    float dot = 0.f;
+                    for (index_t d = 0; d < D; ++d) dot += qr[d] * kr[d];
+                    S[r * key_tile + j] = dot;
+                }
+            }
+        }
+
+        // 2. online softmax, row by row
+        index_t nk_used = 0;
+        for (index_t r = 0; r < rows; ++r) {
+            float* sr = S + r * key_tile;
+            const index_t cnt = std::clamp<index_t>(w.lim[r] - j0, 0, nk);
+            float mx = ninf;
+            if (cnt > 0) {
+                std::fill(sr + cnt, sr + ncols, ninf);  // causal / padding mask inside the tile
+                mx = max_row<Arch>(sr, ncols);
+            }
+            const float m_new = mx > w.m[r] ? mx : w.m[r];
+            if (cnt == 0 || m_new == ninf) {  // row sees nothing here: P = 0
+                std::fill(sr, sr + ncols, 0.f);
                 continue;
             }
-            double mx = -std::numeric_limits<double>::infinity();
-            for (index_t j = 0; j < visible; ++j) {
-                double dot = 0;
-                for (index_t d = 0; d < D; ++d) dot += double(a.q(i, h * D + d)) * a.k(j, g * D + d);
-                s[j] = dot * scale;
-                mx = std::fmax(mx, s[j]);
+            const float alpha = std::exp(w.m[r] - m_new);  // 0 on the first visible tile
+            const float sum = exp_row<Arch>(sr, ncols, m_new);
+            w.l[r] = w.l[r] * alpha + sum;
+            if (alpha != 1.f) scale_row<Arch>(w.o.data() + r * Dp, Dp, alpha);
+            w.m[r] = m_new;
+            nk_used = std::max(nk_used, cnt);
+        }
+        if (nk_used == 0) continue;
+
+        // 3. O += P · V over the keys some row sees (never past kv_len or Sk)
+        if constexpr (arch::is_simd_v<Arch>) {
+            const float* vv = vp;
+            index_t vst = vs;
+            if (padded) {
+                float* vpad = w.vp.data();
+                for (index_t j = 0; j < nk_used; ++j) {
+                    std::memcpy(vpad + j * Dp, vp + j * vs, sizeof(float) * std::size_t(D));
+                    for (index_t d = D; d < Dp; ++d) vpad[j * Dp + d] = 0.f;
+                }
+                vv = vpad;
+                vst = Dp;
             }
-            double sum = 0;
-            for (index_t j = 0; j < visible; ++j) sum += (s[j] = std::exp(s[j] - mx));
-            for (index_t d = 0; d < D; ++d) {
-                double acc = 0;
-                for (index_t j = 0; j < visible; ++j) acc += s[j] * a.v(j, g * D + d);
-                o[d] = float(acc / sum);
+            for_row_blocks(rows, [&](auto mr, index_t r0) {
+                pv_rows<Arch, decltype(mr)::value>(S + r0 * key_tile, vv, vst, nk_used, w.o.data() + r0 * Dp, Dp);
+            });
+        } else {
+            for (index_t r = 0; r < rows; ++r) {
+                float* orow = w.o.data() + r * D;
+                const float* pr = S + r * key_tile;
+                for (index_t j = 0; j < nk_used; ++j) {
+                    const float p = pr[j];
+                    if (p == 0.f) continue;
+                    const float* vr = vp + j * vs;
+                    for (index_t d = 0; d < D; ++d) orow[d] += p * vr[d];
+                }
             }
         }
     }
+
+    // out = O / l; a row that saw no key (l == 0) gets zeros.
+    for (index_t r = 0; r < rows; ++r) {
+        const float* orow = w.o.data() + r * Dp;
+        float* dst = w.out[r];
+        if (w.l[r] > 0.f) {
+            const float inv = 1.f / w.l[r];
+            for (index_t d = 0; d < D; ++d) dst[d] = orow[d] * inv;
+        } else {
+            for (index_t d = 0; d < D; ++d) dst[d] = 0.f;
+        }
+    }
+}
+
+}  // namespace detail::attn
+
+/// Unchecked body: the arguments must already satisfy the checks of attention(const attention_args&).
+template <class Arch>
+void attention(Arch, const attention_args& a) {
+    namespace da = detail::attn;
+    const index_t Sq = a.q.rows(), Sk = a.k.rows(), D = a.head_dim;
+    if (Sq == 0 || a.n_heads == 0) return;
+    const index_t group = a.n_heads / a.n_kv_heads;
+    const float scale = a.scale != 0.f ? a.scale : 1.f / std::sqrt(float(D));
+    const index_t kv_len = a.kv_len < 0 ? Sk : std::min(a.kv_len, Sk);
+    const index_t Dp = da::round_up(D, da::widths<Arch>::W);
+
+    const index_t tq = std::min(Sq, std::max<index_t>(1, da::target_rows / group));  // tokens per item
+    const index_t tiles = (Sq + tq - 1) / tq;
+    const index_t items = a.n_kv_heads * tiles;
+
+    // Tiny calls stay on one thread: a parallel region costs a few microseconds.
+    const double work = double(Sq) * double(std::max<index_t>(kv_len, 1)) * double(D) * double(a.n_heads);
+    const int threads = work < 65536.0 ? 1 : int(std::min<index_t>(max_threads(), items));
+
+    std::vector<da::scratch> ws;
+    ws.reserve(std::size_t(threads));
+    for (int t = 0; t < threads; ++t) ws.emplace_back(group * tq, D, Dp);
+
+    // Items in decreasing order of work (last query tiles first when causal), handed out from a counter.
+    std::atomic<index_t> next{0};
+    parallel_region(threads, [&](int tid, int) {
+        da::scratch& w = ws[std::size_t(tid)];
+        for (index_t it = next.fetch_add(1, std::memory_order_relaxed); it < items;
+             it = next.fetch_add(1, std::memory_order_relaxed)) {
+            const index_t ti = tiles - 1 - it / a.n_kv_heads;
+            const index_t g = it % a.n_kv_heads;
+            const index_t t0 = ti * tq;
+            da::attention_item<Arch>(a, g, t0, std::min(tq, Sq - t0), kv_len, scale, w);
+        }
+    });
 }
 
 /// Checks the arguments and runs attention on the active path.
