@@ -4,3 +4,6 @@
 #include "cpet/core/core.hpp"
 #include "cpet/arch/dispatch.hpp"
 #include "cpet/kernels/kernels.hpp"
+#include "cpet/compress/compress.hpp"
+#include "cpet/pet/pet.hpp"
+#include "cpet/nn/nn.hpp"

@@ -1,0 +1,7 @@
+// cpet/compress/compress.hpp — umbrella header of the compress room.
+#pragma once
+
+#include "cpet/compress/calibration.hpp"
+#include "cpet/compress/dense.hpp"
+#include "cpet/compress/format.hpp"
+#include "cpet/compress/policy.hpp"

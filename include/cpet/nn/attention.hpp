@@ -1,0 +1,151 @@
+// cpet/nn/attention.hpp — the attention sublayer: q, k, v projections, RoPE, masked MHA / GQA, o projection.
+//
+//   q = h·Wqᵀ (+bq), k = h·Wkᵀ (+bk), v = h·Wvᵀ (+bv)   (a PET linear hook may add s·U·Bᵀ to each)
+//   [RoPE on q and k at absolute positions]
+//   a_b = softmax(q_b·k_bᵀ/√d_h + mask)·v_b per sequence b (keys = [prefix;] cached keys + its own tokens)
+//   out = a·Woᵀ (+bo) (+ residual, fused into the o GEMM's epilogue)
+#pragma once
+
+#include <optional>
+#include <vector>
+
+#include "cpet/compress/calibration.hpp"
+#include "cpet/compress/policy.hpp"
+#include "cpet/core/parallel.hpp"
+#include "cpet/kernels/attention.hpp"
+#include "cpet/kernels/rope.hpp"
+#include "cpet/nn/batch.hpp"
+#include "cpet/nn/config.hpp"
+#include "cpet/nn/kv_cache.hpp"
+#include "cpet/nn/linear.hpp"
+#include "cpet/nn/weights.hpp"
+#include "cpet/nn/workspace.hpp"
+#include "cpet/pet/policy.hpp"
+
+namespace cpet::nn {
+
+template <LayerConfig C>
+class Attention {
+public:
+    using format = typename C::compression::format;
+    static constexpr bool causal = C::mask == attention_mask::causal;
+
+    Attention() = default;
+    /// `in_stats` describes the input of q/k/v, `o_stats` that of o (either may be null).
+    Attention(const dense_layer_weights& w, const layer_shape& s, const compress::calibration* in_stats,
+              const compress::calibration* o_stats)
+        : shape_(s),
+          q_(C::compression::compress(w.wq, in_stats), w.bq, "dense_layer_weights.bq"),
+          k_(C::compression::compress(w.wk, in_stats), w.bk, "dense_layer_weights.bk"),
+          v_(C::compression::compress(w.wv, in_stats), w.bv, "dense_layer_weights.bv"),
+          o_(C::compression::compress(w.wo, o_stats), w.bo, "dense_layer_weights.bo") {}
+
+    const Linear<format>& q() const noexcept { return q_; }
+    const Linear<format>& k() const noexcept { return k_; }
+    const Linear<format>& v() const noexcept { return v_; }
+    const Linear<format>& o() const noexcept { return o_; }
+    std::size_t bytes() const noexcept { return q_.bytes() + k_.bytes() + v_.bytes() + o_.bytes(); }
+
+    /// Checks what `forward` will need from a task's attention hook; returns the prefix length.
+    template <class Modules>
+    index_t prefix_rows(const Modules& m) const {
+        if constexpr (pet::AttentionHook<Modules>) {
+            if (auto p = m.prefix()) {
+                check_shape(p->k, -1, shape_.kv_dim(), "PET attention hook: prefix k");
+                check_shape(p->v, p->k.rows(), shape_.kv_dim(), "PET attention hook: prefix v");
+                return p->k.rows();
+            }
+        }
+        return 0;
+    }
+
+    /// out [M, d] = o(attention(h)) (+ residual [M, d] with row stride ld_res when non-null; it may alias out).
+    /// With a cache, sequence b's new tokens sit at positions cache.length(b) + t and are appended to it.
+    /// Unchecked: the layer checked shapes, lengths and cache room.
+    template <class Arch, class Modules>
+    void forward(Arch tag, ConstMatrixView<float> h, const batch_layout& L, MatrixView<float> out,
+                 const float* residual, index_t ld_res, workspace& ws, const Modules& m, kv_cache* cache) const {
+        const index_t M = h.rows(), S = L.seq_len, B = L.batch;
+        const index_t qd = shape_.q_dim(), kvd = shape_.kv_dim(), hd = shape_.head_dim;
+        auto& ps = ws.pet_scratch();
+        auto q = ws.get(workspace::q, M, qd);
+        auto k = ws.get(workspace::k, M, kvd);
+        auto v = ws.get(workspace::v, M, kvd);
+        detail::project(tag, q_, pet::target::q, h, q, {}, m, ps);
+        detail::project(tag, k_, pet::target::k, h, k, {}, m, ps);
+        detail::project(tag, v_, pet::target::v, h, v, {}, m, ps);
+
+        std::optional<pet::prefix_kv> prefix;
+        if constexpr (pet::AttentionHook<Modules>) prefix = m.prefix();
+        const index_t P = prefix ? prefix->k.rows() : 0;
+        const index_t keys_max = P + (cache ? cache->capacity() : S);
+        MatrixView<float> kcat, vcat;
+        if (P > 0) {
+            kcat = ws.get(workspace::prefix_k, B * keys_max, kvd);
+            vcat = ws.get(workspace::prefix_v, B * keys_max, kvd);
+        }
+
+        auto a = ws.get(workspace::attn, M, qd);
+        parallel_for(index_t(0), B, [&](index_t b) {
+            const index_t len = L.length(b);
+            const index_t pos0 = cache ? cache->length(b) : 0;
+            auto qb = q.middle_rows(b * S, S);
+            auto kb = k.middle_rows(b * S, len);
+            auto vb = v.middle_rows(b * S, len);
+            if constexpr (C::rope) {
+                kernels::rope(tag, qb.middle_rows(0, len), shape_.n_heads, hd, pos0, shape_.rope_base, shape_.rope);
+                kernels::rope(tag, kb, shape_.n_kv_heads, hd, pos0, shape_.rope_base, shape_.rope);
+            }
+            ConstMatrixView<float> keys = kb, values = vb;
+            if (cache) {
+                auto K = cache->keys(b), V = cache->values(b);
+                copy_rows(kb, K.middle_rows(pos0, len));
+                copy_rows(vb, V.middle_rows(pos0, len));
+                keys = K.middle_rows(0, pos0 + len);
+                values = V.middle_rows(0, pos0 + len);
+            }
+            if (P > 0) {
+                const index_t n = P + keys.rows();
+                auto kc = kcat.middle_rows(b * keys_max, n), vc = vcat.middle_rows(b * keys_max, n);
+                copy_rows(prefix->k, kc.middle_rows(0, P));
+                copy_rows(prefix->v, vc.middle_rows(0, P));
+                copy_rows(keys, kc.middle_rows(P, keys.rows()));
+                copy_rows(values, vc.middle_rows(P, keys.rows()));
+                keys = kc;
+                values = vc;
+            }
+            kernels::attention_args args;
+            args.q = qb;
+            args.k = keys;
+            args.v = values;
+            args.out = a.middle_rows(b * S, S);
+            args.n_heads = shape_.n_heads;
+            args.n_kv_heads = shape_.n_kv_heads;
+            args.head_dim = hd;
+            args.causal = causal;
+            args.q_pos0 = P + pos0;
+            kernels::attention(tag, args);
+        });
+        if (cache)
+            for (index_t b = 0; b < B; ++b) cache->advance(b, L.length(b));
+
+        kernels::epilogue ep;
+        ep.residual = residual;
+        ep.ld_residual = ld_res;
+        detail::project(tag, o_, pet::target::o, a, out, ep, m, ps);
+    }
+
+private:
+    static void copy_rows(ConstMatrixView<float> from, MatrixView<float> to) noexcept {
+        for (index_t r = 0; r < from.rows(); ++r) {
+            const float* s = from.row(r);
+            float* d = to.row(r);
+            for (index_t c = 0; c < from.cols(); ++c) d[c] = s[c];
+        }
+    }
+
+    layer_shape shape_;
+    Linear<format> q_, k_, v_, o_;
+};
+
+}  // namespace cpet::nn

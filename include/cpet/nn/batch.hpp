@@ -1,0 +1,83 @@
+// cpet/nn/batch.hpp — how a batch of sequences lies in one activation matrix, and the hooks' entry helpers.
+//
+// A batch of B sequences padded to S tokens is a [B·S, d] matrix: sequence b owns rows [b·S, b·S + S), of which
+// the first lengths[b] are tokens and the rest padding. Padding never influences a token's output (attention
+// masks padded keys; every other op is row-wise), and a layer writes zeros to the padded output rows.
+#pragma once
+
+#include <span>
+
+#include "cpet/compress/format.hpp"
+#include "cpet/core/error.hpp"
+#include "cpet/core/matrix.hpp"
+#include "cpet/nn/linear.hpp"
+#include "cpet/pet/policy.hpp"
+
+namespace cpet::nn {
+
+struct batch_layout {
+    index_t batch = 0;    ///< B
+    index_t seq_len = 0;  ///< S (padded length)
+    std::span<const index_t> lengths;
+
+    index_t rows() const noexcept { return batch * seq_len; }
+    index_t length(index_t b) const noexcept { return lengths[static_cast<std::size_t>(b)]; }
+
+    /// The layout of `rows` rows holding lengths.size() sequences; throws shape_error naming `who`.
+    static batch_layout of(index_t rows, std::span<const index_t> lengths, const char* who) {
+        batch_layout l;
+        l.batch = static_cast<index_t>(lengths.size());
+        l.lengths = lengths;
+        if (l.batch == 0) {
+            require<shape_error>(rows == 0, who, ": x has ", rows, " rows but lengths is empty (one length per sequence)");
+            return l;
+        }
+        require<shape_error>(rows % l.batch == 0, who, ": x has ", rows, " rows, not a multiple of the batch size ",
+                             l.batch, " (lengths.size())");
+        l.seq_len = rows / l.batch;
+        for (index_t b = 0; b < l.batch; ++b)
+            require<shape_error>(l.length(b) >= 0 && l.length(b) <= l.seq_len, who, ": lengths[", b, "] = ", l.length(b),
+                                 " is outside [0, ", l.seq_len, "] (padded sequence length)");
+        return l;
+    }
+};
+
+namespace detail {
+
+/// y = lin(x) with the PET low-rank term of `t` fused into the epilogue when the modules have a linear hook.
+template <class Arch, compress::WeightFormat F, class Modules>
+void project(Arch tag, const Linear<F>& lin, pet::target t, ConstMatrixView<float> x, MatrixView<float> y,
+             kernels::epilogue ep, const Modules& m, pet::scratch& s) {
+    if constexpr (pet::LinearHook<Modules>) {
+        if (auto lr = m.lowrank(t, x, s)) {
+            const auto tn = pet::target_name(t);
+            require<shape_error>(lr->u.rows() == x.rows() && lr->b.rows() == lin.out_features() &&
+                                     lr->u.cols() == lr->b.cols(),
+                                 "PET linear hook (target ", tn, "): expected U [", x.rows(), ", r] and B [",
+                                 lin.out_features(), ", r], got U ", shape_str(lr->u), " and B ", shape_str(lr->b));
+            pet::apply(ep, *lr);
+        }
+    }
+    lin.forward(tag, x, y, ep);
+}
+
+/// y += x element-wise (y may be x).
+inline void add_inplace(MatrixView<float> y, ConstMatrixView<float> x) noexcept {
+    for (index_t r = 0; r < y.rows(); ++r) {
+        float* yr = y.row(r);
+        const float* xr = x.row(r);
+        for (index_t c = 0; c < y.cols(); ++c) yr[c] += xr[c];
+    }
+}
+
+/// Zeroes the padded rows of every sequence.
+inline void zero_padding(MatrixView<float> y, const batch_layout& l) noexcept {
+    for (index_t b = 0; b < l.batch; ++b)
+        for (index_t t = l.length(b); t < l.seq_len; ++t) {
+            float* r = y.row(b * l.seq_len + t);
+            for (index_t c = 0; c < y.cols(); ++c) r[c] = 0.f;
+        }
+}
+
+}  // namespace detail
+}  // namespace cpet::nn

@@ -1,0 +1,192 @@
+// cpet/nn/layer.hpp — TransformerLayer<Config>: norms, attention and FFN composed by the Config's policies.
+//
+//   post-LN (BERT):  t = x + Attn(x);  h = N1(t);  y = N2(h + FFN(h))
+//   pre-LN (LLaMA):  t = x + Attn(N1(x));          y = t + FFN(N2(t))
+// Residual adds ride in the o and down GEMMs' epilogues, bias + activation in the up (or gate) GEMM. When the PET
+// policy has a sublayer hook the hook sees the sublayer output before the residual, so that add becomes a
+// separate pass. The backbone is const: every call takes a workspace (per caller) and the task's PET modules.
+#pragma once
+
+#include <span>
+
+#include "cpet/arch/dispatch.hpp"
+#include "cpet/compress/calibration.hpp"
+#include "cpet/core/matrix.hpp"
+#include "cpet/nn/attention.hpp"
+#include "cpet/nn/batch.hpp"
+#include "cpet/nn/config.hpp"
+#include "cpet/nn/ffn.hpp"
+#include "cpet/nn/kv_cache.hpp"
+#include "cpet/nn/norm.hpp"
+#include "cpet/nn/weights.hpp"
+#include "cpet/nn/workspace.hpp"
+#include "cpet/pet/none.hpp"
+#include "cpet/pet/policy.hpp"
+
+namespace cpet::nn {
+
+/// Calibration statistics of a layer, one per input site (q/k/v share theirs, as do up/gate): a single
+/// compress::calibration could not serve them all since the sites differ in width (d_model, q_dim, d_ff).
+struct layer_calibration {
+    compress::calibration attention_in;  ///< input of q, k, v  [d_model channels]
+    compress::calibration o_in;          ///< input of o        [q_dim]
+    compress::calibration ffn_in;        ///< input of up, gate [d_model]
+    compress::calibration down_in;       ///< input of down     [d_ff]
+};
+
+template <LayerConfig C>
+class TransformerLayer {
+public:
+    using config = C;
+    using compression = typename C::compression;
+    using format = typename compression::format;
+    using pet_policy = typename C::pet;
+    using task_type = typename pet_policy::modules;  ///< one layer's PET modules
+    static constexpr bool causal = C::mask == attention_mask::causal;
+    static constexpr bool needs_task = !std::is_same_v<pet_policy, pet::none>;
+
+    TransformerLayer() = default;
+    /// Compresses each linear of `w` through the Config's compression policy (with `stats` when given).
+    TransformerLayer(const dense_layer_weights& w, const layer_shape& s, const layer_calibration* stats = nullptr)
+        : shape_(checked(w, s)),
+          norm1_(w.norm1_gamma, w.norm1_beta, s.eps),
+          norm2_(w.norm2_gamma, w.norm2_beta, s.eps),
+          attn_(w, s, stats ? &stats->attention_in : nullptr, stats ? &stats->o_in : nullptr),
+          ffn_(w, s, stats ? &stats->ffn_in : nullptr, stats ? &stats->down_in : nullptr) {}
+
+    const layer_shape& shape() const noexcept { return shape_; }
+    const Attention<C>& attention() const noexcept { return attn_; }
+    const FFN<C>& ffn() const noexcept { return ffn_; }
+    const Norm<C::norm>& norm1() const noexcept { return norm1_; }
+    const Norm<C::norm>& norm2() const noexcept { return norm2_; }
+    /// Bytes of the packed weights, biases excluded from nothing (norm parameters not counted).
+    std::size_t bytes() const noexcept { return attn_.bytes() + ffn_.bytes(); }
+
+    /// y [B·S, d] = layer(x [B·S, d]) for B = lengths.size() sequences padded to S rows each (see batch.hpp).
+    /// y may be x (in place). Padded rows of y are zero. The ISA used is recorded in ws.last_isa().
+    void forward(ConstMatrixView<float> x, std::span<const index_t> lengths, MatrixView<float> y, workspace& ws,
+                 const task_type& task) const {
+        const auto L = check_call(x, lengths, y, "TransformerLayer::forward");
+        const index_t P = attn_.prefix_rows(task);
+        (void)P;
+        arch::dispatch([&](auto tag) { forward_on(tag, x, L, y, ws, task, nullptr); });
+    }
+    void forward(ConstMatrixView<float> x, std::span<const index_t> lengths, MatrixView<float> y, workspace& ws) const
+        requires(!needs_task)
+    {
+        forward(x, lengths, y, ws, task_type{});
+    }
+
+    /// Incremental (causal) forward: sequence b's first new_lengths[b] rows are new tokens at positions
+    /// cache.length(b), cache.length(b)+1, ...; their keys and values are appended to `cache`. Prefill is decode
+    /// on an empty cache; a decode step is S = 1. Throws shape_error (before changing anything) when a sequence
+    /// would exceed the cache's capacity.
+    void decode(ConstMatrixView<float> x, std::span<const index_t> new_lengths, MatrixView<float> y, kv_cache& cache,
+                workspace& ws, const task_type& task) const
+        requires causal
+    {
+        const auto L = check_call(x, new_lengths, y, "TransformerLayer::decode");
+        check_cache(cache, L, "TransformerLayer::decode");
+        attn_.prefix_rows(task);
+        arch::dispatch([&](auto tag) { forward_on(tag, x, L, y, ws, task, &cache); });
+    }
+    void decode(ConstMatrixView<float> x, std::span<const index_t> new_lengths, MatrixView<float> y, kv_cache& cache,
+                workspace& ws) const
+        requires(causal && !needs_task)
+    {
+        decode(x, new_lengths, y, cache, ws, task_type{});
+    }
+
+    /// A cache sized for this layer.
+    kv_cache make_cache(index_t batch, index_t capacity) const { return kv_cache(batch, capacity, shape_.kv_dim()); }
+
+    // ---- for Stack and tests: checks done once per call, then the unchecked body on one path ----
+
+    /// Checks x, y and lengths; `who` prefixes the messages, which name the operand ("...: x: expected shape").
+    batch_layout check_call(ConstMatrixView<float> x, std::span<const index_t> lengths, MatrixView<float> y,
+                            const char* who) const {
+        try {
+            check_shape(x, -1, shape_.d_model, "x");
+            check_shape(y, x.rows(), shape_.d_model, "y");
+        } catch (const shape_error& e) {
+            throw shape_error(cpet::detail::concat(who, ": ", e.what()));
+        }
+        return batch_layout::of(x.rows(), lengths, who);
+    }
+    void check_cache(const kv_cache& cache, const batch_layout& L, const char* who) const {
+        require<shape_error>(cache.batch() == L.batch, who, ": kv_cache holds ", cache.batch(),
+                             " sequences, the batch has ", L.batch);
+        require<shape_error>(cache.kv_dim() == shape_.kv_dim(), who, ": kv_cache rows have ", cache.kv_dim(),
+                             " values, the layer's keys have ", shape_.kv_dim(), " (n_kv_heads·head_dim)");
+        for (index_t b = 0; b < L.batch; ++b) cache.check_room(b, L.length(b));
+    }
+
+    template <class Arch>
+    void forward_on(Arch tag, ConstMatrixView<float> x, const batch_layout& L, MatrixView<float> y, workspace& ws,
+                    const task_type& m, kv_cache* cache) const {
+        ws.set_last_isa(arch::isa_of<Arch>());
+        const index_t M = x.rows(), d = shape_.d_model;
+        if (M == 0) return;
+        constexpr bool hook = pet::SublayerHook<task_type>;
+        auto& ps = ws.pet_scratch();
+        auto h = ws.get(workspace::normed, M, d);
+        if constexpr (C::placement == norm_placement::post) {
+            auto t = ws.get(workspace::sub, M, d);
+            if constexpr (hook) {
+                attn_.forward(tag, x, L, t, nullptr, 0, ws, m, cache);
+                m.sublayer(pet::sublayer::attention, x, t, ps);
+                detail::add_inplace(t, x);
+            } else {
+                attn_.forward(tag, x, L, t, x.data(), x.stride(), ws, m, cache);
+            }
+            norm1_.apply(tag, t, h);
+            if constexpr (hook) {
+                ffn_.forward(tag, h, t, nullptr, 0, ws, m);
+                m.sublayer(pet::sublayer::ffn, h, t, ps);
+                detail::add_inplace(t, h);
+            } else {
+                ffn_.forward(tag, h, t, h.data(), h.stride(), ws, m);
+            }
+            norm2_.apply(tag, t, y);
+        } else {
+            norm1_.apply(tag, x, h);
+            if constexpr (hook) {
+                auto t = ws.get(workspace::sub, M, d);
+                attn_.forward(tag, h, L, t, nullptr, 0, ws, m, cache);
+                m.sublayer(pet::sublayer::attention, h, t, ps);
+                add_into(y, x, t);
+                norm2_.apply(tag, y, h);
+                ffn_.forward(tag, h, t, nullptr, 0, ws, m);
+                m.sublayer(pet::sublayer::ffn, h, t, ps);
+                detail::add_inplace(y, t);
+            } else {
+                attn_.forward(tag, h, L, y, x.data(), x.stride(), ws, m, cache);
+                norm2_.apply(tag, y, h);
+                ffn_.forward(tag, h, y, y.data(), y.stride(), ws, m);
+            }
+        }
+        detail::zero_padding(y, L);
+    }
+
+private:
+    static const layer_shape& checked(const dense_layer_weights& w, const layer_shape& s) {
+        check_weights(w, s, kind_of<C>);
+        return s;
+    }
+    /// y = x + t (y may be x).
+    static void add_into(MatrixView<float> y, ConstMatrixView<float> x, ConstMatrixView<float> t) noexcept {
+        for (index_t r = 0; r < y.rows(); ++r)
+            for (index_t c = 0; c < y.cols(); ++c) y(r, c) = x(r, c) + t(r, c);
+    }
+
+    layer_shape shape_;
+    Norm<C::norm> norm1_, norm2_;
+    Attention<C> attn_;
+    FFN<C> ffn_;
+};
+
+}  // namespace cpet::nn
+
+namespace cpet {
+using nn::TransformerLayer;
+}  // namespace cpet

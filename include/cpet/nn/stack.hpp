@@ -1,0 +1,146 @@
+// cpet/nn/stack.hpp — N TransformerLayers applied in sequence (an encoder for bidirectional configs, a decoder
+// for causal ones). The first layer reads x and writes y, the others work on y in place, so a stack needs no
+// activation storage beyond one workspace. Dispatch happens once per stack call.
+#pragma once
+
+#include <span>
+#include <vector>
+
+#include "cpet/arch/dispatch.hpp"
+#include "cpet/nn/kv_cache.hpp"
+#include "cpet/nn/layer.hpp"
+#include "cpet/nn/weights.hpp"
+#include "cpet/nn/workspace.hpp"
+
+namespace cpet::nn {
+
+template <LayerConfig C>
+class Stack {
+public:
+    using layer_type = TransformerLayer<C>;
+    using task_type = typename layer_type::task_type;  ///< modules of ONE layer; a stack's task is one per layer
+    static constexpr bool causal = layer_type::causal;
+    static constexpr bool needs_task = layer_type::needs_task;
+
+    static_assert(!pet::InputHook<task_type>,
+                  "cpet Stack: input hooks (prompt tuning's virtual tokens) are applied by a model front end, which "
+                  "does not exist yet");
+
+    Stack() = default;
+    explicit Stack(std::vector<layer_type> layers) : layers_(std::move(layers)) { check_same_shape(); }
+    /// Compresses every layer; `stats`, when given, has one entry per layer.
+    Stack(const std::vector<dense_layer_weights>& w, const layer_shape& s,
+          const std::vector<layer_calibration>* stats = nullptr) {
+        require<shape_error>(!stats || stats->size() == w.size(), "Stack: ", stats ? stats->size() : 0,
+                             " layer_calibrations for ", w.size(), " layers");
+        layers_.reserve(w.size());
+        for (std::size_t i = 0; i < w.size(); ++i) layers_.emplace_back(w[i], s, stats ? &(*stats)[i] : nullptr);
+    }
+
+    std::size_t size() const noexcept { return layers_.size(); }
+    const layer_type& layer(std::size_t i) const { return layers_.at(i); }
+    std::size_t bytes() const noexcept {
+        std::size_t n = 0;
+        for (const auto& l : layers_) n += l.bytes();
+        return n;
+    }
+
+    /// y = layer_{N-1}(... layer_0(x)); `tasks` holds one modules object per layer.
+    void forward(ConstMatrixView<float> x, std::span<const index_t> lengths, MatrixView<float> y, workspace& ws,
+                 std::span<const task_type> tasks) const {
+        require<shape_error>(tasks.size() == layers_.size(), "Stack::forward: ", tasks.size(),
+                             " PET task modules for ", layers_.size(), " layers");
+        const auto L = check(x, lengths, y, "Stack::forward");
+        for (std::size_t i = 0; i < layers_.size(); ++i) layers_[i].attention().prefix_rows(tasks[i]);
+        run(x, L, y, ws, [&](std::size_t i) -> const task_type& { return tasks[i]; }, nullptr);
+    }
+    void forward(ConstMatrixView<float> x, std::span<const index_t> lengths, MatrixView<float> y, workspace& ws) const
+        requires(!needs_task)
+    {
+        const auto L = check(x, lengths, y, "Stack::forward");
+        run(x, L, y, ws, no_task, nullptr);
+    }
+
+    /// One kv_cache per layer.
+    std::vector<kv_cache> make_cache(index_t batch, index_t capacity) const {
+        std::vector<kv_cache> c;
+        c.reserve(layers_.size());
+        for (const auto& l : layers_) c.push_back(l.make_cache(batch, capacity));
+        return c;
+    }
+
+    /// Incremental forward through every layer (see TransformerLayer::decode); `caches` has one per layer.
+    void decode(ConstMatrixView<float> x, std::span<const index_t> new_lengths, MatrixView<float> y,
+                std::span<kv_cache> caches, workspace& ws, std::span<const task_type> tasks) const
+        requires causal
+    {
+        require<shape_error>(tasks.size() == layers_.size(), "Stack::decode: ", tasks.size(),
+                             " PET task modules for ", layers_.size(), " layers");
+        const auto L = check_decode(x, new_lengths, y, caches);
+        for (std::size_t i = 0; i < layers_.size(); ++i) layers_[i].attention().prefix_rows(tasks[i]);
+        run(x, L, y, ws, [&](std::size_t i) -> const task_type& { return tasks[i]; }, caches.data());
+    }
+    void decode(ConstMatrixView<float> x, std::span<const index_t> new_lengths, MatrixView<float> y,
+                std::span<kv_cache> caches, workspace& ws) const
+        requires(causal && !needs_task)
+    {
+        const auto L = check_decode(x, new_lengths, y, caches);
+        run(x, L, y, ws, no_task, caches.data());
+    }
+
+private:
+    static const task_type& no_task(std::size_t) noexcept {
+        static const task_type none{};
+        return none;
+    }
+    /// One dispatch for the whole stack; layer 0 reads x, the others update y in place.
+    template <class TaskAt>
+    void run(ConstMatrixView<float> x, const batch_layout& L, MatrixView<float> y, workspace& ws, TaskAt&& task_at,
+             kv_cache* caches) const {
+        if (layers_.empty()) {
+            copy(x, y);
+            return;
+        }
+        arch::dispatch([&](auto tag) {
+            for (std::size_t i = 0; i < layers_.size(); ++i)
+                layers_[i].forward_on(tag, i == 0 ? x : ConstMatrixView<float>(y), L, y, ws, task_at(i),
+                                      caches ? caches + i : nullptr);
+        });
+    }
+    batch_layout check(ConstMatrixView<float> x, std::span<const index_t> lengths, MatrixView<float> y,
+                       const char* who) const {
+        if (layers_.empty()) {
+            check_shape(y, x.rows(), x.cols(), "Stack: y");
+            return batch_layout::of(x.rows(), lengths, who);
+        }
+        return layers_[0].check_call(x, lengths, y, who);
+    }
+    batch_layout check_decode(ConstMatrixView<float> x, std::span<const index_t> lengths, MatrixView<float> y,
+                              std::span<kv_cache> caches) const {
+        const auto L = check(x, lengths, y, "Stack::decode");
+        require<shape_error>(caches.size() == layers_.size(), "Stack::decode: ", caches.size(), " kv_caches for ",
+                             layers_.size(), " layers");
+        for (std::size_t i = 0; i < layers_.size(); ++i) layers_[i].check_cache(caches[i], L, "Stack::decode");
+        return L;
+    }
+    void check_same_shape() const {
+        for (std::size_t i = 1; i < layers_.size(); ++i)
+            require<shape_error>(layers_[i].shape().d_model == layers_[0].shape().d_model &&
+                                     layers_[i].shape().kv_dim() == layers_[0].shape().kv_dim(),
+                                 "Stack: layer ", i, " has d_model ", layers_[i].shape().d_model, ", layer 0 has ",
+                                 layers_[0].shape().d_model);
+    }
+    static void copy(ConstMatrixView<float> x, MatrixView<float> y) noexcept {
+        if (x.data() == y.data()) return;
+        for (index_t r = 0; r < x.rows(); ++r)
+            for (index_t c = 0; c < x.cols(); ++c) y(r, c) = x(r, c);
+    }
+
+    std::vector<layer_type> layers_;
+};
+
+}  // namespace cpet::nn
+
+namespace cpet {
+using nn::Stack;
+}  // namespace cpet
