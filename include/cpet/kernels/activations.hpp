@@ -2,10 +2,15 @@
 //
 // GELU in both forms PyTorch offers: the exact erf form, 0.5·x·(1 + erf(x/√2)) (BERT, nn.GELU()), and the tanh
 // approximation 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) (GPT-2, gelu_new); SiLU x·σ(x) (LLaMA's SwiGLU).
+//
+// Each activation exists twice: `activate(a, float)` (the scalar oracle, std:: maths) and
+// `activate(Arch, a, batch)` written once over xsimd batches (xsimd::erf / tanh / exp), used by the GEMM
+// epilogue on a tile still in L1 and by `activate_inplace`.
 #pragma once
 
 #include <cmath>
 #include <cstddef>
+#include <type_traits>
 
 #include "cpet/arch/dispatch.hpp"
 #include "cpet/core/matrix.hpp"
@@ -24,16 +29,38 @@ inline constexpr const char* activation_name(activation a) noexcept {
     }
 }
 
+namespace activation_detail {
+inline constexpr float inv_sqrt2 = 0.70710678118654752f;
+inline constexpr float sqrt_2_over_pi = 0.79788456080286536f;
+inline constexpr float gelu_tanh_cubic = 0.044715f;
+}  // namespace activation_detail
+
 /// Scalar definition of each activation (the oracle of the SIMD forms).
 inline float activate(activation a, float x) noexcept {
     switch (a) {
-        case activation::relu: return x > 0.f ? x : 0.f;
-        case activation::gelu_erf: return 0.5f * x * (1.f + std::erf(x * 0.70710678118654752f));
-        case activation::gelu_tanh: {
-            const float c = 0.79788456080286536f;  // sqrt(2/pi)
-            return 0.5f * x * (1.f + std::tanh(c * (x + 0.044715f * x * x * x)));
-        }
+        case activation::relu: return x > 0.f ? x : (x == x ? 0.f : x);  // NaN stays NaN, like torch.relu
+        case activation::gelu_erf: return 0.5f * x * (1.f + std::erf(x * activation_detail::inv_sqrt2));
+        case activation::gelu_tanh:
+            return 0.5f * x * (1.f + std::tanh(activation_detail::sqrt_2_over_pi * (x + activation_detail::gelu_tanh_cubic * x * x * x)));
         case activation::silu: return x / (1.f + std::exp(-x));
+        default: return x;
+    }
+}
+
+/// The activation of one SIMD batch (Arch is an xsimd arch). For x → −∞, SiLU's exp(−x) overflows to +inf and
+/// x / inf gives −0, the right limit; NaN propagates through every form.
+template <class Arch>
+    requires arch::is_simd_v<Arch>
+inline xsimd::batch<float, Arch> activate(Arch, activation a, xsimd::batch<float, Arch> x) noexcept {
+    using B = xsimd::batch<float, Arch>;
+    switch (a) {
+        case activation::relu: return xsimd::select(x < B(0.f), B(0.f), x);  // keeps NaN (NaN < 0 is false)
+        case activation::gelu_erf: return B(0.5f) * x * (B(1.f) + xsimd::erf(x * B(activation_detail::inv_sqrt2)));
+        case activation::gelu_tanh: {
+            const B inner = B(activation_detail::sqrt_2_over_pi) * xsimd::fma(B(activation_detail::gelu_tanh_cubic) * x * x, x, x);
+            return B(0.5f) * x * (B(1.f) + xsimd::tanh(inner));
+        }
+        case activation::silu: return x / (B(1.f) + xsimd::exp(-x));
         default: return x;
     }
 }
@@ -42,7 +69,13 @@ inline float activate(activation a, float x) noexcept {
 template <class Arch>
 void activate_inplace(Arch, activation a, float* x, index_t n) noexcept {
     if (a == activation::none) return;
-    for (index_t i = 0; i < n; ++i) x[i] = activate(a, x[i]);
+    index_t i = 0;
+    if constexpr (arch::is_simd_v<Arch>) {
+        using B = xsimd::batch<float, Arch>;
+        constexpr index_t W = static_cast<index_t>(B::size);
+        for (; i + W <= n; i += W) activate(Arch{}, a, B::load_unaligned(x + i)).store_unaligned(x + i);
+    }
+    for (; i < n; ++i) x[i] = activate(a, x[i]);
 }
 
 /// x[i] = act(x[i]) on the active path.

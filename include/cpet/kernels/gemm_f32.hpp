@@ -4,12 +4,32 @@
 // output tile, and the epilogue (bias, activation, low-rank add, residual) is applied to the tile while hot:
 //     y = act(x·Wᵀ + bias + s·U·Bᵀ) + residual
 // M <= 8 takes a GEMV path bound by memory bandwidth.
+//
+// Layout of the packed weight (the same on every ISA, so one object serves every path):
+//     panel p (p < ceil(N/32)) holds columns n = 32p .. 32p+31 of Wᵀ, K-major:
+//         panel(p)[k·32 + j] = W[32p + j, k]        (0 where 32p + j >= N)
+//     panels follow each other, so the whole weight is one sequential stream (what the GEMV path wants), and a
+//     K range [k0, k0+kc) of one panel is one contiguous block of kc·128 bytes (what the GEMM microkernel wants).
+//
+// The SIMD path (one body over xsimd::batch<float, Arch>):
+//     microkernel tile = MR rows × 2 vectors: AVX-512 14 × 32 (28 zmm accumulators + 2 loads of B + 1 broadcast
+//     of A = 31 of the 32 zmm), AVX2 6 × 16 (12 + 2 + 1 = 15 of the 16 ymm; a panel is two such column tiles).
+//     Per K step the tile does MR·2 FMAs against 2 vector loads of B and MR broadcasts of A, so the FMA ports,
+//     not the load ports, are the limit.
+// The low-rank term is folded into the microkernel as `rank` extra K steps: U [M, rank] is packed per call like
+// x, and s·B [N, rank] like the weight panels (s folded in), so the unmerged adapter costs rank/K more work in
+// the same pass over the output tile.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
+#include <type_traits>
+#include <utility>
 
 #include "cpet/arch/dispatch.hpp"
+#include "cpet/core/buffer.hpp"
 #include "cpet/core/matrix.hpp"
+#include "cpet/core/parallel.hpp"
 #include "cpet/kernels/activations.hpp"
 
 namespace cpet::kernels {
@@ -31,44 +51,557 @@ struct epilogue {
 };
 
 /// W [N, K] packed for the microkernels. The layout does not depend on the ISA, so one packed weight serves
-/// every path (and a test may force each path on the same object).
+/// every path (and a test may force each path on the same object). See the top of this file for the layout.
 class packed_weights_f32 {
 public:
+    /// Columns of Wᵀ per panel: two AVX-512 vectors, four AVX2 vectors, two cache lines per K step.
+    static constexpr index_t panel_width = 32;
+
     packed_weights_f32() = default;
     /// Packs w ([out, in], any row stride).
-    explicit packed_weights_f32(ConstMatrixView<float> w) : n_(w.rows()), k_(w.cols()), data_(w) {}
+    explicit packed_weights_f32(ConstMatrixView<float> w)
+        : n_(w.rows()), k_(w.cols()), panels_((w.rows() + panel_width - 1) / panel_width) {
+        check_shape(w, -1, -1, "packed_weights_f32: w");
+        data_.reset(static_cast<std::size_t>(panels_ * k_ * panel_width));  // zeroed: the padding stays 0
+        constexpr index_t kb = 64;  // K block: the 32 source rows × 64 floats and the 8 KiB target stay in L1
+        parallel_for(index_t{0}, panels_, [&](index_t p) {
+            float* dst = panel(p);
+            const index_t cols = std::min(panel_width, n_ - p * panel_width);
+            for (index_t k0 = 0; k0 < k_; k0 += kb) {
+                const index_t k1 = std::min(k_, k0 + kb);
+                for (index_t j = 0; j < cols; ++j) {
+                    const float* src = w.row(p * panel_width + j);
+                    for (index_t k = k0; k < k1; ++k) dst[k * panel_width + j] = src[k];
+                }
+            }
+        });
+    }
 
     index_t rows() const noexcept { return n_; }  ///< N (out features)
     index_t cols() const noexcept { return k_; }  ///< K (in features)
-    std::size_t bytes() const noexcept { return data_.bytes(); }
+    std::size_t bytes() const noexcept { return data_.size() * sizeof(float); }
+    /// Number of panels, ceil(N / panel_width).
+    index_t panels() const noexcept { return panels_; }
+    /// Panel p: K rows of panel_width floats (64-byte aligned).
+    const float* panel(index_t p) const noexcept { return data_.data() + p * k_ * panel_width; }
     /// Back to [N, K].
-    Matrix<float> unpack() const { return Matrix<float>(data_.view()); }
-    const Matrix<float>& raw() const noexcept { return data_; }
+    Matrix<float> unpack() const {
+        Matrix<float> w(n_, k_);
+        for (index_t n = 0; n < n_; ++n) {
+            const float* src = panel(n / panel_width) + n % panel_width;
+            for (index_t k = 0; k < k_; ++k) w(n, k) = src[k * panel_width];
+        }
+        return w;
+    }
 
 private:
-    index_t n_ = 0, k_ = 0;
-    Matrix<float> data_;
+    float* panel(index_t p) noexcept { return data_.data() + p * k_ * panel_width; }
+
+    index_t n_ = 0, k_ = 0, panels_ = 0;
+    aligned_buffer<float> data_;
 };
+
+namespace gemm_detail {
+
+inline constexpr index_t nr = packed_weights_f32::panel_width;
+
+/// Register tiling of one SIMD path: `mr` rows × `nv` vectors per microkernel tile (see the file comment).
+template <class Arch>
+struct tiling {
+    using batch = xsimd::batch<float, Arch>;
+    static constexpr index_t w = static_cast<index_t>(batch::size);
+    static constexpr index_t registers = w >= 16 ? 32 : 16;  // zmm0-31 with AVX-512, ymm0-15 with AVX2
+    static constexpr index_t nv = 2;
+    static constexpr index_t tn = nv * w;                        // tile columns: 32 (AVX-512), 16 (AVX2)
+    static constexpr index_t mr = (registers - nv - 1) / nv;     // 14 (AVX-512), 6 (AVX2)
+    static constexpr index_t col_tiles = nr / tn;                // column tiles per panel: 1 or 2
+    static_assert(nr % tn == 0, "a panel must hold a whole number of microkernel column tiles");
+};
+
+// Cache blocking (per thread; L1d 48 KiB, L2 2 MiB per core on the target machine):
+//   kc = 256: one K slice of one panel, 256 × 32 floats = 32 KiB, stays in L1 while the microkernel runs every
+//        MR-row sliver of the A block over it (the innermost loop); each sliver (14 × 256 floats = 14 KiB) is
+//        streamed from L2, 56 bytes per 28 FMAs, far below what L2 delivers.
+//   mc ≈ 140 rows (10 slivers of 14, 22 of 6): the packed A block mc × kc (140 KiB) stays in L2 across all the
+//        panels of an nc block, and each B slice fetched from L3/DRAM is reused by every sliver of it.
+//   nc = 32 panels (1024 columns): the accumulator block mc × nc (≤ 560 KiB) holds partial sums between K
+//        slices; A is packed once per (nc, kc) block, so packing costs ~1/(2·nc) of the FMAs.
+#ifndef CPET_GEMM_F32_KC
+#define CPET_GEMM_F32_KC 256
+#endif
+#ifndef CPET_GEMM_F32_MC
+#define CPET_GEMM_F32_MC 140
+#endif
+#ifndef CPET_GEMM_F32_NC
+#define CPET_GEMM_F32_NC 32
+#endif
+inline constexpr index_t kc_max = CPET_GEMM_F32_KC;
+inline constexpr index_t mc_rows = CPET_GEMM_F32_MC;
+inline constexpr index_t nc_panels = CPET_GEMM_F32_NC;
+
+/// Grows-only thread-local scratch: no allocation in the hot loops and, after the first call, none per call.
+inline float* scratch(int slot, std::size_t n) {
+    thread_local aligned_buffer<float> bufs[3];
+    if (bufs[slot].size() < n) bufs[slot].reset(n);
+    return bufs[slot].data();
+}
+
+/// Packs rows [0, rows) × cols [0, kc) of a (row stride lda) into MR-row slivers, K-major:
+/// sliver s holds dst[s·MR·kc + k·MR + r] = a[(s·MR + r)·lda + k], zero for rows >= `rows`. (The low-rank U.)
+template <index_t MR>
+inline void pack_slivers(const float* a, index_t lda, index_t rows, index_t kc, float* dst) noexcept {
+    const index_t slivers = (rows + MR - 1) / MR;
+    for (index_t s = 0; s < slivers; ++s) {
+        float* d = dst + s * MR * kc;
+        for (index_t r = 0; r < MR; ++r) {
+            const index_t m = s * MR + r;
+            if (m < rows) {
+                const float* src = a + m * lda;
+                for (index_t k = 0; k < kc; ++k) d[k * MR + r] = src[k];
+            } else {
+                for (index_t k = 0; k < kc; ++k) d[k * MR + r] = 0.f;
+            }
+        }
+    }
+}
+
+/// Row stride of the packed A block: kc_max plus one cache line, so the MR rows a microkernel broadcasts from
+/// spread over L1 sets (x itself may have a row stride of a multiple of 4 KiB, which would put every row in the
+/// same set), and the row offsets are compile-time displacements of one pointer.
+inline constexpr index_t a_stride = kc_max + 16;
+
+/// Copies rows [0, rows) × cols [0, kc) of a (row stride lda) to dst with row stride a_stride — a plain row copy,
+/// ~16 floats per cycle — and zeroes the rows up to `rows_padded`, which the microkernel may read but whose
+/// results are never stored.
+inline void pack_a(const float* a, index_t lda, index_t rows, index_t rows_padded, index_t kc, float* dst) noexcept {
+    for (index_t r = 0; r < rows; ++r) std::copy_n(a + r * lda, kc, dst + r * a_stride);
+    for (index_t r = rows; r < rows_padded; ++r) std::fill_n(dst + r * a_stride, kc, 0.f);
+}
+
+/// The microkernel: an ROWS × NV-vector tile of C accumulated in registers over kc steps of (A rows with row
+/// stride a_stride, B with row stride nr), then kc2 more steps over (a2 K-major with stride AS, b2) (the
+/// low-rank term). Stores the tile to c (row stride ldc, 64-byte aligned, full tile), adding what c held when
+/// `accumulate`. pf: a B slice to prefetch into L2 along the way.
+template <class Arch, index_t ROWS, index_t NV, index_t AS>
+inline void microkernel(index_t kc, const float* a, const float* b, index_t kc2, const float* a2, const float* b2,
+                        float* c, index_t ldc, bool accumulate, const float* pf) noexcept {
+    using B = xsimd::batch<float, Arch>;
+    constexpr index_t W = static_cast<index_t>(B::size);
+    B acc[ROWS][NV];
+#pragma GCC unroll 16
+    for (index_t r = 0; r < ROWS; ++r)
+#pragma GCC unroll 4
+        for (index_t v = 0; v < NV; ++v) acc[r][v] = B(0.f);
+    // the tile of c is needed at the end: start fetching it now, it arrives long before then
+    for (index_t r = 0; r < ROWS; ++r) __builtin_prefetch(c + r * ldc, 1, 3);
+#pragma GCC unroll 2
+    for (index_t k = 0; k < kc; ++k) {
+        // pf: the B slice the next column tile will use (L2 hint: it must not evict this slice from L1)
+        __builtin_prefetch(pf + k * nr, 0, 2);
+        __builtin_prefetch(pf + k * nr + 16, 0, 2);
+        B bv[NV];
+#pragma GCC unroll 4
+        for (index_t v = 0; v < NV; ++v) bv[v] = B::load_aligned(b + k * nr + v * W);
+#pragma GCC unroll 16
+        for (index_t r = 0; r < ROWS; ++r) {
+            const B av(a[r * a_stride + k]);
+#pragma GCC unroll 4
+            for (index_t v = 0; v < NV; ++v) acc[r][v] = xsimd::fma(av, bv[v], acc[r][v]);
+        }
+    }
+    for (index_t k = 0; k < kc2; ++k) {
+        B bv[NV];
+#pragma GCC unroll 4
+        for (index_t v = 0; v < NV; ++v) bv[v] = B::load_aligned(b2 + k * nr + v * W);
+#pragma GCC unroll 16
+        for (index_t r = 0; r < ROWS; ++r) {
+            const B av(a2[k * AS + r]);
+#pragma GCC unroll 4
+            for (index_t v = 0; v < NV; ++v) acc[r][v] = xsimd::fma(av, bv[v], acc[r][v]);
+        }
+    }
+#pragma GCC unroll 16
+    for (index_t r = 0; r < ROWS; ++r)
+#pragma GCC unroll 4
+        for (index_t v = 0; v < NV; ++v) {
+            float* p = c + r * ldc + v * W;
+            if (accumulate) acc[r][v] += B::load_aligned(p);
+            acc[r][v].store_aligned(p);
+        }
+}
+
+/// Calls microkernel<Arch, R, ...> with R = `rows` rounded up to an even count (at most one wasted row), so an
+/// M tail costs what it holds rather than a full MR sliver.
+template <class Arch, index_t MR, index_t NV, index_t R = 2>
+inline void microkernel_rows(index_t rows, index_t kc, const float* a, const float* b, index_t kc2, const float* a2,
+                             const float* b2, float* c, index_t ldc, bool accumulate, const float* pf) noexcept {
+    if constexpr (R >= MR) {
+        microkernel<Arch, MR, NV, MR>(kc, a, b, kc2, a2, b2, c, ldc, accumulate, pf);
+    } else {
+        if (rows <= R) microkernel<Arch, R, NV, MR>(kc, a, b, kc2, a2, b2, c, ldc, accumulate, pf);
+        else microkernel_rows<Arch, MR, NV, R + 2>(rows, kc, a, b, kc2, a2, b2, c, ldc, accumulate, pf);
+    }
+}
+
+/// Epilogue of one finished tile: rows × cols of c (row stride ldc) → y at (m0, n0), applying bias, activation
+/// and residual on SIMD batches (scalar for the column tail). Reads each residual element before writing the
+/// same element of y, so residual may alias y.
+template <class Arch>
+inline void store_tile(Arch, const float* c, index_t ldc, index_t rows, index_t cols, index_t m0, index_t n0,
+                       MatrixView<float> y, const epilogue& ep) noexcept {
+    for (index_t r = 0; r < rows; ++r) {
+        const float* cr = c + r * ldc;
+        float* yr = y.row(m0 + r) + n0;
+        const float* res = ep.residual ? ep.residual + (m0 + r) * ep.ld_residual + n0 : nullptr;
+        const float* bias = ep.bias ? ep.bias + n0 : nullptr;
+        index_t j = 0;
+        if constexpr (arch::is_simd_v<Arch>) {
+            using B = xsimd::batch<float, Arch>;
+            constexpr index_t W = static_cast<index_t>(B::size);
+            for (; j + W <= cols; j += W) {
+                B v = B::load_unaligned(cr + j);
+                if (bias) v += B::load_unaligned(bias + j);
+                v = activate(Arch{}, ep.act, v);
+                if (res) v += B::load_unaligned(res + j);
+                v.store_unaligned(yr + j);
+            }
+        }
+        for (; j < cols; ++j) {
+            float v = cr[j];
+            if (bias) v += bias[j];
+            v = activate(ep.act, v);
+            if (res) v += res[j];
+            yr[j] = v;
+        }
+    }
+}
+
+/// s·B [N, rank] packed like the weight panels: lr[p·rank·nr + r·nr + j] = s·B[p·nr + j, r] (0 past N).
+inline aligned_buffer<float> pack_lowrank_b(const epilogue& ep, index_t n, index_t panels) {
+    aligned_buffer<float> lr;
+    if (ep.rank <= 0) return lr;
+    lr.reset(static_cast<std::size_t>(panels * ep.rank * nr));
+    for (index_t i = 0; i < n; ++i)
+        for (index_t r = 0; r < ep.rank; ++r)
+            lr[static_cast<std::size_t>((i / nr) * ep.rank * nr + r * nr + i % nr)] =
+                ep.lowrank_scale * ep.lowrank_b[i * ep.ld_b + r];
+    return lr;
+}
+
+/// The thread count a call of M×N×K multiply-adds deserves: one below ~0.5 M MACs (a fork costs more).
+inline int threads_for(index_t m, index_t n, index_t k) noexcept {
+    const double macs = double(m) * double(n) * double(std::max<index_t>(k, 1));
+    return macs < double(1 << 19) ? 1 : max_threads();
+}
+
+/// [begin, end) of part t out of nt, contiguous and balanced.
+inline std::pair<index_t, index_t> split(index_t n, int t, int nt) noexcept {
+    return {n * t / nt, n * (t + 1) / nt};
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// GEMV path (M <= 8): streams the packed weight once; x rows are broadcast straight from x (no packing).
+
+/// ROWS rows of x (row stride ldx) times one column tile (NV vectors, row stride nr) of a panel over k < kc, then
+/// kc2 low-rank steps over (u, b2); stores the ROWS × NV·W result to out (row stride nr). K is unrolled by U
+/// with independent accumulators so that even one row keeps 8 FMAs in flight (4-cycle latency × 2 ports).
+template <class Arch, index_t ROWS, index_t NV>
+inline void gemv_tile(index_t kc, const float* x, index_t ldx, const float* b, index_t kc2, const float* u,
+                      index_t ldu, const float* b2, float* out) noexcept {
+    using B = xsimd::batch<float, Arch>;
+    constexpr index_t W = static_cast<index_t>(B::size);
+    constexpr index_t U = ROWS * NV >= 8 ? 1 : 8 / (ROWS * NV);
+    B acc[U][ROWS][NV];
+#pragma GCC unroll 8
+    for (index_t q = 0; q < U; ++q)
+#pragma GCC unroll 8
+        for (index_t r = 0; r < ROWS; ++r)
+#pragma GCC unroll 4
+            for (index_t v = 0; v < NV; ++v) acc[q][r][v] = B(0.f);
+    index_t k = 0;
+    // Software prefetch 8 KiB ahead into L2 (prefetcht1): one core's DRAM bandwidth is bound by how many misses
+    // are in flight, and the hardware streamer alone keeps too few; measured here, 4 KiB ahead or a
+    // non-temporal hint are ~10-35% slower, L2 and 8-16 KiB the best.
+#ifndef CPET_GEMV_PF
+#define CPET_GEMV_PF 64
+#endif
+#ifndef CPET_GEMV_PFL
+#define CPET_GEMV_PFL 2
+#endif
+    constexpr index_t ahead = CPET_GEMV_PF * nr;
+    for (; k + U <= kc; k += U) {
+        if constexpr (ahead > 0) {
+#pragma GCC unroll 16
+        for (index_t line = 0; line < U * nr; line += 16) __builtin_prefetch(b + k * nr + ahead + line, 0, CPET_GEMV_PFL);
+        }
+#pragma GCC unroll 8
+        for (index_t q = 0; q < U; ++q) {
+            B bv[NV];
+#pragma GCC unroll 4
+            for (index_t v = 0; v < NV; ++v) bv[v] = B::load_aligned(b + (k + q) * nr + v * W);
+#pragma GCC unroll 8
+            for (index_t r = 0; r < ROWS; ++r) {
+                const B av(x[r * ldx + k + q]);
+#pragma GCC unroll 4
+                for (index_t v = 0; v < NV; ++v) acc[q][r][v] = xsimd::fma(av, bv[v], acc[q][r][v]);
+            }
+        }
+    }
+    auto tail = [&](index_t k0, index_t k1, const float* pa, index_t lda, const float* pb) {
+        for (index_t kk = k0; kk < k1; ++kk) {
+            B bv[NV];
+#pragma GCC unroll 4
+            for (index_t v = 0; v < NV; ++v) bv[v] = B::load_aligned(pb + kk * nr + v * W);
+#pragma GCC unroll 8
+            for (index_t r = 0; r < ROWS; ++r) {
+                const B av(pa[r * lda + kk]);
+#pragma GCC unroll 4
+                for (index_t v = 0; v < NV; ++v) acc[0][r][v] = xsimd::fma(av, bv[v], acc[0][r][v]);
+            }
+        }
+    };
+    tail(k, kc, x, ldx, b);
+    tail(0, kc2, u, ldu, b2);
+#pragma GCC unroll 8
+    for (index_t r = 0; r < ROWS; ++r)
+#pragma GCC unroll 4
+        for (index_t v = 0; v < NV; ++v) {
+            B s = acc[0][r][v];
+#pragma GCC unroll 8
+            for (index_t q = 1; q < U; ++q) s += acc[q][r][v];
+            s.store_aligned(out + r * nr + v * W);
+        }
+}
+
+template <class Arch, index_t NV, index_t R = 1>
+inline void gemv_tile_rows(index_t rows, index_t kc, const float* x, index_t ldx, const float* b, index_t kc2,
+                           const float* u, index_t ldu, const float* b2, float* out) noexcept {
+    if constexpr (R >= tiling<Arch>::mr || R >= 8) {
+        gemv_tile<Arch, R, NV>(kc, x, ldx, b, kc2, u, ldu, b2, out);
+    } else {
+        if (rows == R) gemv_tile<Arch, R, NV>(kc, x, ldx, b, kc2, u, ldu, b2, out);
+        else gemv_tile_rows<Arch, NV, R + 1>(rows, kc, x, ldx, b, kc2, u, ldu, b2, out);
+    }
+}
+
+template <class Arch>
+void gemv_simd(ConstMatrixView<float> x, const packed_weights_f32& w, MatrixView<float> y, const epilogue& ep,
+               const float* lr, int threads) {
+    using T = tiling<Arch>;
+    const index_t M = x.rows(), N = w.rows(), K = w.cols(), rank = ep.rank;
+    const index_t group = std::min<index_t>(T::mr, 8);  // rows per pass over a panel
+    parallel_region(threads, [&](int t, int nt) {
+        const auto [p0, p1] = split(w.panels(), t, nt);
+        alignas(64) float tile[8 * nr];
+        for (index_t p = p0; p < p1; ++p)
+            for (index_t ct = 0; ct < T::col_tiles; ++ct) {
+                const index_t n0 = p * nr + ct * T::tn;
+                if (n0 >= N) break;
+                const index_t cols = std::min(T::tn, N - n0);
+                for (index_t m0 = 0; m0 < M; m0 += group) {
+                    const index_t rows = std::min(group, M - m0);
+                    gemv_tile_rows<Arch, T::nv>(rows, K, x.row(m0), x.stride(), w.panel(p) + ct * T::tn, rank,
+                                                rank ? ep.lowrank_u + m0 * ep.ld_u : nullptr, ep.ld_u,
+                                                rank ? lr + p * rank * nr + ct * T::tn : nullptr, tile);
+                    store_tile(Arch{}, tile, nr, rows, cols, m0, n0, y, ep);
+                }
+            }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Blocked GEMM (M > 8).
+
+/// One thread's rectangle: rows [m0, m1) × panels [p0, p1) of the output.
+template <class Arch>
+void gemm_block(ConstMatrixView<float> x, const packed_weights_f32& w, MatrixView<float> y, const epilogue& ep,
+                const float* lr, index_t m0, index_t m1, index_t p0, index_t p1) {
+    using T = tiling<Arch>;
+    constexpr index_t MR = T::mr;
+    constexpr index_t MC = (mc_rows + MR - 1) / MR * MR;
+    const index_t N = w.rows(), K = w.cols(), rank = ep.rank;
+    if (m1 <= m0 || p1 <= p0) return;
+    // K slices of (nearly) equal length ≤ kc_max; K = 0 still takes one (empty) slice so the epilogue runs.
+    const index_t kslices = std::max<index_t>(1, (K + kc_max - 1) / kc_max);
+    const index_t kc_len = (K + kslices - 1) / kslices;
+    const index_t mc_cap = std::min(MC, (m1 - m0 + MR - 1) / MR * MR);
+    // +16 floats: a row stride of a multiple of 4 KiB would put all MR rows of a tile in the same L1 set
+    const index_t ldc = std::min(nc_panels, p1 - p0) * nr + 16;
+    float* apack = scratch(0, static_cast<std::size_t>(mc_cap * a_stride));
+    float* cbuf = scratch(1, static_cast<std::size_t>(mc_cap * ldc));
+    float* upack = rank ? scratch(2, static_cast<std::size_t>(mc_cap * rank)) : nullptr;
+
+    for (index_t nc0 = p0; nc0 < p1; nc0 += nc_panels) {
+        const index_t ncp = std::min(nc_panels, p1 - nc0);
+        for (index_t mc0 = m0; mc0 < m1; mc0 += MC) {
+            const index_t mc = std::min(MC, m1 - mc0);
+            const index_t slivers = (mc + MR - 1) / MR;
+            if (rank) pack_slivers<MR>(ep.lowrank_u + mc0 * ep.ld_u, ep.ld_u, mc, rank, upack);
+            for (index_t ks = 0; ks < kslices; ++ks) {
+                const index_t k0 = ks * kc_len, kc = std::min(kc_len, K - k0);
+                const bool last = ks + 1 == kslices;
+                pack_a(x.row(mc0) + k0, x.stride(), mc, std::min(slivers * MR, (mc + 1) / 2 * 2), kc, apack);
+                for (index_t p = 0; p < ncp; ++p)
+                    for (index_t ct = 0; ct < T::col_tiles; ++ct) {
+                        const index_t n0 = (nc0 + p) * nr + ct * T::tn;
+                        if (n0 >= N) break;
+                        const float* bp = w.panel(nc0 + p) + k0 * nr + ct * T::tn;
+                        const float* lp = rank ? lr + (nc0 + p) * rank * nr + ct * T::tn : nullptr;
+                        // the first sliver fetches the next panel's slice into L2 (panels are K·128 bytes apart,
+                        // too far for the hardware prefetcher to guess); the others re-touch their own slice
+                        const float* next = p + 1 < ncp ? w.panel(nc0 + p + 1) + k0 * nr : bp;
+                        for (index_t s = 0; s < slivers; ++s) {
+                            const index_t rows = std::min(MR, mc - s * MR);
+                            float* c = cbuf + s * MR * ldc + p * nr + ct * T::tn;
+                            microkernel_rows<Arch, MR, T::nv>(rows, kc, apack + s * MR * a_stride, bp, last ? rank : 0,
+                                                              upack + s * MR * rank, lp, c, ldc, ks > 0,
+                                                              s == 0 ? next : bp);
+                            if (last)
+                                store_tile(Arch{}, c, ldc, rows, std::min(T::tn, N - n0), mc0 + s * MR, n0, y, ep);
+                        }
+                    }
+            }
+        }
+    }
+}
+
+template <class Arch>
+void gemm_simd(ConstMatrixView<float> x, const packed_weights_f32& w, MatrixView<float> y, const epilogue& ep) {
+    using T = tiling<Arch>;
+    const index_t M = x.rows(), N = w.rows(), K = w.cols();
+    if (M == 0 || N == 0) return;
+    const aligned_buffer<float> lr = pack_lowrank_b(ep, N, w.panels());
+    const int threads = threads_for(M, N, K);
+    if (M <= 8) {
+        gemv_simd<Arch>(x, w, y, ep, lr.data(), threads);
+        return;
+    }
+    const index_t panels = w.panels(), slivers = (M + T::mr - 1) / T::mr;
+    parallel_region(threads, [&](int t, int nt) {
+        // Split the panels (each thread streams its own part of W once) unless there are too few of them to
+        // balance; then split M in whole slivers.
+        if (panels >= 4 * nt || slivers < nt) {
+            const auto [p0, p1] = split(panels, t, nt);
+            gemm_block<Arch>(x, w, y, ep, lr.data(), 0, M, p0, p1);
+        } else {
+            const auto [s0, s1] = split(slivers, t, nt);
+            gemm_block<Arch>(x, w, y, ep, lr.data(), s0 * T::mr, std::min(M, s1 * T::mr), 0, panels);
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Scalar path: plain loops over the same packed panels, correct for any shape (the oracle of the SIMD path).
+
+inline void gemm_scalar(ConstMatrixView<float> x, const packed_weights_f32& w, MatrixView<float> y,
+                        const epilogue& ep) {
+    const index_t M = x.rows(), N = w.rows(), K = w.cols();
+    if (M == 0 || N == 0) return;
+    const aligned_buffer<float> lr = pack_lowrank_b(ep, N, w.panels());
+    parallel_for(index_t{0}, M, [&](index_t m) {
+        float acc[nr];
+        for (index_t p = 0; p < w.panels(); ++p) {
+            const float* b = w.panel(p);
+            for (index_t j = 0; j < nr; ++j) acc[j] = 0.f;
+            for (index_t k = 0; k < K; ++k)
+                for (index_t j = 0; j < nr; ++j) acc[j] += x(m, k) * b[k * nr + j];
+            for (index_t r = 0; r < ep.rank; ++r)
+                for (index_t j = 0; j < nr; ++j)
+                    acc[j] += ep.lowrank_u[m * ep.ld_u + r] * lr[static_cast<std::size_t>(p * ep.rank * nr + r * nr + j)];
+            store_tile(arch::scalar{}, acc, nr, 1, std::min(nr, N - p * nr), m, p * nr, y, ep);
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// dx = dy·W from the panels: dx[m, k] = Σ_p Σ_j dy[m, 32p + j] · panel(p)[k·32 + j]. For a block of KB values of
+// k the kernel keeps KB × (32 / W) vector accumulators over all panels (reading KB·128 contiguous bytes of each
+// panel, a block that stays in L2 across the rows of dy) and reduces each horizontally once at the end.
+
+template <class Arch, index_t KB>
+inline void gemm_t_block(const float* dyr, index_t N, const packed_weights_f32& w, index_t k0, float* dxr) noexcept {
+    using B = xsimd::batch<float, Arch>;
+    constexpr index_t W = static_cast<index_t>(B::size);
+    constexpr index_t NV = nr / W;
+    B acc[KB][NV];
+#pragma GCC unroll 8
+    for (index_t q = 0; q < KB; ++q)
+#pragma GCC unroll 4
+        for (index_t v = 0; v < NV; ++v) acc[q][v] = B(0.f);
+    alignas(64) float pad[nr];
+    for (index_t p = 0; p < w.panels(); ++p) {
+        const float* seg = dyr + p * nr;
+        if (p * nr + nr > N) {  // last, partial panel: never read dy past its row
+            for (index_t j = 0; j < nr; ++j) pad[j] = p * nr + j < N ? seg[j] : 0.f;
+            seg = pad;
+        }
+        B d[NV];
+#pragma GCC unroll 4
+        for (index_t v = 0; v < NV; ++v) d[v] = B::load_unaligned(seg + v * W);
+        const float* b = w.panel(p) + k0 * nr;
+#pragma GCC unroll 8
+        for (index_t q = 0; q < KB; ++q)
+#pragma GCC unroll 4
+            for (index_t v = 0; v < NV; ++v) acc[q][v] = xsimd::fma(d[v], B::load_aligned(b + q * nr + v * W), acc[q][v]);
+    }
+#pragma GCC unroll 8
+    for (index_t q = 0; q < KB; ++q) {
+        B s = acc[q][0];
+#pragma GCC unroll 4
+        for (index_t v = 1; v < NV; ++v) s += acc[q][v];
+        dxr[k0 + q] = xsimd::hadd(s);
+    }
+}
+
+template <class Arch>
+void gemm_t_simd(ConstMatrixView<float> dy, const packed_weights_f32& w, MatrixView<float> dx) {
+    using T = tiling<Arch>;
+    constexpr index_t KB = T::registers / 2 / (nr / T::w);  // 8 (AVX-512) or 2 (AVX2): half the registers
+    const index_t M = dy.rows(), N = w.rows(), K = w.cols();
+    if (M == 0 || K == 0) return;
+    const index_t kblocks = (K + KB - 1) / KB;
+    parallel_region(threads_for(M, N, K), [&](int t, int nt) {
+        const auto [b0, b1] = split(kblocks, t, nt);
+        for (index_t kb = b0; kb < b1; ++kb) {
+            const index_t k0 = kb * KB;
+            for (index_t m = 0; m < M; ++m) {
+                if (k0 + KB <= K) {
+                    gemm_t_block<Arch, KB>(dy.row(m), N, w, k0, dx.row(m));
+                } else {
+                    for (index_t k = k0; k < K; ++k) gemm_t_block<Arch, 1>(dy.row(m), N, w, k, dx.row(m));
+                }
+            }
+        }
+    });
+}
+
+inline void gemm_t_scalar(ConstMatrixView<float> dy, const packed_weights_f32& w, MatrixView<float> dx) {
+    const index_t M = dy.rows(), N = w.rows(), K = w.cols();
+    parallel_for(index_t{0}, M, [&](index_t m) {
+        float* d = dx.row(m);
+        for (index_t k = 0; k < K; ++k) d[k] = 0.f;
+        for (index_t n = 0; n < N; ++n) {
+            const float g = dy(m, n);
+            const float* b = w.panel(n / nr) + n % nr;
+            for (index_t k = 0; k < K; ++k) d[k] += g * b[k * nr];
+        }
+    });
+}
+
+}  // namespace gemm_detail
 
 /// The kernel body on one path; no checks (callers checked the shapes).
 template <class Arch>
 void gemm_f32(Arch, ConstMatrixView<float> x, const packed_weights_f32& w, MatrixView<float> y, const epilogue& ep) {
-    const index_t M = x.rows(), N = w.rows(), K = w.cols();
-    const Matrix<float>& W = w.raw();
-    for (index_t m = 0; m < M; ++m)
-        for (index_t n = 0; n < N; ++n) {
-            float acc = 0.f;
-            for (index_t k = 0; k < K; ++k) acc += x(m, k) * W(n, k);
-            if (ep.bias) acc += ep.bias[n];
-            if (ep.rank > 0) {
-                float lr = 0.f;
-                for (index_t r = 0; r < ep.rank; ++r) lr += ep.lowrank_u[m * ep.ld_u + r] * ep.lowrank_b[n * ep.ld_b + r];
-                acc += ep.lowrank_scale * lr;
-            }
-            acc = activate(ep.act, acc);
-            if (ep.residual) acc += ep.residual[m * ep.ld_residual + n];
-            y(m, n) = acc;
-        }
+    if constexpr (arch::is_simd_v<Arch>) gemm_detail::gemm_simd<Arch>(x, w, y, ep);
+    else gemm_detail::gemm_scalar(x, w, y, ep);
+}
+
+/// dx = dy·W on one path; no checks.
+template <class Arch>
+void gemm_f32_t(Arch, ConstMatrixView<float> dy, const packed_weights_f32& w, MatrixView<float> dx) {
+    if constexpr (arch::is_simd_v<Arch>) gemm_detail::gemm_t_simd<Arch>(dy, w, dx);
+    else gemm_detail::gemm_t_scalar(dy, w, dx);
 }
 
 /// y [M, N] = epilogue(x [M, K] · Wᵀ) on the active path. Throws shape_error on mismatched operands.
@@ -76,6 +609,21 @@ inline void gemm_f32(ConstMatrixView<float> x, const packed_weights_f32& w, Matr
                      const epilogue& ep = {}) {
     check_shape(x, -1, w.cols(), "gemm_f32: x");
     check_shape(y, x.rows(), w.rows(), "gemm_f32: y");
+    const index_t M = x.rows(), N = w.rows();
+    if (ep.residual) {
+        require<shape_error>(M <= 1 || ep.ld_residual >= N, "gemm_f32: residual row stride ", ep.ld_residual,
+                             " is smaller than its ", N, " columns");
+    }
+    if (ep.rank < 0) throw shape_error(cpet::detail::concat("gemm_f32: low-rank rank must be >= 0, got ", ep.rank));
+    if (ep.rank > 0) {
+        require<shape_error>(ep.lowrank_u != nullptr, "gemm_f32: lowrank_u is null with rank ", ep.rank);
+        require<shape_error>(ep.lowrank_b != nullptr, "gemm_f32: lowrank_b is null with rank ", ep.rank);
+        require<shape_error>(M <= 1 || ep.ld_u >= ep.rank, "gemm_f32: lowrank_u row stride ", ep.ld_u,
+                             " is smaller than the rank ", ep.rank);
+        require<shape_error>(N <= 1 || ep.ld_b >= ep.rank, "gemm_f32: lowrank_b row stride ", ep.ld_b,
+                             " is smaller than the rank ", ep.rank);
+    }
+    if (M == 0 || N == 0) return;
     arch::dispatch([&](auto tag) { gemm_f32(tag, x, w, y, ep); });
 }
 
@@ -83,13 +631,8 @@ inline void gemm_f32(ConstMatrixView<float> x, const packed_weights_f32& w, Matr
 inline void gemm_f32_t(ConstMatrixView<float> dy, const packed_weights_f32& w, MatrixView<float> dx) {
     check_shape(dy, -1, w.rows(), "gemm_f32_t: dy");
     check_shape(dx, dy.rows(), w.cols(), "gemm_f32_t: dx");
-    const Matrix<float>& W = w.raw();
-    for (index_t m = 0; m < dy.rows(); ++m)
-        for (index_t k = 0; k < w.cols(); ++k) {
-            float acc = 0.f;
-            for (index_t n = 0; n < w.rows(); ++n) acc += dy(m, n) * W(n, k);
-            dx(m, k) = acc;
-        }
+    if (dy.rows() == 0 || w.cols() == 0) return;
+    arch::dispatch([&](auto tag) { gemm_f32_t(tag, dy, w, dx); });
 }
 
 }  // namespace cpet::kernels
