@@ -5,3 +5,4 @@
 #include "cpet/compress/dense.hpp"
 #include "cpet/compress/format.hpp"
 #include "cpet/compress/policy.hpp"
+#include "cpet/compress/quantize.hpp"

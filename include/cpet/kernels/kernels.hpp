@@ -4,6 +4,8 @@
 #include "cpet/kernels/activations.hpp"
 #include "cpet/kernels/attention.hpp"
 #include "cpet/kernels/gemm_f32.hpp"
+#include "cpet/kernels/gemm_s8.hpp"
+#include "cpet/kernels/gemm_wq.hpp"
 #include "cpet/kernels/norms.hpp"
 #include "cpet/kernels/rope.hpp"
 #include "cpet/kernels/softmax.hpp"

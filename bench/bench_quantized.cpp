@@ -1,0 +1,219 @@
+// bench/bench_quantized.cpp — quantized GEMMs y = x·Ŵᵀ (W [N, K]): weight-only int8 / int4 (fp32 activations),
+// W8A8 (fp32 in and out, the per-token activation quantisation included), against the dense fp32 GEMM and
+// oneDNN's integer-only matmul (u8 · s8 → s32, activations already quantised: a lower bound on what the integer
+// part of W8A8 costs).
+//
+// Names: <family>/<impl>/<M>x<N>x<K>/t<threads>, families gemm_wq, gemm_w4a8 (int4 × per-token int8), gemm_w8a8,
+// gemm_f32. Every run reports GOP/s
+// (2·M·N·K per call) and pct_peak of the fp32 FMA peak (bench/roofline.hpp); decode shapes (M <= 8) also GBps and
+// pct_bw, counting the bytes of the packed weights read per call, and rotate through copies of the weights
+// totalling more than 2× the L3 size (capped near 3 GiB), so each call streams them from DRAM as a decoder does.
+#include "roofline.hpp"
+
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cpet/compress/quantize.hpp"
+#include "cpet/kernels/gemm_f32.hpp"
+
+#ifdef CPET_BENCH_HAVE_ONEDNN
+#include <dnnl.hpp>
+#endif
+
+namespace {
+
+using cpet::index_t;
+using cpet::Matrix;
+namespace cc = cpet::compress;
+
+struct shape {
+    index_t m, n, k;
+};
+
+Matrix<float> random_matrix(index_t rows, index_t cols, unsigned seed, float scale = 1.f) {
+    std::mt19937 gen(seed);
+    std::uniform_real_distribution<float> dist(-scale, scale);
+    Matrix<float> m(rows, cols);
+    for (index_t i = 0; i < m.size(); ++i) m.data()[i] = dist(gen);
+    return m;
+}
+
+/// Copies of a weight of `bytes` to rotate through: decode shapes exceed 2× L3 (capped near 3 GiB), others one.
+std::size_t weight_copies(const shape& s, double bytes) {
+    if (s.m > 8) return 1;
+    const double want = 2.0 * double(cpet::bench::l3_cache_bytes());
+    const double cap = 3.0 * double(std::size_t(1) << 30);
+    const std::size_t copies = std::size_t(want / bytes) + 1;
+    return std::max<std::size_t>(1, std::min(copies, std::size_t(cap / bytes)));
+}
+
+void finish(benchmark::State& st, const shape& s, int threads, double weight_bytes) {
+    cpet::bench::report_flops(st, 2.0 * double(s.m) * double(s.n) * double(s.k), threads);
+    if (s.m <= 8) cpet::bench::report_bytes(st, weight_bytes, threads);
+}
+
+/// The quantized weights every cpet variant uses, built once per shape and format (RTN on uniform weights).
+cc::quantized_weights make_weights(const shape& s, const cc::quant_options& o) {
+    const auto dense = random_matrix(s.n, s.k, 2, 0.05f);
+    return cc::quantize_rtn(dense.view(), o);
+}
+
+void bench_wq(benchmark::State& st, shape s, int threads, cc::quant_options o) {
+    cpet::set_num_threads(threads);
+    const auto x = random_matrix(s.m, s.k, 1);
+    Matrix<float> y(s.m, s.n);
+    std::vector<cc::quantized_weights> w;
+    w.push_back(make_weights(s, o));
+    const double bytes = double(w[0].bytes());
+    for (std::size_t i = 1; i < weight_copies(s, bytes); ++i) w.push_back(w[0]);
+    std::vector<cpet::kernels::wq_weights> views;
+    for (const auto& q : w) views.push_back(cc::kernel_view(q));
+    std::size_t i = 0;
+    for (auto _ : st) {
+        cpet::kernels::gemm_wq(x.view(), views[i], y.view());
+        if (++i == views.size()) i = 0;
+        benchmark::ClobberMemory();
+    }
+    finish(st, s, threads, bytes);
+}
+
+/// int4 weights × per-token int8 activations (W4A8): the VNNI decode path of ggml's q4 × q8.
+void bench_w4a8(benchmark::State& st, shape s, int threads, cc::quant_options o) {
+    cpet::set_num_threads(threads);
+    const auto x = random_matrix(s.m, s.k, 1);
+    Matrix<float> y(s.m, s.n);
+    std::vector<cc::quantized_weights> w;
+    w.push_back(make_weights(s, o));
+    const double bytes = double(w[0].bytes());
+    for (std::size_t i = 1; i < weight_copies(s, bytes); ++i) w.push_back(w[0]);
+    std::vector<cpet::kernels::wq_weights> views;
+    for (const auto& q : w) views.push_back(cc::kernel_view(q));
+    std::size_t i = 0;
+    for (auto _ : st) {
+        cpet::kernels::gemm_w4a8(x.view(), views[i], y.view());
+        if (++i == views.size()) i = 0;
+        benchmark::ClobberMemory();
+    }
+    finish(st, s, threads, bytes);
+}
+
+void bench_w8a8(benchmark::State& st, shape s, int threads) {
+    cpet::set_num_threads(threads);
+    const auto x = random_matrix(s.m, s.k, 1);
+    Matrix<float> y(s.m, s.n);
+    std::vector<cc::quantized_weights> w;
+    w.push_back(make_weights(s, {cc::qbits::int8, cc::granularity::per_channel}));
+    const double bytes = double(w[0].bytes());
+    for (std::size_t i = 1; i < weight_copies(s, bytes); ++i) w.push_back(w[0]);
+    std::vector<cpet::kernels::wq_weights> views;
+    for (const auto& q : w) views.push_back(cc::kernel_view(q));
+    std::size_t i = 0;
+    for (auto _ : st) {
+        cpet::kernels::gemm_s8(x.view(), views[i], y.view());
+        if (++i == views.size()) i = 0;
+        benchmark::ClobberMemory();
+    }
+    finish(st, s, threads, bytes);
+}
+
+void bench_dense(benchmark::State& st, shape s, int threads) {
+    cpet::set_num_threads(threads);
+    const auto x = random_matrix(s.m, s.k, 1);
+    Matrix<float> y(s.m, s.n);
+    std::vector<cpet::kernels::packed_weights_f32> w;
+    const double bytes = double(s.n) * double(s.k) * sizeof(float);
+    {
+        const auto dense = random_matrix(s.n, s.k, 2);
+        for (std::size_t i = 0; i < weight_copies(s, bytes); ++i) w.emplace_back(dense.view());
+    }
+    std::size_t i = 0;
+    for (auto _ : st) {
+        cpet::kernels::gemm_f32(x.view(), w[i], y.view());
+        if (++i == w.size()) i = 0;
+        benchmark::ClobberMemory();
+    }
+    finish(st, s, threads, bytes);
+}
+
+#ifdef CPET_BENCH_HAVE_ONEDNN
+/// oneDNN matmul u8 src × s8 weights → s32 dst: integer only (no activation quantisation, no rescale). Weights
+/// reordered once into the primitive's preferred layout (format_tag::any).
+void bench_onednn_s8(benchmark::State& st, shape s, int threads) {
+    cpet::set_num_threads(threads);
+    using dt = dnnl::memory::data_type;
+    using tag = dnnl::memory::format_tag;
+    dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+    dnnl::stream strm(eng);
+    const dnnl::memory::desc src_md({s.m, s.k}, dt::u8, tag::ab);
+    const dnnl::memory::desc wei_any({s.k, s.n}, dt::s8, tag::any);
+    const dnnl::memory::desc wei_user({s.k, s.n}, dt::s8, tag::ba);  // W [N, K] row-major is Wᵀ [K, N] as "ba"
+    const dnnl::memory::desc dst_md({s.m, s.n}, dt::s32, tag::ab);
+    const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src_md, wei_any, dst_md), eng);
+    const dnnl::matmul prim(pd);
+
+    std::vector<std::uint8_t> x(static_cast<std::size_t>(s.m * s.k));
+    std::vector<std::int32_t> y(static_cast<std::size_t>(s.m * s.n));
+    std::mt19937 gen(1);
+    for (auto& v : x) v = static_cast<std::uint8_t>(gen() & 0xFF);
+    dnnl::memory src(src_md, eng, x.data()), dst(dst_md, eng, y.data());
+    std::vector<dnnl::memory> w;
+    const double bytes = double(s.n) * double(s.k);
+    {
+        std::vector<std::int8_t> dense(static_cast<std::size_t>(s.n * s.k));
+        for (auto& v : dense) v = static_cast<std::int8_t>(static_cast<int>(gen() % 255) - 127);
+        dnnl::memory user(wei_user, eng, dense.data());
+        for (std::size_t i = 0; i < weight_copies(s, bytes); ++i) {
+            w.emplace_back(pd.weights_desc(), eng);
+            dnnl::reorder(user, w.back()).execute(strm, user, w.back());
+        }
+        strm.wait();
+    }
+    std::size_t i = 0;
+    for (auto _ : st) {
+        prim.execute(strm, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, w[i]}, {DNNL_ARG_DST, dst}});
+        strm.wait();
+        if (++i == w.size()) i = 0;
+    }
+    finish(st, s, threads, bytes);
+}
+#endif
+
+std::string shape_name(const shape& s) {
+    return std::to_string(s.m) + "x" + std::to_string(s.n) + "x" + std::to_string(s.k);
+}
+
+template <class... Args>
+void add(const std::string& id, void (*fn)(benchmark::State&, shape, int, Args...), shape s, int t, Args... args) {
+    benchmark::RegisterBenchmark(id.c_str(), fn, s, t, args...)
+        ->Repetitions(5)
+        ->ReportAggregatesOnly(true)
+        ->UseRealTime()
+        ->Unit(benchmark::kMicrosecond);
+}
+
+const bool registered = [] {
+    const index_t n = 4096, k = 4096;
+    cc::quant_options int8_pc{cc::qbits::int8, cc::granularity::per_channel};
+    cc::quant_options int4_g128{cc::qbits::int4, cc::granularity::per_group, 128};
+    for (int t : {1, 2})
+        for (index_t m : {1, 8, 128, 512}) {
+            const shape s{m, n, k};
+            const std::string tail = "/" + shape_name(s) + "/t" + std::to_string(t);
+            if (m <= 128) {
+                add("gemm_wq/cpet_int8" + tail, bench_wq, s, t, int8_pc);
+                add("gemm_wq/cpet_int4_g128" + tail, bench_wq, s, t, int4_g128);
+            }
+            if (m <= 8) add("gemm_w4a8/cpet_int4_g128" + tail, bench_w4a8, s, t, int4_g128);
+            add("gemm_w8a8/cpet" + tail, bench_w8a8, s, t);
+#ifdef CPET_BENCH_HAVE_ONEDNN
+            add("gemm_w8a8/onednn_u8s8s32" + tail, bench_onednn_s8, s, t);
+#endif
+            add("gemm_f32/cpet_dense" + tail, bench_dense, s, t);
+        }
+    return true;
+}();
+
+}  // namespace
+
+BENCHMARK_MAIN();

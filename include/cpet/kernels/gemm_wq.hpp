@@ -1,0 +1,334 @@
+// cpet/kernels/gemm_wq.hpp — weight-only quantized GEMM: y = x·Ŵᵀ (+ bias), fp32 activations, int8 / int4 weights
+// dequantised inside the kernel (the decode path, bound by the bandwidth of reading the packed weights).
+//
+// The packed layout is the one compress/formats/quantized.hpp documents (kernels may not include compress/, so
+// the few constants are repeated here and compress::kernel_view static_asserts that both sides agree):
+// panels of 16 output rows, each a sequence of 64-byte chunks, one 32-bit lane per row:
+//   int8 chunk: lane i = rows 16p+i, bytes k0..k3 of that row;
+//   int4 chunk: lane i = nibbles k0 k4 k1 k5 k2 k6 k3 k7 (from bit 0) of row 16p+i.
+// So one SIMD register of int32 lanes is 16 (AVX-512) or 8 (AVX2) output rows at 4 or 8 consecutive k; decoding
+// one k is a shift (and a mask) plus an int→float conversion, and it feeds MR rows of x by broadcast FMA.
+// The scale (and zero point) are applied once per group:  y += s_g · (Σ_k x_k q_k − z_g · Σ_k x_k).
+//
+// Blocking: threads split the panels (parallel_for, contiguous chunks of panels per thread); inside a panel the
+// rows of x go in blocks of MR (8 on AVX-512, 3 on AVX2) so each decoded weight register is used MR times.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "cpet/arch/dispatch.hpp"
+#include "cpet/core/buffer.hpp"
+#include "cpet/core/error.hpp"
+#include "cpet/core/matrix.hpp"
+#include "cpet/core/parallel.hpp"
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#ifndef CPET_WQ_PREFETCH
+#define CPET_WQ_PREFETCH 8192
+#endif
+
+namespace cpet::kernels {
+
+inline constexpr index_t wq_panel_rows = 16;   ///< output rows per packed panel
+inline constexpr index_t wq_chunk_bytes = 64;  ///< bytes per packed chunk (16 rows × one 32-bit lane)
+/// How far ahead of the packed-weight stream the decode kernels prefetch (bytes; measured on this Xeon).
+inline constexpr index_t wq_prefetch_bytes = CPET_WQ_PREFETCH;
+
+/// Kernel-facing view of packed quantized weights (see compress::kernel_view).
+struct wq_weights {
+    const std::uint8_t* data = nullptr;   ///< panels × (k_pad / chunk_k) chunks of 64 bytes
+    const float* scales = nullptr;        ///< [panels][groups][16]
+    const float* zeros = nullptr;         ///< like scales, integer-valued; null when symmetric int8
+    const std::int32_t* row_sums = nullptr;  ///< [panels·16] Σ_k q (int8 only)
+    int bits = 8;                         ///< 8 or 4
+    index_t n = 0, k = 0, k_pad = 0, group = 0, groups = 0;
+
+    index_t panels() const noexcept { return (n + wq_panel_rows - 1) / wq_panel_rows; }
+    index_t chunk_k() const noexcept { return bits == 8 ? 4 : 8; }
+    const std::uint8_t* panel(index_t p) const noexcept { return data + p * (k_pad / chunk_k()) * wq_chunk_bytes; }
+    const float* scale_line(index_t p, index_t g) const noexcept { return scales + (p * groups + g) * wq_panel_rows; }
+    const float* zero_line(index_t p, index_t g) const noexcept {
+        return zeros ? zeros + (p * groups + g) * wq_panel_rows : nullptr;
+    }
+};
+
+namespace detail {
+
+/// Activations copied into rows of k_pad floats (zero tail) plus per-group sums (for zero points).
+struct wq_activations {
+    aligned_buffer<float> x;     ///< [M, k_pad]
+    aligned_buffer<float> sums;  ///< [M, groups] (only when the weights have zero points)
+    index_t ld = 0;
+};
+
+inline wq_activations pack_wq_activations(ConstMatrixView<float> x, const wq_weights& w) {
+    wq_activations a;
+    const index_t M = x.rows();
+    a.ld = w.k_pad;
+    a.x.reset(static_cast<std::size_t>(M * w.k_pad));
+    for (index_t m = 0; m < M; ++m) std::memcpy(a.x.data() + m * a.ld, x.row(m), sizeof(float) * w.k);
+    if (w.zeros) {
+        a.sums.reset(static_cast<std::size_t>(M * w.groups));
+        for (index_t m = 0; m < M; ++m)
+            for (index_t g = 0; g < w.groups; ++g) {
+                float s = 0.f;
+                const float* xr = a.x.data() + m * a.ld + g * w.group;
+                for (index_t k = 0; k < w.group; ++k) s += xr[k];
+                a.sums[static_cast<std::size_t>(m * w.groups + g)] = s;
+            }
+    }
+    return a;
+}
+
+/// Starting threads costs microseconds; below ~1M multiply-adds one thread finishes first.
+inline bool worth_threads(index_t rows, const wq_weights& w) noexcept {
+    return static_cast<double>(rows) * static_cast<double>(w.n) * static_cast<double>(w.k) >= 1.0e6;
+}
+
+/// Scalar twin (the oracle of the SIMD paths): one panel, rows [m0, m0 + mr).
+inline void gemm_wq_panel(arch::scalar, const wq_weights& w, const wq_activations& a, index_t p, index_t m0,
+                          index_t mr, MatrixView<float> y, const float* bias) {
+    const index_t ck = w.chunk_k();
+    const std::uint8_t* base = w.panel(p);
+    for (index_t i = 0; i < wq_panel_rows; ++i) {
+        const index_t n = p * wq_panel_rows + i;
+        if (n >= w.n) break;
+        for (index_t m = m0; m < m0 + mr; ++m) {
+            const float* xr = a.x.data() + m * a.ld;
+            float total = 0.f;
+            for (index_t g = 0; g < w.groups; ++g) {
+                float acc = 0.f;
+                for (index_t k = g * w.group; k < (g + 1) * w.group; ++k) {
+                    const std::uint8_t byte = base[(k / ck) * wq_chunk_bytes + i * 4 + (k % ck) % 4];
+                    const int q = w.bits == 8 ? static_cast<int>(static_cast<std::int8_t>(byte))
+                                              : ((k % 8) < 4 ? (byte & 0xF) : (byte >> 4));
+                    acc += xr[k] * static_cast<float>(q);
+                }
+                if (w.zeros) acc -= w.zero_line(p, g)[i] * a.sums[static_cast<std::size_t>(m * w.groups + g)];
+                total += w.scale_line(p, g)[i] * acc;
+            }
+            y(m, n) = bias ? total + bias[n] : total;
+        }
+    }
+}
+
+template <class Arch>
+using fbatch = xsimd::batch<float, Arch>;
+template <class Arch>
+using ibatch = xsimd::batch<std::int32_t, Arch>;
+
+/// float(q) of the nibble at position `pos` (bits 4·pos .. 4·pos+3) of every lane.
+template <int Pos, class Arch>
+inline fbatch<Arch> decode_nibble(const ibatch<Arch>& v) {
+#if defined(__AVX512F__) && XSIMD_WITH_AVX512BW
+    if constexpr (std::is_same_v<Arch, xsimd::avx512bw>) {
+        // vpermps reads only bits 0..3 of each index lane: a 16-entry table turns a nibble into its float in one
+        // shuffle, no mask and no int→float conversion.
+        const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        __m512i idx = v;
+        if constexpr (Pos > 0) idx = _mm512_srli_epi32(idx, 4 * Pos);
+        return _mm512_permutexvar_ps(idx, table);
+    } else
+#endif
+    {
+        return xsimd::to_float((v >> (4 * Pos)) & ibatch<Arch>(0xF));
+    }
+}
+
+/// vpshufb control that moves byte J of every dword to the dword's top byte and zeroes the three below.
+template <int J>
+constexpr std::int32_t byte_to_top(int dword) {
+    return static_cast<std::int32_t>(0x00808080u | (static_cast<unsigned>(4 * dword + J) << 24));
+}
+
+/// float(q · 2²⁴) of byte `J` (signed) of every lane: the byte moved to the top of its lane (low bytes zero)
+/// converts exactly, with no sign-extending shift; the tile multiplies the group sums by 2⁻²⁴ (exact). On x86
+/// the move is one vpshufb (port 5), which keeps port 0 — shifts and conversions — from bounding the M = 1 loop.
+template <int J, class Arch>
+inline fbatch<Arch> decode_byte(const ibatch<Arch>& v) {
+    using I = ibatch<Arch>;
+    if constexpr (J == 3) {
+        return xsimd::to_float(v & I(static_cast<std::int32_t>(0xFF000000u)));
+    } else {
+#if defined(__AVX512BW__) && XSIMD_WITH_AVX512BW
+        if constexpr (std::is_same_v<Arch, xsimd::avx512bw>) {
+            const __m512i ctl = _mm512_set_epi32(byte_to_top<J>(3), byte_to_top<J>(2), byte_to_top<J>(1),
+                                                 byte_to_top<J>(0), byte_to_top<J>(3), byte_to_top<J>(2),
+                                                 byte_to_top<J>(1), byte_to_top<J>(0), byte_to_top<J>(3),
+                                                 byte_to_top<J>(2), byte_to_top<J>(1), byte_to_top<J>(0),
+                                                 byte_to_top<J>(3), byte_to_top<J>(2), byte_to_top<J>(1),
+                                                 byte_to_top<J>(0));
+            return _mm512_cvtepi32_ps(_mm512_shuffle_epi8(v, ctl));
+        }
+#endif
+#if defined(__AVX2__) && XSIMD_WITH_FMA3_AVX2
+        if constexpr (std::is_same_v<Arch, xsimd::fma3<xsimd::avx2>>) {
+            const __m256i ctl = _mm256_set_epi32(byte_to_top<J>(3), byte_to_top<J>(2), byte_to_top<J>(1),
+                                                 byte_to_top<J>(0), byte_to_top<J>(3), byte_to_top<J>(2),
+                                                 byte_to_top<J>(1), byte_to_top<J>(0));
+            return _mm256_cvtepi32_ps(_mm256_shuffle_epi8(v, ctl));
+        }
+#endif
+        return xsimd::to_float((v << (24 - 8 * J)) & I(static_cast<std::int32_t>(0xFF000000u)));
+    }
+}
+
+/// SIMD microkernel: one panel of 16 rows × MR rows of x. Lanes are output rows.
+template <int MR, int Bits, class Arch>
+void gemm_wq_tile(const wq_weights& w, const wq_activations& a, index_t p, index_t m0, MatrixView<float> y,
+                  const float* bias) {
+    using F = fbatch<Arch>;
+    using I = ibatch<Arch>;
+    constexpr int L = static_cast<int>(F::size);
+    constexpr int V = static_cast<int>(wq_panel_rows) / L;  // registers per panel
+    constexpr index_t ck = Bits == 8 ? 4 : 8;
+    constexpr int C = std::min<int>(Bits == 8 ? 4 : 8, std::max(1, 8 / (MR * V)));  // accumulator chains
+    const std::uint8_t* base = w.panel(p);
+    const float* xr[MR];
+    for (int m = 0; m < MR; ++m) xr[m] = a.x.data() + (m0 + m) * a.ld;
+
+    F total[MR][V];
+    for (int m = 0; m < MR; ++m)
+        for (int v = 0; v < V; ++v) total[m][v] = F(0.f);
+    const index_t chunks_per_group = w.group / ck;
+    for (index_t g = 0; g < w.groups; ++g) {
+        // C independent accumulator chains per (row, register): an FMA has 4 cycles of latency and two ports,
+        // so fewer than ~8 chains in flight leave the small-M (decode) loop latency-bound.
+        F acc[MR][V][C];
+        for (int m = 0; m < MR; ++m)
+            for (int v = 0; v < V; ++v)
+                for (int t = 0; t < C; ++t) acc[m][v][t] = F(0.f);
+        const std::uint8_t* chunk = base + g * chunks_per_group * wq_chunk_bytes;
+        index_t k0 = g * w.group;
+        for (index_t c = 0; c < chunks_per_group; ++c, chunk += wq_chunk_bytes, k0 += ck) {
+            // Software prefetch a few lines ahead of the stream: at M = 1 the decode work between loads keeps
+            // too few misses in flight for the hardware prefetcher alone to reach DRAM bandwidth.
+            __builtin_prefetch(chunk + wq_prefetch_bytes);
+            for (int v = 0; v < V; ++v) {
+                const I q = I::load_aligned(reinterpret_cast<const std::int32_t*>(chunk) + v * L);
+                auto step = [&](const F& wf, index_t kk, int t) {
+                    for (int m = 0; m < MR; ++m)
+                        acc[m][v][t % C] = xsimd::fma(F(xr[m][k0 + kk]), wf, acc[m][v][t % C]);
+                };
+                if constexpr (Bits == 8) {
+                    step(decode_byte<0, Arch>(q), 0, 0);
+                    step(decode_byte<1, Arch>(q), 1, 1);
+                    step(decode_byte<2, Arch>(q), 2, 2);
+                    step(decode_byte<3, Arch>(q), 3, 3);
+                } else {
+                    step(decode_nibble<0, Arch>(q), 0, 0);
+                    step(decode_nibble<1, Arch>(q), 4, 1);
+                    step(decode_nibble<2, Arch>(q), 1, 2);
+                    step(decode_nibble<3, Arch>(q), 5, 3);
+                    step(decode_nibble<4, Arch>(q), 2, 4);
+                    step(decode_nibble<5, Arch>(q), 6, 5);
+                    step(decode_nibble<6, Arch>(q), 3, 6);
+                    step(decode_nibble<7, Arch>(q), 7, 7);
+                }
+            }
+        }
+        if constexpr (C > 1)
+            for (int m = 0; m < MR; ++m)
+                for (int v = 0; v < V; ++v)
+                    for (int t = 1; t < C; ++t) acc[m][v][0] += acc[m][v][t];
+        if constexpr (Bits == 8)  // decode_byte produced q · 2²⁴
+            for (int m = 0; m < MR; ++m)
+                for (int v = 0; v < V; ++v) acc[m][v][0] *= F(0x1p-24f);
+        const float* sl = w.scale_line(p, g);
+        const float* zl = w.zero_line(p, g);
+        for (int v = 0; v < V; ++v) {
+            const F s = F::load_aligned(sl + v * L);
+            if (zl) {
+                const F z = F::load_aligned(zl + v * L);
+                for (int m = 0; m < MR; ++m)
+                    acc[m][v][0] = xsimd::fnma(z, F(a.sums[static_cast<std::size_t>((m0 + m) * w.groups + g)]), acc[m][v][0]);
+            }
+            for (int m = 0; m < MR; ++m) total[m][v] = xsimd::fma(acc[m][v][0], s, total[m][v]);
+        }
+    }
+    // Store (the last panel may hold padding rows past N).
+    const index_t n0 = p * wq_panel_rows;
+    const index_t valid = std::min<index_t>(wq_panel_rows, w.n - n0);
+    alignas(64) float tmp[wq_panel_rows];
+    for (int m = 0; m < MR; ++m) {
+        for (int v = 0; v < V; ++v) total[m][v].store_aligned(tmp + v * L);
+        float* yr = y.row(m0 + m) + n0;
+        if (bias)
+            for (index_t i = 0; i < valid; ++i) yr[i] = tmp[i] + bias[n0 + i];
+        else
+            for (index_t i = 0; i < valid; ++i) yr[i] = tmp[i];
+    }
+}
+
+template <class Arch>
+inline constexpr int wq_mr = fbatch<Arch>::size >= 16 ? 8 : 3;
+
+template <int MR, int Bits, class Arch>
+void gemm_wq_rows(const wq_weights& w, const wq_activations& a, index_t p, index_t m0, index_t rem,
+                  MatrixView<float> y, const float* bias) {
+    if constexpr (MR > 1) {
+        if (rem < MR) return gemm_wq_rows<MR - 1, Bits, Arch>(w, a, p, m0, rem, y, bias);
+    }
+    gemm_wq_tile<MR, Bits, Arch>(w, a, p, m0, y, bias);
+}
+
+template <class Arch>
+void gemm_wq_panel(Arch, const wq_weights& w, const wq_activations& a, index_t p, index_t m0, index_t mr,
+                   MatrixView<float> y, const float* bias) {
+    constexpr int MR = wq_mr<Arch>;
+    for (index_t m = m0; m < m0 + mr; m += MR) {
+        const index_t rem = std::min<index_t>(MR, m0 + mr - m);
+        if (w.bits == 8)
+            gemm_wq_rows<MR, 8, Arch>(w, a, p, m, rem, y, bias);
+        else
+            gemm_wq_rows<MR, 4, Arch>(w, a, p, m, rem, y, bias);
+    }
+}
+
+}  // namespace detail
+
+/// The kernel body on one path; no checks (callers checked the shapes).
+template <class Arch>
+void gemm_wq(Arch tag, ConstMatrixView<float> x, const wq_weights& w, MatrixView<float> y, const float* bias) {
+    const detail::wq_activations a = detail::pack_wq_activations(x, w);
+    const index_t M = x.rows();
+    // Decode (small M) streams each panel once for all rows of x; a large M is split into row blocks that stay
+    // in L2 while the panels stream past them.
+    constexpr index_t row_block = 64;
+    for (index_t m0 = 0; m0 < M; m0 += row_block) {
+        const index_t mr = std::min(row_block, M - m0);
+        const auto body = [&](index_t p) { detail::gemm_wq_panel(tag, w, a, p, m0, mr, y, bias); };
+        if (detail::worth_threads(mr, w))
+            parallel_for(index_t{0}, w.panels(), body);
+        else
+            for (index_t p = 0; p < w.panels(); ++p) body(p);
+    }
+}
+
+/// Throws shape_error / format_error unless w is a consistent packed weight of the documented layout.
+inline void check_wq_weights(const wq_weights& w, const char* who) {
+    require<format_error>(w.bits == 8 || w.bits == 4, who, ": bits must be 8 or 4, got ", w.bits);
+    require<format_error>(w.data && w.scales && w.n > 0 && w.k > 0, who, ": empty packed weights");
+    require<format_error>(w.k_pad >= w.k && w.k_pad % w.chunk_k() == 0 && w.group > 0 && w.group % w.chunk_k() == 0 &&
+                              w.groups * w.group == w.k_pad,
+                          who, ": inconsistent packed layout (k=", w.k, ", k_pad=", w.k_pad, ", group=", w.group,
+                          ", groups=", w.groups, ")");
+    require<format_error>(w.bits == 8 || w.zeros, who, ": int4 weights need zero points");
+}
+
+/// y [M, N] = x [M, K] · Ŵᵀ (+ bias [N]) on the active path, fp32 activations. Throws shape_error on mismatched
+/// operands. y must not alias x.
+inline void gemm_wq(ConstMatrixView<float> x, const wq_weights& w, MatrixView<float> y, const float* bias = nullptr) {
+    check_wq_weights(w, "gemm_wq");
+    check_shape(x, -1, w.k, "gemm_wq: x");
+    check_shape(y, x.rows(), w.n, "gemm_wq: y");
+    if (x.rows() == 0) return;
+    arch::dispatch([&](auto tag) { gemm_wq(tag, x, w, y, bias); });
+}
+
+}  // namespace cpet::kernels

@@ -1,0 +1,364 @@
+// Quantized GEMM kernels: weight-only (gemm_wq) against the dequantised dense reference, W8A8 integer GEMM
+// bit-exact against an int32 loop on every path (VNNI, vpmaddubsw, scalar), W8A8 fp32 against the reference
+// built from the same quantised activations, guard cells, and the errors of unsupported combinations.
+#include "cpet/compress/quantize.hpp"
+#include "cpet/kernels/gemm_s8.hpp"
+#include "cpet/kernels/gemm_wq.hpp"
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "support/testing.hpp"
+
+using namespace cpet;
+using compress::granularity;
+using compress::qbits;
+using compress::quant_options;
+
+namespace {
+
+constexpr float guard = -12345.f;
+
+/// y with a guard column on the right and a guard row below, all set to `guard`.
+struct guarded {
+    Matrix<float> store;
+    index_t m, n;
+    guarded(index_t m_, index_t n_) : store(m_ + 1, n_ + 3), m(m_), n(n_) { store.fill(guard); }
+    MatrixView<float> view() { return MatrixView<float>(store.data(), m, n, store.cols()); }
+    bool guards_intact() const {
+        for (index_t r = 0; r < store.rows(); ++r)
+            for (index_t c = 0; c < store.cols(); ++c)
+                if ((r >= m || c >= n) && store(r, c) != guard) return false;
+        return true;
+    }
+};
+
+/// Every ISA path, plus AVX-512 without VNNI where the CPU has VNNI (the vpmaddubsw route on AVX-512).
+template <class Body>
+void for_each_s8_path(Body&& body) {
+    testing::for_each_isa([&](arch::isa i) {
+        body(i);
+        if (i == arch::isa::avx512 && arch::cpu().avx512_vnni) {
+            kernels::detail::s8_disable_vnni() = true;
+            CAPTURE("avx512 without vnni");
+            body(i);
+            kernels::detail::s8_disable_vnni() = false;
+        }
+    });
+}
+
+testing::MatD dense_reference(const Matrix<float>& x, const Matrix<float>& wd, const std::vector<float>& bias) {
+    Eigen::setNbThreads(1);  // tiny reference products: OpenMP start-up would dominate (and crawls on a busy box)
+    testing::MatD y = testing::to_double(x.view()) * testing::to_double(wd.view()).transpose();
+    for (index_t r = 0; r < y.rows(); ++r)
+        for (index_t c = 0; c < y.cols(); ++c) y(r, c) += bias[static_cast<std::size_t>(c)];
+    return y;
+}
+
+/// max_ij |got − ref| / (|x|·|Ŵ|ᵀ + |bias|)_ij: fp32 accumulation error relative to the magnitudes summed.
+double scaled_error(ConstMatrixView<float> got, const testing::MatD& ref, const Matrix<float>& x,
+                    const Matrix<float>& wd, const std::vector<float>& bias) {
+    testing::MatD mag = testing::to_double(x.view()).cwiseAbs() * testing::to_double(wd.view()).cwiseAbs().transpose();
+    double worst = 0;
+    for (index_t r = 0; r < ref.rows(); ++r)
+        for (index_t c = 0; c < ref.cols(); ++c) {
+            const double m = mag(r, c) + std::abs(bias[static_cast<std::size_t>(c)]) + 1e-30;
+            worst = std::max(worst, std::abs(got(r, c) - ref(r, c)) / m);
+        }
+    return worst;
+}
+
+std::vector<float> random_bias(index_t n, unsigned seed) {
+    const Matrix<float> b = testing::random_matrix(1, n, seed);
+    return std::vector<float>(b.data(), b.data() + n);
+}
+
+}  // namespace
+
+TEST_CASE("gemm_wq: int8 / int4, every granularity and symmetry, awkward shapes, every ISA") {
+    struct cfg {
+        qbits b;
+        granularity g;
+        index_t group;
+        bool sym;
+    };
+    std::vector<cfg> cfgs;
+    for (qbits b : {qbits::int8, qbits::int4})
+        for (bool sym : {true, false}) {
+            cfgs.push_back({b, granularity::per_channel, 0, sym});
+            cfgs.push_back({b, granularity::per_tensor, 0, sym});
+            cfgs.push_back({b, granularity::per_group, 32, sym});
+            cfgs.push_back({b, granularity::per_group, 128, sym});
+        }
+    for (const cfg& c : cfgs) {
+        std::vector<index_t> ks = c.g == granularity::per_group ? std::vector<index_t>{c.group, 3 * c.group}
+                                                                : std::vector<index_t>{33, 127, 64};
+        if (c.group == 32) ks.push_back(384);
+        for (index_t K : ks)
+            for (index_t N : {1, 7, 33, 127}) {
+                quant_options o;
+                o.bits = c.b;
+                o.gran = c.g;
+                o.group = c.group;
+                o.symmetric = c.sym;
+                const Matrix<float> w = testing::random_matrix(N, K, static_cast<unsigned>(N * 131 + K));
+                const auto q = compress::quantize_rtn(w.view(), o);
+                const Matrix<float> wd = compress::dequantize(q);
+                const auto kv = compress::kernel_view(q);
+                const std::vector<float> bias = random_bias(N, 3);
+                for (index_t M : {1, 2, 7, 8, 9, 33}) {
+                    const Matrix<float> x = testing::random_matrix(M, K, static_cast<unsigned>(M + 17 * K));
+                    const testing::MatD ref = dense_reference(x, wd, bias);
+                    testing::for_each_isa([&](arch::isa) {
+                        CAPTURE(static_cast<int>(c.b));
+                        CAPTURE(static_cast<int>(c.g));
+                        CAPTURE(c.group);
+                        CAPTURE(c.sym);
+                        CAPTURE(M);
+                        CAPTURE(N);
+                        CAPTURE(K);
+                        guarded y(M, N);
+                        kernels::gemm_wq(x.view(), kv, y.view(), bias.data());
+                        CHECK(scaled_error(y.view(), ref, x, wd, bias) < 4e-6);
+                        CHECK(y.guards_intact());
+                    });
+                }
+            }
+    }
+}
+
+TEST_CASE("gemm_s8_s32: integer GEMM bit-exact against the int32 reference on every path") {
+    for (bool sym : {true, false})
+        for (index_t K : {4, 33, 127, 256})
+            for (index_t N : {1, 7, 33, 127}) {
+                const Matrix<float> w = testing::random_matrix(N, K, static_cast<unsigned>(N + K));
+                quant_options o;
+                o.symmetric = sym;
+                const auto q = compress::quantize_rtn(w.view(), o);
+                const auto kv = compress::kernel_view(q);
+                for (index_t M : {1, 2, 7, 8, 9, 33}) {
+                    // Extreme codes included: ±127 activations against −128 / 127 weights.
+                    Matrix<std::int8_t> xq(M, K);
+                    std::mt19937 gen(static_cast<unsigned>(M * 7 + K));
+                    std::uniform_int_distribution<int> d(-127, 127);
+                    for (index_t i = 0; i < xq.size(); ++i) xq.data()[i] = static_cast<std::int8_t>(i % 5 == 0 ? (i % 2 ? 127 : -127) : d(gen));
+                    Matrix<std::int32_t> ref(M, N);
+                    for (index_t m = 0; m < M; ++m)
+                        for (index_t n = 0; n < N; ++n) {
+                            std::int32_t acc = 0;
+                            for (index_t k = 0; k < K; ++k)
+                                acc += static_cast<std::int32_t>(xq(m, k)) *
+                                       (q.code(n, k) - static_cast<std::int32_t>(q.zero(n, k)));
+                            ref(m, n) = acc;
+                        }
+                    for_each_s8_path([&](arch::isa) {
+                        CAPTURE(sym);
+                        CAPTURE(M);
+                        CAPTURE(N);
+                        CAPTURE(K);
+                        Matrix<std::int32_t> c(M, N);
+                        c.fill(-7);
+                        kernels::gemm_s8_s32(xq.view(), kv, c.view());
+                        CHECK(std::memcmp(c.data(), ref.data(), c.bytes()) == 0);
+                    });
+                }
+            }
+}
+
+TEST_CASE("gemm_s8_s32: blocking edges (K beyond one 1024 block, M beyond one 256-row block)") {
+    struct dims {
+        index_t m, n, k;
+    };
+    for (dims d : {dims{3, 33, 2100}, dims{9, 17, 1024}, dims{260, 7, 40}, dims{1, 1, 4099}})
+        for (bool sym : {true, false}) {
+            const Matrix<float> w = testing::random_matrix(d.n, d.k, static_cast<unsigned>(d.n + d.k));
+            quant_options o;
+            o.symmetric = sym;
+            const auto q = compress::quantize_rtn(w.view(), o);
+            Matrix<std::int8_t> xq(d.m, d.k);
+            std::mt19937 gen(static_cast<unsigned>(d.m + d.k));
+            std::uniform_int_distribution<int> dist(-127, 127);
+            for (index_t i = 0; i < xq.size(); ++i) xq.data()[i] = static_cast<std::int8_t>(dist(gen));
+            Matrix<std::int32_t> ref(d.m, d.n);
+            for (index_t m = 0; m < d.m; ++m)
+                for (index_t n = 0; n < d.n; ++n) {
+                    std::int32_t acc = 0;
+                    for (index_t k = 0; k < d.k; ++k)
+                        acc += static_cast<std::int32_t>(xq(m, k)) * (q.code(n, k) - static_cast<std::int32_t>(q.zero(n, k)));
+                    ref(m, n) = acc;
+                }
+            for_each_s8_path([&](arch::isa) {
+                CAPTURE(d.m);
+                CAPTURE(d.n);
+                CAPTURE(d.k);
+                CAPTURE(sym);
+                Matrix<std::int32_t> c(d.m, d.n);
+                kernels::gemm_s8_s32(xq.view(), compress::kernel_view(q), c.view());
+                CHECK(std::memcmp(c.data(), ref.data(), c.bytes()) == 0);
+            });
+        }
+}
+
+TEST_CASE("gemm_s8: W8A8 fp32 against the reference from the same quantised activations, identical on every path") {
+    for (bool sym : {true, false})
+        for (granularity g : {granularity::per_channel, granularity::per_tensor})
+            for (index_t K : {33, 256})
+                for (index_t N : {7, 127}) {
+                    const Matrix<float> w = testing::random_matrix(N, K, static_cast<unsigned>(N * 3 + K));
+                    quant_options o;
+                    o.symmetric = sym;
+                    o.gran = g;
+                    const auto q = compress::quantize_rtn(w.view(), o);
+                    const auto kv = compress::kernel_view(q);
+                    const Matrix<float> wd = compress::dequantize(q);
+                    const std::vector<float> bias = random_bias(N, 5);
+                    for (index_t M : {1, 8, 9, 33}) {
+                        Matrix<float> x = testing::random_matrix(M, K, static_cast<unsigned>(M + K));
+                        for (index_t c = 0; c < K; ++c) x(0, c) = 0.f;  // an all-zero token: scale 0, no NaN
+                        // Reference: per-token symmetric int8 activations, exact integer dot, double rescale.
+                        testing::MatD ref(M, N);
+                        for (index_t m = 0; m < M; ++m) {
+                            float amax = 0.f;
+                            for (index_t k = 0; k < K; ++k) amax = std::max(amax, std::abs(x(m, k)));
+                            const float inv = amax > 0 ? 127.f / amax : 0.f;
+                            for (index_t n = 0; n < N; ++n) {
+                                double acc = 0;
+                                for (index_t k = 0; k < K; ++k)
+                                    acc += std::nearbyint(x(m, k) * inv) * (q.code(n, k) - q.zero(n, k));
+                                ref(m, n) = acc * (amax / 127.0) * q.scale(n, 0) + bias[static_cast<std::size_t>(n)];
+                            }
+                        }
+                        const testing::MatD dense = dense_reference(x, wd, bias);
+                        Matrix<float> first;
+                        for_each_s8_path([&](arch::isa) {
+                            CAPTURE(sym);
+                            CAPTURE(M);
+                            CAPTURE(N);
+                            CAPTURE(K);
+                            guarded y(M, N);
+                            kernels::gemm_s8(x.view(), kv, y.view(), bias.data());
+                            CHECK(testing::rel_error(y.view(), ref) < 1e-6);
+                            CHECK(testing::rel_error(y.view(), dense) < 2e-2);  // int8 activations
+                            for (index_t n = 0; n < N; ++n) CHECK(y.view()(0, n) == bias[static_cast<std::size_t>(n)]);
+                            CHECK(y.guards_intact());
+                            const Matrix<float> got(ConstMatrixView<float>(y.view()));
+                            if (first.empty())
+                                first = got;
+                            else
+                                CHECK(std::memcmp(first.data(), got.data(), got.bytes()) == 0);
+                        });
+                    }
+                }
+}
+
+TEST_CASE("gemm_w4a8: int4 weights x int8 activations, against the same-quantisation reference, identical on every path") {
+    for (bool sym : {true, false})
+        for (granularity g : {granularity::per_group, granularity::per_channel})
+            for (index_t K : {32, 127, 256})
+                for (index_t N : {1, 7, 33}) {
+                    if (g == granularity::per_group && K % 32) continue;
+                    const Matrix<float> w = testing::random_matrix(N, K, static_cast<unsigned>(N * 5 + K));
+                    quant_options o;
+                    o.bits = qbits::int4;
+                    o.symmetric = sym;
+                    o.gran = g;
+                    o.group = 32;
+                    const auto q = compress::quantize_rtn(w.view(), o);
+                    const auto kv = compress::kernel_view(q);
+                    const Matrix<float> wd = compress::dequantize(q);
+                    const std::vector<float> bias = random_bias(N, 6);
+                    for (index_t M : {1, 2, 7, 8, 9}) {
+                        Matrix<float> x = testing::random_matrix(M, K, static_cast<unsigned>(M * 3 + K));
+                        for (index_t c = 0; c < K; ++c) x(M - 1, c) = 0.f;  // an all-zero token
+                        testing::MatD ref(M, N);
+                        for (index_t m = 0; m < M; ++m) {
+                            float amax = 0.f;
+                            for (index_t k = 0; k < K; ++k) amax = std::max(amax, std::abs(x(m, k)));
+                            const float inv = amax > 0 ? 127.f / amax : 0.f;
+                            for (index_t n = 0; n < N; ++n) {
+                                double acc = 0;
+                                for (index_t k = 0; k < K; ++k)
+                                    acc += std::nearbyint(x(m, k) * inv) * static_cast<double>(q.value(n, k));
+                                ref(m, n) = acc * (amax / 127.0) + bias[static_cast<std::size_t>(n)];
+                            }
+                        }
+                        const testing::MatD dense = dense_reference(x, wd, bias);
+                        Matrix<float> first;
+                        for_each_s8_path([&](arch::isa) {
+                            CAPTURE(sym);
+                            CAPTURE(static_cast<int>(g));
+                            CAPTURE(M);
+                            CAPTURE(N);
+                            CAPTURE(K);
+                            guarded y(M, N);
+                            kernels::gemm_w4a8(x.view(), kv, y.view(), bias.data());
+                            CHECK(scaled_error(y.view(), ref, x, wd, bias) < 4e-6);
+                            CHECK(testing::rel_error(y.view(), dense) < 2e-2);
+                            for (index_t n = 0; n < N; ++n)
+                                CHECK(y.view()(M - 1, n) == bias[static_cast<std::size_t>(n)]);
+                            CHECK(y.guards_intact());
+                            const Matrix<float> got(ConstMatrixView<float>(y.view()));
+                            if (first.empty())
+                                first = got;
+                            else
+                                CHECK(std::memcmp(first.data(), got.data(), got.bytes()) == 0);
+                        });
+                    }
+                }
+}
+
+TEST_CASE("quantized matmul: the path choice and unsupported combinations") {
+    const Matrix<float> w = testing::random_matrix(40, 64, 1);
+    const Matrix<float> x = testing::random_matrix(20, 64, 2);
+    Matrix<float> y(20, 40);
+    const auto q8 = compress::quantize_rtn(w.view(), {qbits::int8, granularity::per_channel});
+    const auto q4 = compress::quantize_rtn(w.view(), {qbits::int4, granularity::per_group, 32});
+    const testing::MatD ref4 = testing::to_double(x.view()) * testing::to_double(compress::dequantize(q4).view()).transpose();
+    compress::matmul(x.view(), q4, y.view());
+    CHECK(testing::rel_error(y.view(), ref4) < 2e-6);
+    const auto q8g = compress::quantize_rtn(w.view(), {qbits::int8, granularity::per_group, 32});
+    CHECK_THROWS_AS(compress::matmul(x.view(), q8g, y.view(), nullptr, compress::execution::int8_activations),
+                    format_error);
+    CHECK_THROWS_AS(kernels::gemm_w4a8(x.view(), compress::kernel_view(q8g), y.view()), format_error);
+    compress::matmul(x.view(), q4, y.view(), nullptr, compress::execution::int8_activations);  // W4A8
+    CHECK(testing::rel_error(y.view(), ref4) < 2e-2);
+    CHECK_THROWS_AS(kernels::gemm_s8(x.view(), compress::kernel_view(q4), y.view()), format_error);
+    const testing::MatD ref8 = testing::to_double(x.view()) * testing::to_double(compress::dequantize(q8).view()).transpose();
+    compress::matmul(x.view(), q8, y.view());  // M = 20 → W8A8
+    CHECK(testing::rel_error(y.view(), ref8) < 2e-2);
+    compress::matmul(x.view(), q8, y.view(), nullptr, compress::execution::weight_only);
+    CHECK(testing::rel_error(y.view(), ref8) < 2e-6);
+
+    Matrix<float> bad_y(20, 39);
+    CHECK_THROWS_AS(compress::matmul(x.view(), q8, bad_y.view()), shape_error);
+    Matrix<float> bad_x(20, 63);
+    CHECK_THROWS_AS(kernels::gemm_wq(bad_x.view(), compress::kernel_view(q8), y.view()), shape_error);
+    Matrix<std::int8_t> xq(2, 64);
+    xq.fill(0);
+    xq(1, 3) = -128;
+    Matrix<std::int32_t> c(2, 40);
+    CHECK_THROWS_AS(kernels::gemm_s8_s32(xq.view(), compress::kernel_view(q8), c.view()), numeric_error);
+}
+
+TEST_CASE("gemm_wq / gemm_s8: multi-threaded runs agree with single-threaded ones") {
+    // Large enough (M·N·K ≥ 1M) for the kernels to start threads.
+    const Matrix<float> w = testing::random_matrix(200, 768, 8);
+    const Matrix<float> x = testing::random_matrix(9, 768, 9);
+    const auto q4 = compress::quantize_rtn(w.view(), {qbits::int4, granularity::per_group, 64, false});
+    const auto q8 = compress::quantize_rtn(w.view(), {qbits::int8, granularity::per_channel});
+    Matrix<float> a(9, 200), b(9, 200), c(9, 200), d(9, 200), e(9, 200), f(9, 200);
+    const int before = max_threads();
+    set_num_threads(1);
+    kernels::gemm_wq(x.view(), compress::kernel_view(q4), a.view());
+    kernels::gemm_s8(x.view(), compress::kernel_view(q8), c.view());
+    kernels::gemm_w4a8(x.view(), compress::kernel_view(q4), e.view());
+    set_num_threads(2);
+    kernels::gemm_wq(x.view(), compress::kernel_view(q4), b.view());
+    kernels::gemm_s8(x.view(), compress::kernel_view(q8), d.view());
+    kernels::gemm_w4a8(x.view(), compress::kernel_view(q4), f.view());
+    set_num_threads(before);
+    CHECK(std::memcmp(a.data(), b.data(), a.bytes()) == 0);
+    CHECK(std::memcmp(c.data(), d.data(), c.bytes()) == 0);
+    CHECK(std::memcmp(e.data(), f.data(), e.bytes()) == 0);
+}
