@@ -1,5 +1,7 @@
 #include "support/testing.hpp"
 
+#include <cstdlib>
+
 #include "cpet/arch/dispatch.hpp"
 
 using namespace cpet;
@@ -40,4 +42,20 @@ TEST_CASE("unknown or unavailable ISA names are rejected with a message") {
     }
     CHECK(arch::parse_isa("avx2") == arch::isa::avx2);
     if (!arch::available(arch::isa::avx512)) CHECK_THROWS_AS(arch::force_isa(arch::isa::avx512), format_error);
+}
+
+TEST_CASE("CPET_ISA in the environment caps the automatic choice") {
+    // CTest runs this file a second and third time with CPET_ISA=avx2 and CPET_ISA=scalar (tests/CMakeLists.txt).
+    const char* env = std::getenv("CPET_ISA");
+    if (!env || !*env) {
+        CHECK(arch::active() == arch::supported_best());
+        return;
+    }
+    const auto wanted = arch::parse_isa(env);
+    const auto expect = static_cast<int>(wanted) < static_cast<int>(arch::supported_best()) ? wanted
+                                                                                            : arch::supported_best();
+    CHECK(arch::active() == expect);
+    // force_isa still overrides the environment, within what is available.
+    arch::scoped_isa s(arch::isa::scalar);
+    CHECK(arch::active() == arch::isa::scalar);
 }
