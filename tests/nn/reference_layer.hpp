@@ -25,6 +25,9 @@ struct reference_hooks {
     std::function<void(pet::sublayer, const MatD& in, MatD& out)> sublayer;
     /// Prefix keys / values [P, kv_dim] (empty: none).
     MatD prefix_k, prefix_v;
+    /// IA3-style rescaling: a factor per feature for the OUTPUT of q, k, v (before RoPE) and the INPUT of down
+    /// (the FFN hidden activation); an empty vector means none.
+    std::function<Eigen::VectorXd(pet::target)> scale;
 };
 
 inline MatD ref_linear(const MatD& x, const Matrix<float>& w, const std::vector<float>& b) {
@@ -83,12 +86,20 @@ MatD reference_layer(const nn::dense_layer_weights& w, const nn::layer_shape& s,
                      const reference_hooks& hk = {}) {
     using namespace cpet::nn;
     const index_t len = x.rows(), hd = s.head_dim, group = s.n_heads / s.n_kv_heads;
-    auto lin = [&](pet::target t, const MatD& in, const Matrix<float>& W, const std::vector<float>& b) {
+    auto rescale = [&](pet::target t, MatD& m) {
+        if (!hk.scale) return;
+        const Eigen::VectorXd l = hk.scale(t);
+        if (l.size()) m = m * l.asDiagonal();
+    };
+    auto lin = [&](pet::target t, const MatD& in0, const Matrix<float>& W, const std::vector<float>& b) {
+        MatD in = in0;
+        if (t == pet::target::down) rescale(t, in);
         MatD y = ref_linear(in, W, b);
         if (hk.linear_delta) {
             const MatD delta = hk.linear_delta(t, in);
             if (delta.size()) y += delta;
         }
+        if (t == pet::target::q || t == pet::target::k || t == pet::target::v) rescale(t, y);
         return y;
     };
     auto attention = [&](const MatD& h) {

@@ -240,7 +240,7 @@ TEST_CASE("an attention-hook policy (prefix) adds keys every query sees, also wh
         Matrix<float> y(21, s.d_model);
         layer.forward(x, lengths, y, ws, task);
         CHECK(valid_error(y, ref, lengths) <= tol);
-        auto cache = layer.make_cache(3, 7);
+        auto cache = layer.make_cache(3, 3 + 7);  // the 3 prefix rows live in the cache (nn/kv_cache.hpp)
         Matrix<float> xt(3, s.d_model), yt(3, s.d_model);
         for (index_t t = 0; t < 7; ++t) {
             std::vector<index_t> n(3);

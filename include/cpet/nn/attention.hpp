@@ -78,9 +78,9 @@ public:
         std::optional<pet::prefix_kv> prefix;
         if constexpr (pet::AttentionHook<Modules>) prefix = m.prefix();
         const index_t P = prefix ? prefix->k.rows() : 0;
-        const index_t keys_max = P + (cache ? cache->capacity() : S);
+        const index_t keys_max = P + S;
         MatrixView<float> kcat, vcat;
-        if (P > 0) {
+        if (P > 0 && !cache) {  // with a cache the prefix lives at the front of it (see kv_cache.hpp)
             kcat = ws.get(workspace::prefix_k, B * keys_max, kvd);
             vcat = ws.get(workspace::prefix_v, B * keys_max, kvd);
         }
@@ -88,7 +88,14 @@ public:
         auto a = ws.get(workspace::attn, M, qd);
         parallel_for(index_t(0), B, [&](index_t b) {
             const index_t len = L.length(b);
-            const index_t pos0 = cache ? cache->length(b) : 0;
+            if (cache && P > 0 && cache->length(b) == 0) {
+                auto K = cache->keys(b), V = cache->values(b);
+                copy_rows(prefix->k, K.middle_rows(0, P));
+                copy_rows(prefix->v, V.middle_rows(0, P));
+                cache->set_prefix(b, P);
+            }
+            const index_t pos0 = cache ? cache->tokens(b) : 0;       // position of the first new token
+            const index_t row0 = cache ? cache->length(b) : 0;       // its row in the cache
             auto qb = q.middle_rows(b * S, S);
             auto kb = k.middle_rows(b * S, len);
             auto vb = v.middle_rows(b * S, len);
@@ -99,12 +106,11 @@ public:
             ConstMatrixView<float> keys = kb, values = vb;
             if (cache) {
                 auto K = cache->keys(b), V = cache->values(b);
-                copy_rows(kb, K.middle_rows(pos0, len));
-                copy_rows(vb, V.middle_rows(pos0, len));
-                keys = K.middle_rows(0, pos0 + len);
-                values = V.middle_rows(0, pos0 + len);
-            }
-            if (P > 0) {
+                copy_rows(kb, K.middle_rows(row0, len));
+                copy_rows(vb, V.middle_rows(row0, len));
+                keys = K.middle_rows(0, row0 + len);
+                values = V.middle_rows(0, row0 + len);
+            } else if (P > 0) {
                 const index_t n = P + keys.rows();
                 auto kc = kcat.middle_rows(b * keys_max, n), vc = vcat.middle_rows(b * keys_max, n);
                 copy_rows(prefix->k, kc.middle_rows(0, P));
@@ -123,7 +129,7 @@ public:
             args.n_kv_heads = shape_.n_kv_heads;
             args.head_dim = hd;
             args.causal = causal;
-            args.q_pos0 = P + pos0;
+            args.q_pos0 = cache ? row0 : P;  // keys before the first query: prefix rows and cached tokens
             kernels::attention(tag, args);
         });
         if (cache)

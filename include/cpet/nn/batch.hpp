@@ -6,10 +6,12 @@
 #pragma once
 
 #include <span>
+#include <string_view>
 
 #include "cpet/compress/format.hpp"
 #include "cpet/core/error.hpp"
 #include "cpet/core/matrix.hpp"
+#include "cpet/core/parallel.hpp"
 #include "cpet/nn/linear.hpp"
 #include "cpet/pet/policy.hpp"
 
@@ -44,21 +46,50 @@ struct batch_layout {
 
 namespace detail {
 
-/// y = lin(x) with the PET low-rank term of `t` fused into the epilogue when the modules have a linear hook.
+/// y(r, c) *= l[c] (the IA3 rescaling); throws shape_error when l does not have y.cols() values.
+inline void scale_columns(MatrixView<float> y, std::span<const float> l, std::string_view who) {
+    require<shape_error>(index_t(l.size()) == y.cols(), "PET scale hook (", who, "): expected ", y.cols(),
+                         " values, got ", l.size());
+    const float* lp = l.data();
+    parallel_for(index_t(0), y.rows(), [&](index_t r) {
+        float* yr = y.row(r);
+        for (index_t c = 0; c < y.cols(); ++c) yr[c] *= lp[c];
+    });
+}
+
+/// y = lin(x) with the task's hooks on linear `t`: the low-rank term (linear hook) and the bias delta (bias hook)
+/// fused into the epilogue, then the output scale (scale hook; q, k and v only, see pet/policy.hpp).
 template <class Arch, compress::WeightFormat F, class Modules>
 void project(Arch tag, const Linear<F>& lin, pet::target t, ConstMatrixView<float> x, MatrixView<float> y,
              kernels::epilogue ep, const Modules& m, pet::scratch& s) {
+    const auto tn = pet::target_name(t);
+    const index_t N = lin.out_features();
     if constexpr (pet::LinearHook<Modules>) {
         if (auto lr = m.lowrank(t, x, s)) {
-            const auto tn = pet::target_name(t);
-            require<shape_error>(lr->u.rows() == x.rows() && lr->b.rows() == lin.out_features() &&
-                                     lr->u.cols() == lr->b.cols(),
-                                 "PET linear hook (target ", tn, "): expected U [", x.rows(), ", r] and B [",
-                                 lin.out_features(), ", r], got U ", shape_str(lr->u), " and B ", shape_str(lr->b));
+            require<shape_error>(lr->u.rows() == x.rows() && lr->b.rows() == N && lr->u.cols() == lr->b.cols(),
+                                 "PET linear hook (target ", tn, "): expected U [", x.rows(), ", r] and B [", N,
+                                 ", r], got U ", shape_str(lr->u), " and B ", shape_str(lr->b));
             pet::apply(ep, *lr);
         }
     }
-    lin.forward(tag, x, y, ep);
+    bool done = false;
+    if constexpr (pet::BiasHook<Modules>) {
+        if (auto db = m.bias_delta(t)) {
+            require<shape_error>(index_t(db->size()) == N, "PET bias hook (target ", tn, "): expected ", N,
+                                 " values, got ", db->size());
+            auto b = s.matrix(pet::slot::bias, 1, N);
+            const float* b0 = lin.bias();
+            for (index_t c = 0; c < N; ++c) b(0, c) = (b0 ? b0[c] : 0.f) + (*db)[std::size_t(c)];
+            ep.bias = b.data();
+            compress::matmul_on(tag, lin.weight(), x, y, ep);
+            done = true;
+        }
+    }
+    if (!done) lin.forward(tag, x, y, ep);
+    if constexpr (pet::ScaleHook<Modules>) {
+        if (t == pet::target::q || t == pet::target::k || t == pet::target::v)
+            if (auto l = m.scale(t)) scale_columns(y, *l, tn);
+    }
 }
 
 /// y += x element-wise (y may be x).

@@ -62,6 +62,8 @@ public:
             act.act = C::act;
             detail::project(tag, up_, pet::target::up, h, f1, act, m, ps);
         }
+        if constexpr (pet::ScaleHook<Modules>)
+            if (auto l = m.scale(pet::target::down)) detail::scale_columns(f1, *l, "FFN hidden (input of down)");
         kernels::epilogue ep;
         ep.residual = residual;
         ep.ld_residual = ld_res;

@@ -86,8 +86,7 @@ public:
         requires causal
     {
         const auto L = check_call(x, new_lengths, y, "TransformerLayer::decode");
-        check_cache(cache, L, "TransformerLayer::decode");
-        attn_.prefix_rows(task);
+        check_cache(cache, L, "TransformerLayer::decode", attn_.prefix_rows(task));
         arch::dispatch([&](auto tag) { forward_on(tag, x, L, y, ws, task, &cache); });
     }
     void decode(ConstMatrixView<float> x, std::span<const index_t> new_lengths, MatrixView<float> y, kv_cache& cache,
@@ -113,12 +112,37 @@ public:
         }
         return batch_layout::of(x.rows(), lengths, who);
     }
-    void check_cache(const kv_cache& cache, const batch_layout& L, const char* who) const {
+    /// `prefix`: rows of the task's attention-hook prefix, which a sequence's cache takes when it starts.
+    void check_cache(const kv_cache& cache, const batch_layout& L, const char* who, index_t prefix = 0) const {
         require<shape_error>(cache.batch() == L.batch, who, ": kv_cache holds ", cache.batch(),
                              " sequences, the batch has ", L.batch);
         require<shape_error>(cache.kv_dim() == shape_.kv_dim(), who, ": kv_cache rows have ", cache.kv_dim(),
                              " values, the layer's keys have ", shape_.kv_dim(), " (n_kv_heads·head_dim)");
-        for (index_t b = 0; b < L.batch; ++b) cache.check_room(b, L.length(b));
+        for (index_t b = 0; b < L.batch; ++b) {
+            if (cache.length(b) == 0) {
+                require<shape_error>(prefix + L.length(b) <= cache.capacity(), who, ": the task's prefix of ", prefix,
+                                     " rows plus ", L.length(b), " new tokens of sequence ", b,
+                                     " exceed the kv_cache capacity of ", cache.capacity(),
+                                     " rows (the prefix is kept in the cache)");
+            } else {
+                require<shape_error>(cache.prefix_length(b) == prefix, who, ": kv_cache sequence ", b, " holds a prefix of ",
+                                     cache.prefix_length(b), " rows, the task's prefix has ", prefix,
+                                     " (a sequence keeps the task it started with; clear or truncate it to 0)");
+                cache.check_room(b, L.length(b));
+            }
+        }
+    }
+
+    /// What PET factories need to know of this layer (pet::layer_dims).
+    pet::layer_dims pet_dims() const noexcept {
+        pet::layer_dims d;
+        d.d_model = shape_.d_model;
+        d.q_dim = shape_.q_dim();
+        d.kv_dim = shape_.kv_dim();
+        d.d_ff = shape_.d_ff;
+        d.gated = C::ffn == ffn_kind::swiglu;
+        d.bias = C::bias;
+        return d;
     }
 
     template <class Arch>

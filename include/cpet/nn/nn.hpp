@@ -9,6 +9,7 @@
 #include "cpet/nn/layer.hpp"
 #include "cpet/nn/linear.hpp"
 #include "cpet/nn/norm.hpp"
+#include "cpet/nn/pet_layer.hpp"
 #include "cpet/nn/stack.hpp"
 #include "cpet/nn/weights.hpp"
 #include "cpet/nn/workspace.hpp"

@@ -20,6 +20,9 @@ public:
     }
 
     index_t features() const noexcept { return static_cast<index_t>(gamma_.size()); }
+    /// Copies of the parameters (beta empty for RMSNorm), e.g. to rebuild a layer around merged weights.
+    std::vector<float> gamma() const { return {gamma_.begin(), gamma_.end()}; }
+    std::vector<float> beta() const { return {beta_.begin(), beta_.end()}; }
     float eps() const noexcept { return eps_; }
 
     /// y = norm(x) row by row on path `tag`; y may alias x. Unchecked.

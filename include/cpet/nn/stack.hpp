@@ -22,9 +22,6 @@ public:
     static constexpr bool causal = layer_type::causal;
     static constexpr bool needs_task = layer_type::needs_task;
 
-    static_assert(!pet::InputHook<task_type>,
-                  "cpet Stack: input hooks (prompt tuning's virtual tokens) are applied by a model front end, which "
-                  "does not exist yet");
 
     Stack() = default;
     explicit Stack(std::vector<layer_type> layers) : layers_(std::move(layers)) { check_same_shape(); }
@@ -46,13 +43,27 @@ public:
     }
 
     /// y = layer_{N-1}(... layer_0(x)); `tasks` holds one modules object per layer.
+    /// With an input hook (prompt tuning), layer 0's virtual tokens [P, d] are put before every sequence, the
+    /// stack runs on the P + S rows, and y receives the rows of the real tokens only (a model front end's job,
+    /// done here since the stack is the front-most object cpet has).
     void forward(ConstMatrixView<float> x, std::span<const index_t> lengths, MatrixView<float> y, workspace& ws,
                  std::span<const task_type> tasks) const {
         require<shape_error>(tasks.size() == layers_.size(), "Stack::forward: ", tasks.size(),
                              " PET task modules for ", layers_.size(), " layers");
         const auto L = check(x, lengths, y, "Stack::forward");
         for (std::size_t i = 0; i < layers_.size(); ++i) layers_[i].attention().prefix_rows(tasks[i]);
-        run(x, L, y, ws, [&](std::size_t i) -> const task_type& { return tasks[i]; }, nullptr);
+        auto task_at = [&](std::size_t i) -> const task_type& { return tasks[i]; };
+        if constexpr (pet::InputHook<task_type>) {
+            if (!layers_.empty()) {
+                const ConstMatrixView<float> vt = tasks[0].virtual_tokens();
+                if (vt.rows() > 0) {
+                    check_shape(vt, -1, x.cols(), "Stack::forward: PET input hook (virtual tokens)");
+                    prompted(x, L, y, ws, vt, task_at);
+                    return;
+                }
+            }
+        }
+        run(x, L, y, ws, task_at, nullptr);
     }
     void forward(ConstMatrixView<float> x, std::span<const index_t> lengths, MatrixView<float> y, workspace& ws) const
         requires(!needs_task)
@@ -70,14 +81,15 @@ public:
     }
 
     /// Incremental forward through every layer (see TransformerLayer::decode); `caches` has one per layer.
+    /// (Input hooks are not applied here: a prompt-tuned decoder prefills through decode with its virtual tokens
+    /// put before the prompt by the caller, pet::prepend_virtual_tokens.)
     void decode(ConstMatrixView<float> x, std::span<const index_t> new_lengths, MatrixView<float> y,
                 std::span<kv_cache> caches, workspace& ws, std::span<const task_type> tasks) const
         requires causal
     {
         require<shape_error>(tasks.size() == layers_.size(), "Stack::decode: ", tasks.size(),
                              " PET task modules for ", layers_.size(), " layers");
-        const auto L = check_decode(x, new_lengths, y, caches);
-        for (std::size_t i = 0; i < layers_.size(); ++i) layers_[i].attention().prefix_rows(tasks[i]);
+        const auto L = check_decode(x, new_lengths, y, caches, tasks);
         run(x, L, y, ws, [&](std::size_t i) -> const task_type& { return tasks[i]; }, caches.data());
     }
     void decode(ConstMatrixView<float> x, std::span<const index_t> new_lengths, MatrixView<float> y,
@@ -107,6 +119,23 @@ private:
                                       caches ? caches + i : nullptr);
         });
     }
+    /// The stack over [virtual tokens; sequence] per sequence, in one workspace buffer (in place), then the real
+    /// tokens' rows to y.
+    template <class TaskAt>
+    void prompted(ConstMatrixView<float> x, const batch_layout& L, MatrixView<float> y, workspace& ws,
+                  ConstMatrixView<float> vt, TaskAt&& task_at) const {
+        const index_t P = vt.rows(), S = L.seq_len, B = L.batch, d = x.cols(), Se = S + P;
+        auto xe = ws.get(workspace::prompt, B * Se, d);
+        auto& lens = ws.lengths_scratch(static_cast<std::size_t>(B));
+        for (index_t b = 0; b < B; ++b) {
+            lens[std::size_t(b)] = L.length(b) + P;
+            copy(vt, xe.middle_rows(b * Se, P));
+            copy(x.middle_rows(b * S, S), xe.middle_rows(b * Se + P, S));
+        }
+        const auto Le = batch_layout::of(B * Se, lens, "Stack::forward (with virtual tokens)");
+        run(xe, Le, xe, ws, task_at, nullptr);
+        for (index_t b = 0; b < B; ++b) copy(xe.middle_rows(b * Se + P, S), y.middle_rows(b * S, S));
+    }
     batch_layout check(ConstMatrixView<float> x, std::span<const index_t> lengths, MatrixView<float> y,
                        const char* who) const {
         if (layers_.empty()) {
@@ -121,6 +150,16 @@ private:
         require<shape_error>(caches.size() == layers_.size(), "Stack::decode: ", caches.size(), " kv_caches for ",
                              layers_.size(), " layers");
         for (std::size_t i = 0; i < layers_.size(); ++i) layers_[i].check_cache(caches[i], L, "Stack::decode");
+        return L;
+    }
+    template <class Tasks>
+    batch_layout check_decode(ConstMatrixView<float> x, std::span<const index_t> lengths, MatrixView<float> y,
+                              std::span<kv_cache> caches, const Tasks& tasks) const {
+        const auto L = check(x, lengths, y, "Stack::decode");
+        require<shape_error>(caches.size() == layers_.size(), "Stack::decode: ", caches.size(), " kv_caches for ",
+                             layers_.size(), " layers");
+        for (std::size_t i = 0; i < layers_.size(); ++i)
+            layers_[i].check_cache(caches[i], L, "Stack::decode", layers_[i].attention().prefix_rows(tasks[i]));
         return L;
     }
     void check_same_shape() const {

@@ -7,6 +7,7 @@
 
 #include <array>
 #include <cstddef>
+#include <vector>
 
 #include "cpet/arch/isa.hpp"
 #include "cpet/core/buffer.hpp"
@@ -17,7 +18,7 @@ namespace cpet::nn {
 
 class workspace {
 public:
-    enum slot : int { normed, q, k, v, attn, sub, ff1, ff2, prefix_k, prefix_v, slot_count };
+    enum slot : int { normed, q, k, v, attn, sub, ff1, ff2, prefix_k, prefix_v, prompt, slot_count };
 
     /// A rows x cols view of buffer `s` (contents unspecified; valid until the next request for `s`).
     MatrixView<float> get(slot s, index_t rows, index_t cols) {
@@ -28,6 +29,13 @@ public:
             ++allocations_;
         }
         return {b.data(), rows, cols, cols};
+    }
+
+    /// Per-sequence lengths a caller rewrites (Stack's prompt-extended batch); grows only.
+    std::vector<index_t>& lengths_scratch(std::size_t n) {
+        if (lengths_.capacity() < n) ++allocations_;
+        lengths_.resize(n);
+        return lengths_;
     }
 
     /// Scratch lent to PET hooks.
@@ -43,6 +51,7 @@ public:
 private:
     std::array<aligned_buffer<float>, slot_count> bufs_;
     pet::scratch pet_;
+    std::vector<index_t> lengths_;
     std::size_t allocations_ = 0;
     arch::isa last_isa_ = arch::isa::scalar;
 };

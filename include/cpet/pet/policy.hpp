@@ -16,7 +16,22 @@
 //       Extra key/value rows [P, n_kv_heads·head_dim] placed before every sequence's keys (already projected;
 //       no RoPE is applied to them); every query sees them.
 //   input hook (prompt tuning)             virtual_tokens() -> ConstMatrixView<float>
-//       Rows [P, d_model] put before each sequence's embeddings; a model front end applies it, not a layer.
+//       Rows [P, d_model] put before each sequence's embeddings; a model front end applies it, not a layer
+//       (nn::Stack::forward does, see pet/prompt.hpp).
+//   scale hook (IA3)                       scale(target) -> std::optional<std::span<const float>>
+//       A per-feature factor: for q, k, v it multiplies the linear's OUTPUT (after bias and low-rank term, before
+//       RoPE); for down it multiplies its INPUT, i.e. the FFN hidden activation (PEFT's `feedforward_modules`).
+//       Other targets are never asked. One extra pass over those activations (a per-column scale in the GEMM
+//       epilogue would fold it away).
+//   bias hook (BitFit)                     bias_delta(target) -> std::optional<std::span<const float>>
+//       Δb [out] added to the linear's bias (the backbone's own, or zero where it has none) through the
+//       epilogue's bias pointer: the layer sums b + Δb into scratch, no pass over y.
+//
+// Order inside one layer (what a stack of policies composes to, and what the reference tests compute):
+//   linear   y = act(x·Wᵀ + (b + Δb) + Σ_i s_i·U_i·B_iᵀ)   (all low-rank terms in ONE fused epilogue term)
+//   scale    q/k/v ⊙= l (before RoPE);  FFN hidden ⊙= l_ff (before down)
+//   prefix   keys = [P_k; k], values = [P_v; v]
+//   sublayer out ← hook_1(out), then hook_2, ... in the stack's order, then the residual add
 //
 // A stack of policies (Recovery + LoRA, Prefix + parallel adapter) is itself a policy whose modules hold a tuple
 // of the members' modules and whose hooks combine them (low-rank terms concatenate along the rank; sublayer hooks
@@ -26,8 +41,13 @@
 #include <array>
 #include <concepts>
 #include <cstddef>
+#include <cstdint>
+#include <initializer_list>
 #include <optional>
+#include <span>
+#include <string>
 #include <string_view>
+#include <vector>
 
 #include "cpet/core/buffer.hpp"
 #include "cpet/core/matrix.hpp"
@@ -51,6 +71,126 @@ inline constexpr std::string_view target_name(target t) noexcept {
         default: return "down";
     }
 }
+
+/// A set of targets (PEFT's `target_modules` as a bit set).
+class target_set {
+public:
+    constexpr target_set() = default;
+    constexpr target_set(std::initializer_list<target> ts) noexcept {
+        for (auto t : ts) bits_ |= bit(t);
+    }
+    static constexpr target_set all() noexcept {
+        target_set s;
+        s.bits_ = (1u << target_count) - 1;
+        return s;
+    }
+    /// q, k, v, o: the attention linears.
+    static constexpr target_set attention() noexcept { return {target::q, target::k, target::v, target::o}; }
+    /// up, gate, down: the FFN linears.
+    static constexpr target_set ffn() noexcept { return {target::up, target::gate, target::down}; }
+
+    constexpr bool contains(target t) const noexcept { return (bits_ & bit(t)) != 0; }
+    constexpr bool empty() const noexcept { return bits_ == 0; }
+    constexpr target_set& insert(target t) noexcept {
+        bits_ |= bit(t);
+        return *this;
+    }
+    constexpr target_set operator|(target_set o) const noexcept {
+        target_set s;
+        s.bits_ = bits_ | o.bits_;
+        return s;
+    }
+    constexpr bool operator==(const target_set&) const = default;
+    /// "q,v,down".
+    std::string str() const {
+        std::string out;
+        for (int i = 0; i < target_count; ++i)
+            if (contains(target(i))) {
+                if (!out.empty()) out += ',';
+                out += target_name(target(i));
+            }
+        return out.empty() ? std::string("(none)") : out;
+    }
+
+private:
+    static constexpr std::uint32_t bit(target t) noexcept { return 1u << static_cast<int>(t); }
+    std::uint32_t bits_ = 0;
+};
+
+/// The target a PEFT / HF module name means: our short names (q, k, v, o, up, gate, down), LLaMA's (q_proj, k_proj,
+/// v_proj, o_proj, up_proj, gate_proj, down_proj) and BERT's (query, key, value, attention.output.dense,
+/// intermediate.dense, output.dense). std::nullopt when the name means none of them.
+inline std::optional<target> parse_target(std::string_view n) noexcept {
+    struct entry {
+        std::string_view name;
+        target t;
+    };
+    static constexpr entry names[] = {
+        {"q", target::q},          {"q_proj", target::q},         {"query", target::q},
+        {"k", target::k},          {"k_proj", target::k},         {"key", target::k},
+        {"v", target::v},          {"v_proj", target::v},         {"value", target::v},
+        {"o", target::o},          {"o_proj", target::o},         {"attention.output.dense", target::o},
+        {"up", target::up},        {"up_proj", target::up},       {"intermediate.dense", target::up},
+        {"gate", target::gate},    {"gate_proj", target::gate},   {"down", target::down},
+        {"down_proj", target::down}, {"output.dense", target::down},
+    };
+    for (const auto& e : names)
+        if (e.name == n) return e.t;
+    return std::nullopt;
+}
+
+/// PEFT-style `target_modules` names to a target_set; throws format_error naming an unknown module.
+inline target_set parse_targets(std::initializer_list<std::string_view> names) {
+    target_set s;
+    for (auto n : names) {
+        const auto t = parse_target(n);
+        require<format_error>(t.has_value(), "target_modules: unknown module \"", n,
+                              "\" (expected one of q, k, v, o, up, gate, down or the LLaMA / BERT names q_proj, "
+                              "k_proj, v_proj, o_proj, up_proj, gate_proj, down_proj, query, key, value, "
+                              "attention.output.dense, intermediate.dense, output.dense)");
+        s.insert(*t);
+    }
+    return s;
+}
+
+/// What a PET factory needs to know of a layer (nn::TransformerLayer::pet_dims() makes one): the width of every
+/// linear's input and output, and which linears exist.
+struct layer_dims {
+    index_t d_model = 0, q_dim = 0, kv_dim = 0, d_ff = 0;
+    bool gated = false;  ///< the FFN has a gate linear (SwiGLU)
+    bool bias = false;   ///< the backbone's linears carry biases
+
+    bool has(target t) const noexcept { return t != target::gate || gated; }
+    index_t in(target t) const noexcept {
+        return t == target::o ? q_dim : t == target::down ? d_ff : d_model;
+    }
+    index_t out(target t) const noexcept {
+        switch (t) {
+            case target::q: return q_dim;
+            case target::k:
+            case target::v: return kv_dim;
+            case target::o:
+            case target::down: return d_model;
+            default: return d_ff;
+        }
+    }
+    /// Throws shape_error unless every target of `ts` exists in the layer (`who` prefixes the message).
+    void check_targets(target_set ts, const char* who) const {
+        require<shape_error>(d_model > 0 && q_dim > 0 && kv_dim > 0 && d_ff > 0, who,
+                             ": layer_dims are not set (d_model ", d_model, ", q_dim ", q_dim, ", kv_dim ", kv_dim,
+                             ", d_ff ", d_ff, ")");
+        require<shape_error>(!ts.contains(target::gate) || gated, who,
+                             ": target module gate does not exist in this layer (its FFN has no gate linear; "
+                             "targets: ", ts.str(), ")");
+    }
+};
+
+/// One named group of PET parameters (for parameter accounting, see pet/accounting.hpp).
+struct parameter_group {
+    std::string name;  ///< e.g. "q.lora_A"
+    index_t count = 0;
+    bool trainable = true;
+};
 
 /// Which sublayer's output a sublayer hook sees.
 enum class sublayer { attention, ffn };
@@ -80,6 +220,16 @@ struct prefix_kv {
     ConstMatrixView<float> k;
     ConstMatrixView<float> v;
 };
+
+/// Which scratch slot each user takes, so hooks of stacked policies and the layer never overwrite each other's
+/// live data. A slot's content lives until the same slot is requested again.
+namespace slot {
+inline constexpr int lowrank_u = 0;    ///< U of the linear hook (lives until the GEMM ran)
+inline constexpr int lowrank_b = 1;    ///< a stack's concatenated [s1·B1 | s2·B2]
+inline constexpr int hidden = 2;       ///< sublayer hooks' bottleneck activations
+inline constexpr int hidden2 = 3;      ///< a second one (a chain of sublayer hooks)
+inline constexpr int bias = 4;         ///< the layer's b + Δb (bias hook)
+}  // namespace slot
 
 /// Grow-only scratch memory the layer lends to hooks: slot i keeps its storage between calls, so after the first
 /// call with the largest shape nothing is allocated.
@@ -130,6 +280,37 @@ concept InputHook = requires(const M& m) {
     { m.virtual_tokens() } -> std::convertible_to<ConstMatrixView<float>>;
 };
 
+template <class M>
+concept ScaleHook = requires(const M& m, target t) {
+    { m.scale(t) } -> std::same_as<std::optional<std::span<const float>>>;
+};
+
+template <class M>
+concept BiasHook = requires(const M& m, target t) {
+    { m.bias_delta(t) } -> std::same_as<std::optional<std::span<const float>>>;
+};
+
+/// The parts of a linear hook that a stack concatenates along the rank: `rank(t)` (0: not adapted),
+/// `project(t, x, u, scratch)` writing U [M, rank(t)] into u (a view with its own stride), `up(t)` B [out, rank]
+/// and `lowrank_scale(t)`. Policies with these get `lowrank` from pet::lowrank_from_parts.
+template <class M>
+concept LowrankParts = requires(const M& m, target t, ConstMatrixView<float> x, MatrixView<float> u, scratch& s) {
+    { m.rank(t) } -> std::convertible_to<index_t>;
+    m.project(t, x, u, s);
+    { m.up(t) } -> std::convertible_to<ConstMatrixView<float>>;
+    { m.lowrank_scale(t) } -> std::convertible_to<float>;
+};
+
+/// The linear hook of a policy with LowrankParts: U in slot lowrank_u.
+template <class M>
+std::optional<lowrank_args> lowrank_from_parts(const M& m, target t, ConstMatrixView<float> x, scratch& s) {
+    const index_t r = m.rank(t);
+    if (r == 0) return std::nullopt;
+    auto u = s.matrix(slot::lowrank_u, x.rows(), r);
+    m.project(t, x, u, s);
+    return lowrank_args{u, m.up(t), m.lowrank_scale(t)};
+}
+
 /// A PET policy: a name and the per-layer modules type (data, default-constructible so containers of them work).
 template <class P>
 concept PetPolicy = requires {
@@ -160,6 +341,8 @@ struct hooks_of {
     static constexpr bool sublayer = SublayerHook<typename P::modules>;
     static constexpr bool attention = AttentionHook<typename P::modules>;
     static constexpr bool input = InputHook<typename P::modules>;
+    static constexpr bool scale = ScaleHook<typename P::modules>;
+    static constexpr bool bias = BiasHook<typename P::modules>;
 };
 
 }  // namespace cpet::pet

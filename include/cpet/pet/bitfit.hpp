@@ -1,0 +1,68 @@
+// cpet/pet/bitfit.hpp — BitFit (Ben Zaken et al. 2022, arXiv 2106.10199): only the biases are tuned.
+//
+// The task keeps Δb per linear (the backbone's biases stay shared and const): y = x·Wᵀ + (b + Δb). A backbone
+// without biases (LLaMA) gets them, starting from zero. Applied through the bias hook: the layer sums b + Δb
+// into scratch and hands it to the GEMM epilogue, so it costs no pass over y. (LayerNorm's β, which the paper
+// also tunes, is not covered.)
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <vector>
+
+#include "cpet/pet/policy.hpp"
+
+namespace cpet::pet {
+
+struct bitfit {
+    static constexpr const char* name() noexcept { return "bitfit"; }
+
+    struct options {
+        target_set targets = target_set::all();  ///< every linear the layer has
+    };
+
+    struct modules {
+        std::array<std::vector<float>, target_count> delta;  ///< Δb [out]; empty: bias not tuned
+        layer_dims dims;
+
+        std::optional<std::span<const float>> bias_delta(target t) const {
+            const auto& v = delta[std::size_t(t)];
+            if (v.empty()) return std::nullopt;
+            return std::span<const float>(v);
+        }
+        void set(target t, std::span<const float> v) {
+            dims.check_targets(target_set{t}, name());
+            require<shape_error>(index_t(v.size()) == dims.out(t), "bitfit: bias delta of ", target_name(t), " has ",
+                                 v.size(), " values, expected ", dims.out(t));
+            delta[std::size_t(t)].assign(v.begin(), v.end());
+        }
+        std::vector<parameter_group> parameters() const {
+            std::vector<parameter_group> out;
+            for (int i = 0; i < target_count; ++i)
+                if (!delta[std::size_t(i)].empty())
+                    out.push_back({cpet::detail::concat(target_name(target(i)), ".bias"), index_t(delta[std::size_t(i)].size())});
+            return out;
+        }
+    };
+
+    /// Zero deltas for the chosen targets (with target_set::all(), the gate only where the layer has one).
+    static modules make(const layer_dims& d) { return make(d, options{}); }
+    static modules make(const layer_dims& d, const options& o, std::uint64_t /*seed*/ = 0) {
+        target_set ts;
+        for (int i = 0; i < target_count; ++i)
+            if (o.targets.contains(target(i)) && (d.has(target(i)) || !(o.targets == target_set::all())))
+                ts.insert(target(i));
+        d.check_targets(ts, name());
+        modules m;
+        m.dims = d;
+        for (int i = 0; i < target_count; ++i)
+            if (ts.contains(target(i))) m.delta[std::size_t(i)].assign(std::size_t(d.out(target(i))), 0.f);
+        return m;
+    }
+};
+
+static_assert(check_pet_policy<bitfit>() && hooks_of<bitfit>::bias && !hooks_of<bitfit>::linear);
+
+}  // namespace cpet::pet
