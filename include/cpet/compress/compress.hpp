@@ -6,3 +6,5 @@
 #include "cpet/compress/format.hpp"
 #include "cpet/compress/policy.hpp"
 #include "cpet/compress/quantize.hpp"
+#include "cpet/compress/quantized.hpp"
+#include "cpet/compress/structured.hpp"

@@ -10,6 +10,7 @@
 #include "cpet/nn/linear.hpp"
 #include "cpet/nn/norm.hpp"
 #include "cpet/nn/pet_layer.hpp"
+#include "cpet/nn/prune.hpp"
 #include "cpet/nn/stack.hpp"
 #include "cpet/nn/weights.hpp"
 #include "cpet/nn/workspace.hpp"
