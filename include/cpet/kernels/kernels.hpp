@@ -5,6 +5,7 @@
 #include "cpet/kernels/attention.hpp"
 #include "cpet/kernels/gemm_f32.hpp"
 #include "cpet/kernels/gemm_s8.hpp"
+#include "cpet/kernels/gemm_sparse.hpp"
 #include "cpet/kernels/gemm_wq.hpp"
 #include "cpet/kernels/norms.hpp"
 #include "cpet/kernels/rope.hpp"

@@ -1,0 +1,643 @@
+// cpet/kernels/gemm_sparse.hpp — sparse GEMM y = epilogue(x·Ŵᵀ) that touches only the kept weights:
+// N:M structured (fp32 or int8 values) and unstructured (SELL-16). Layouts: compress/formats/sparse.hpp (kernels may
+// not include compress/, so the panel height is repeated here and compress::kernel_view static_asserts agreement).
+//
+// Decode-sized calls (M < 48) keep 16 output rows in SIMD lanes (one AVX-512 register, two AVX2 registers), like
+// gemm_wq, so the weight stream is read once, 64 bytes at a time, for all MR rows of x:
+//   N:M:  x is copied per call into rows padded to a multiple of 16 floats; a block of 16 consecutive x values
+//         (16/M whole groups) sits in one register (AVX-512) or two (AVX2). For each kept slot the lanes' in-group
+//         indices are one shift + mask of the index words (shared by all MR rows of x), plus the group's offset in
+//         the block, and x[k0 + idx] of every lane is one in-register permute (vpermps; AVX2: two vpermps + blend),
+//         then one FMA with the 16 kept values. 2:4 moves (4 B + 2 bits)/2 per dense weight: decode is bound by the
+//         weight stream, ~1.9× less than dense.
+//   int8: the same with 16 int8 values per slot (sign-extended and converted), the per-row scale applied once.
+//   SELL: per slot one load of 16 values, one of 16 uint16 columns (widened), and per row of x one gather of
+//         x[col] (vgatherdps) and one FMA. Gathers are slow, so this pays only at high sparsity (bench_sparse).
+// At M ≥ 48 the permute (port 5 only) would pair with every FMA and cap the N:M kernel at half the FMA peak, so
+// N:M switches to x rows in lanes (nm_lanes_m below: x transposed per call into L1 blocks, one broadcast of each
+// kept value and 4 FMAs with contiguous x vectors; half the FMAs of dense at ~0.8 FMA/cycle in L1 on this machine),
+// and SELL likewise (sell_lanes_m: the whole K of 64 rows of x transposed into L2, no gathers).
+// Why not decompress-to-L1 + the dense microkernel: that keeps every FMA of the dense GEMM (it only saves weight
+// bytes, which do not bound large M), so it cannot beat dense there.
+// Threads split the panels (parallel_for / parallel_region, contiguous chunks) when a call has enough work; M is
+// blocked by 64 rows so a panel's weights stay in L2 while its tiles run. The epilogue (bias, activation, residual)
+// is gemm_f32's store_tile on each finished 16-column tile; the low-rank term is rejected (format_error).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "cpet/arch/dispatch.hpp"
+#include "cpet/core/buffer.hpp"
+#include "cpet/core/error.hpp"
+#include "cpet/core/matrix.hpp"
+#include "cpet/core/parallel.hpp"
+#include "cpet/kernels/gemm_f32.hpp"
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#ifndef CPET_SPARSE_MV
+#define CPET_SPARSE_MV 4
+#endif
+#ifndef CPET_SPARSE_KC
+#define CPET_SPARSE_KC 64
+#endif
+
+namespace cpet::kernels {
+
+inline constexpr index_t sparse_panel_rows = 16;  ///< output rows per packed panel (lanes)
+
+/// Kernel-facing view of N:M weights (see compress::kernel_view).
+struct nm_weights {
+    const float* values = nullptr;        ///< fp32 values [panels][slots][16], or null
+    const std::int8_t* qvalues = nullptr; ///< int8 values [panels][slots][16], or null
+    const float* scales = nullptr;        ///< [panels·16] per-row scales (int8 only)
+    const std::uint32_t* idx = nullptr;   ///< [panels][words][16] index words
+    index_t n = 0, k = 0;
+    int keep = 0, group = 0, bits = 0;    ///< N, M, log2 M
+    index_t vpw = 0, words = 0;           ///< indices per word, words per lane
+
+    index_t panels() const noexcept { return (n + sparse_panel_rows - 1) / sparse_panel_rows; }
+    index_t slots() const noexcept { return k / group * keep; }
+    bool int8() const noexcept { return qvalues != nullptr; }
+};
+
+/// Kernel-facing view of unstructured SELL-16 weights.
+struct sell_weights {
+    const float* values = nullptr;        ///< [slots total][16]
+    const std::uint16_t* cols = nullptr;  ///< [slots total][16]
+    const index_t* offsets = nullptr;     ///< [panels + 1]
+    index_t n = 0, k = 0;
+
+    index_t panels() const noexcept { return (n + sparse_panel_rows - 1) / sparse_panel_rows; }
+};
+
+namespace sparse_detail {
+
+template <class Arch>
+using fbatch = xsimd::batch<float, Arch>;
+template <class Arch>
+using ibatch = xsimd::batch<std::int32_t, Arch>;
+
+/// The few operations xsimd 8.1 lacks: a run-time permute of 16 floats, int8 / uint16 widening loads, gathers.
+template <class Arch>
+struct isa_ops {
+    static_assert(!std::is_same_v<Arch, Arch>, "gemm_sparse: no SIMD specialisation for this arch");
+};
+
+#if XSIMD_WITH_AVX512BW
+template <>
+struct isa_ops<xsimd::avx512bw> {
+    using F = fbatch<xsimd::avx512bw>;
+    using I = ibatch<xsimd::avx512bw>;
+    struct block {
+        __m512 v;
+    };
+    static block load_block(const float* x) noexcept { return {_mm512_loadu_ps(x)}; }
+    /// lane l ← x[idx_l] (idx in [0, 16)).
+    static F pick(const block& b, const I& idx) noexcept { return _mm512_permutexvar_ps(idx, b.v); }
+    static F load_q8(const std::int8_t* q) noexcept {
+        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
+    }
+    static I load_u16(const std::uint16_t* c) noexcept {
+        return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c)));
+    }
+    static F gather(const float* base, const I& idx) noexcept { return _mm512_i32gather_ps(idx, base, 4); }
+};
+#endif
+
+#if XSIMD_WITH_FMA3_AVX2
+template <>
+struct isa_ops<xsimd::fma3<xsimd::avx2>> {
+    using A = xsimd::fma3<xsimd::avx2>;
+    using F = fbatch<A>;
+    using I = ibatch<A>;
+    struct block {
+        __m256 lo, hi;
+    };
+    static block load_block(const float* x) noexcept { return {_mm256_loadu_ps(x), _mm256_loadu_ps(x + 8)}; }
+    /// lane l ← x[idx_l] (idx in [0, 16)): vpermps reads the low 3 bits; bit 3 picks the half.
+    static F pick(const block& b, const I& idx) noexcept {
+        const __m256i i = idx;
+        const __m256 lo = _mm256_permutevar8x32_ps(b.lo, i), hi = _mm256_permutevar8x32_ps(b.hi, i);
+        return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(i, 28)));
+    }
+    static F load_q8(const std::int8_t* q) noexcept {
+        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
+    }
+    static I load_u16(const std::uint16_t* c) noexcept {
+        return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
+    }
+    static F gather(const float* base, const I& idx) noexcept { return _mm256_i32gather_ps(base, idx, 4); }
+};
+#endif
+
+/// Starting threads costs microseconds; below ~1M kept multiply-adds one thread finishes first.
+inline bool worth_threads(double macs) noexcept { return macs >= 1.0e6; }
+
+/// Stores a finished 16-column tile (rows × 16, row stride 16) through the GEMM epilogue.
+template <class Arch>
+inline void store(Arch tag, const float* c, index_t rows, index_t p, index_t n, index_t m0, MatrixView<float> y,
+                  const epilogue& ep) noexcept {
+    const index_t n0 = p * sparse_panel_rows;
+    gemm_detail::store_tile(tag, c, sparse_panel_rows, rows, std::min(sparse_panel_rows, n - n0), m0, n0, y, ep);
+}
+
+// ---- N:M ------------------------------------------------------------------------------------------------------
+
+/// Scalar twin (the oracle of the SIMD paths): panel p, rows [m0, m0 + mr) of the padded x (row stride ldx).
+inline void nm_panel(arch::scalar tag, const nm_weights& w, const float* x, index_t ldx, index_t p, index_t m0,
+                     index_t mr, MatrixView<float> y, const epilogue& ep) {
+    const index_t slots = w.slots();
+    const std::uint32_t mask = (1u << w.bits) - 1;
+    float c[sparse_panel_rows];
+    for (index_t m = m0; m < m0 + mr; ++m) {
+        const float* xr = x + m * ldx;
+        for (index_t i = 0; i < sparse_panel_rows; ++i) {
+            float acc = 0.f;
+            for (index_t t = 0; t < slots; ++t) {
+                const std::uint32_t wd = w.idx[(p * w.words + t / w.vpw) * sparse_panel_rows + i];
+                const index_t kk = (t / w.keep) * w.group + ((wd >> ((t % w.vpw) * w.bits)) & mask);
+                const std::size_t at = static_cast<std::size_t>((p * slots + t) * sparse_panel_rows + i);
+                const float v = w.int8() ? static_cast<float>(w.qvalues[at]) : w.values[at];
+                acc += v * xr[kk];
+            }
+            c[i] = w.int8() ? acc * w.scales[p * sparse_panel_rows + i] : acc;
+        }
+        store(tag, c, 1, p, w.n, m, y, ep);
+    }
+}
+
+/// SIMD tile: panel p × MR rows of x. Lanes are output rows (V registers of L lanes cover the 16 rows).
+template <int MR, bool Q, class Arch>
+void nm_tile(const nm_weights& w, const float* x, index_t ldx, index_t p, index_t m0, MatrixView<float> y,
+             const epilogue& ep) {
+    using F = fbatch<Arch>;
+    using I = ibatch<Arch>;
+    using ops = isa_ops<Arch>;
+    constexpr int L = static_cast<int>(F::size);
+    constexpr int V = static_cast<int>(sparse_panel_rows) / L;
+    const index_t slots = w.slots();
+    const index_t keep = w.keep, group = w.group;
+    const index_t gpb = 16 / group;  // groups per x block of 16
+    const index_t G = w.k / group;
+    const int bits = w.bits;
+    const I mask(static_cast<std::int32_t>((1u << bits) - 1));
+    const float* vals = Q ? nullptr : w.values + p * slots * sparse_panel_rows;
+    const std::int8_t* qv = Q ? w.qvalues + p * slots * sparse_panel_rows : nullptr;
+    const std::uint32_t* iw = w.idx + p * w.words * sparse_panel_rows;
+
+    F acc[MR][V];
+    for (int m = 0; m < MR; ++m)
+        for (int v = 0; v < V; ++v) acc[m][v] = F(0.f);
+    I word[V];
+    index_t pos = w.vpw;  // index within the current word; reload when it reaches vpw
+    index_t t = 0;
+    for (index_t g0 = 0; g0 < G; g0 += gpb) {
+        typename ops::block xb[MR];
+        for (int m = 0; m < MR; ++m) xb[m] = ops::load_block(x + (m0 + m) * ldx + g0 * group);
+        const index_t gend = std::min(G, g0 + gpb);
+        for (index_t g = g0; g < gend; ++g) {
+            const I offset(static_cast<std::int32_t>((g - g0) * group));
+            for (index_t j = 0; j < keep; ++j, ++t, ++pos) {
+                if (pos == w.vpw) {
+                    for (int v = 0; v < V; ++v)
+                        word[v] = I::load_aligned(reinterpret_cast<const std::int32_t*>(iw) + v * L);
+                    iw += sparse_panel_rows;
+                    pos = 0;
+                }
+                __builtin_prefetch((Q ? static_cast<const void*>(qv + t * 16 + 1024)
+                                      : static_cast<const void*>(vals + t * 16 + 1024)));
+                for (int v = 0; v < V; ++v) {
+                    const I idx = ((word[v] >> static_cast<int>(pos * bits)) & mask) + offset;
+                    const F wv = Q ? ops::load_q8(qv + t * sparse_panel_rows + v * L)
+                                   : F::load_aligned(vals + t * sparse_panel_rows + v * L);
+                    for (int m = 0; m < MR; ++m) acc[m][v] = xsimd::fma(ops::pick(xb[m], idx), wv, acc[m][v]);
+                }
+            }
+        }
+    }
+    alignas(64) float c[MR * sparse_panel_rows];
+    for (int v = 0; v < V; ++v) {
+        F s(1.f);
+        if constexpr (Q) s = F::load_unaligned(w.scales + p * sparse_panel_rows + v * L);
+        for (int m = 0; m < MR; ++m) {
+            const F r = Q ? acc[m][v] * s : acc[m][v];
+            r.store_aligned(c + m * sparse_panel_rows + v * L);
+        }
+    }
+    store(Arch{}, c, MR, p, w.n, m0, y, ep);
+}
+
+template <class Arch>
+inline constexpr int sparse_mr = fbatch<Arch>::size >= 16 ? 8 : 2;
+
+template <int MR, bool Q, class Arch>
+void nm_rows(const nm_weights& w, const float* x, index_t ldx, index_t p, index_t m0, index_t rem,
+             MatrixView<float> y, const epilogue& ep) {
+    if constexpr (MR > 1) {
+        if (rem < MR) return nm_rows<MR - 1, Q, Arch>(w, x, ldx, p, m0, rem, y, ep);
+    }
+    nm_tile<MR, Q, Arch>(w, x, ldx, p, m0, y, ep);
+}
+
+template <class Arch>
+void nm_panel(Arch, const nm_weights& w, const float* x, index_t ldx, index_t p, index_t m0, index_t mr,
+              MatrixView<float> y, const epilogue& ep) {
+    constexpr int MR = sparse_mr<Arch>;
+    for (index_t m = m0; m < m0 + mr; m += MR) {
+        const index_t rem = std::min<index_t>(MR, m0 + mr - m);
+        if (w.int8())
+            nm_rows<MR, true, Arch>(w, x, ldx, p, m, rem, y, ep);
+        else
+            nm_rows<MR, false, Arch>(w, x, ldx, p, m, rem, y, ep);
+    }
+}
+
+// ---- N:M, large M: x rows in lanes ---------------------------------------------------------------------------
+// At large M the permute of the kernel above (port 5 only) pairs with every FMA, so that kernel runs at half the FMA
+// peak. Here the lanes are MB = MV·L rows of x instead: x is transposed per call into K-major blocks
+// xt[k][MB] of kc inputs (kc·MB·4 = 16 KiB on AVX-512, L1), and for each output row n every kept (value, k) is one
+// broadcast of the value and MV FMAs with the contiguous xt[k] vectors (memory operands). Two rows n go together so
+// 2·MV independent accumulator chains cover the FMA latency. The in-group indices of a panel's kc block are decoded
+// once into xt offsets with vector shifts (nm_decode_offsets), so the FMA loop only loads an offset. Per kept weight
+// and row pair: 2 offsets + 2 broadcasts + 2·MV FMA loads for 2·MV FMAs, i.e. the load ports bound it at ~1.3 FMA
+// per cycle (measured ~0.8 in L1 on this shared machine, where dense reaches ~1.1) on half the dense work.
+// Partial sums live in ct[n][MB] across kc blocks; the finished block is transposed back through the epilogue. int8
+// values are looked up in a 256-entry float table (a load, not a conversion) and the per-row scale is applied at the
+// end. kc = 64 and MV = 4 were measured best of {32, 64, 128} × {4, 8} (MV = 8 spills on AVX2 and halves the use of
+// the lanes for M < 128).
+inline constexpr index_t nm_t_kc = CPET_SPARSE_KC;  ///< inputs per transposed x block (a multiple of every M ≤ 16)
+inline constexpr index_t nm_t_mv = CPET_SPARSE_MV;  ///< vectors of x rows per block
+
+/// M from which gemm_nm takes the x-rows-in-lanes kernel (measured: below it the output-rows-in-lanes kernel wins).
+#ifndef CPET_SPARSE_LANES_M
+#define CPET_SPARSE_LANES_M 48
+#endif
+inline constexpr index_t nm_lanes_m_threshold = CPET_SPARSE_LANES_M;
+
+template <class Arch>
+inline float* nm_scratch(int slot, std::size_t n) {
+    thread_local aligned_buffer<float> bufs[2];
+    if (bufs[slot].size() < n) bufs[slot].reset(n);
+    return bufs[slot].data();
+}
+
+/// Offsets into the transposed x block of every kept slot of panel p in [t0, t1): koff[(t − t0)·16 + i] =
+/// (k − k0)·MB for row 16p + i. Decoded with the vector shift / mask of the other kernel, once per (panel, kc block),
+/// so the FMA loop below only loads an offset (no scalar decoding on the critical ports).
+template <class Arch>
+void nm_decode_offsets(const nm_weights& w, index_t p, index_t t0, index_t t1, index_t k0, index_t mb,
+                       std::int32_t* koff) {
+    using I = ibatch<Arch>;
+    constexpr index_t L = static_cast<index_t>(I::size);
+    constexpr index_t V = sparse_panel_rows / L;
+    const I mask(static_cast<std::int32_t>((1u << w.bits) - 1));
+    const std::uint32_t* iw = w.idx + (p * w.words + t0 / w.vpw) * sparse_panel_rows;
+    index_t pos = t0 % w.vpw, j = t0 % w.keep, kb = (t0 / w.keep) * w.group - k0;
+    I word[V];
+    for (index_t v = 0; v < V; ++v) word[v] = I::load_aligned(reinterpret_cast<const std::int32_t*>(iw) + v * L);
+    for (index_t t = t0; t < t1; ++t) {
+        if (pos == w.vpw) {
+            iw += sparse_panel_rows;
+            for (index_t v = 0; v < V; ++v) word[v] = I::load_aligned(reinterpret_cast<const std::int32_t*>(iw) + v * L);
+            pos = 0;
+        }
+        for (index_t v = 0; v < V; ++v) {
+            const I k = ((word[v] >> static_cast<int>(pos * w.bits)) & mask) + I(static_cast<std::int32_t>(kb));
+            (k * I(static_cast<std::int32_t>(mb))).store_aligned(koff + (t - t0) * sparse_panel_rows + v * L);
+        }
+        ++pos;
+        if (++j == w.keep) {
+            j = 0;
+            kb += w.group;
+        }
+    }
+}
+
+/// All 16 rows of panel p over the kept slots [t0, t1), two rows at a time: ct[row][MB] += Σ value · xt[k].
+template <class Arch, bool Q>
+void nm_lanes_m_panel(const nm_weights& w, index_t p, index_t slots, index_t t0, index_t t1, const std::int32_t* koff,
+                      const float* xt, float* ct, const float* q8_table) {
+    using F = fbatch<Arch>;
+    constexpr index_t L = static_cast<index_t>(F::size);
+    constexpr index_t MV = nm_t_mv, MB = MV * L;
+    const index_t nt = t1 - t0;
+    const std::size_t base = static_cast<std::size_t>((p * slots + t0) * sparse_panel_rows);
+    for (index_t i = 0; i < sparse_panel_rows; i += 2) {
+        F a0[MV], a1[MV];
+        float* ct0 = ct + i * MB;
+        float* ct1 = ct0 + MB;
+        for (index_t v = 0; v < MV; ++v) {
+            a0[v] = F::load_aligned(ct0 + v * L);
+            a1[v] = F::load_aligned(ct1 + v * L);
+        }
+        const float* vals = Q ? nullptr : w.values + base + i;
+        const std::int8_t* qv = Q ? w.qvalues + base + i : nullptr;
+        const std::int32_t* ko = koff + i;
+#pragma GCC unroll 4
+        for (index_t t = 0; t < nt; ++t) {
+            F w0, w1;
+            if constexpr (Q) {
+                w0 = F(q8_table[static_cast<std::uint8_t>(qv[t * sparse_panel_rows])]);
+                w1 = F(q8_table[static_cast<std::uint8_t>(qv[t * sparse_panel_rows + 1])]);
+            } else {
+                w0 = F(vals[t * sparse_panel_rows]);
+                w1 = F(vals[t * sparse_panel_rows + 1]);
+            }
+            const float* x0 = xt + ko[t * sparse_panel_rows];
+            const float* x1 = xt + ko[t * sparse_panel_rows + 1];
+            for (index_t v = 0; v < MV; ++v) {
+                a0[v] = xsimd::fma(w0, F::load_aligned(x0 + v * L), a0[v]);
+                a1[v] = xsimd::fma(w1, F::load_aligned(x1 + v * L), a1[v]);
+            }
+        }
+        for (index_t v = 0; v < MV; ++v) {
+            a0[v].store_aligned(ct0 + v * L);
+            a1[v].store_aligned(ct1 + v * L);
+        }
+    }
+}
+
+/// Panels [p0, p1) × all rows of x, x rows in lanes (see above). SIMD paths only.
+template <class Arch>
+void nm_lanes_m(Arch tag, ConstMatrixView<float> x, const nm_weights& w, index_t p0, index_t p1, MatrixView<float> y,
+                const epilogue& ep) {
+    using F = fbatch<Arch>;
+    constexpr index_t L = static_cast<index_t>(F::size);
+    constexpr index_t MB = nm_t_mv * L, kc = nm_t_kc;
+    const index_t M = x.rows(), K = w.k, slots = w.slots();
+    const index_t np = p1 - p0;
+    float* xt = nm_scratch<Arch>(0, static_cast<std::size_t>(kc * MB));
+    float* ct = nm_scratch<Arch>(1, static_cast<std::size_t>(np * sparse_panel_rows * MB));
+    alignas(64) std::int32_t koff[kc * sparse_panel_rows];  // kc slots at most (N ≤ M)
+    alignas(64) float q8_table[256];
+    for (int q = 0; q < 256; ++q) q8_table[q] = static_cast<float>(static_cast<std::int8_t>(q));
+    alignas(64) float tile[MB * sparse_panel_rows];
+    for (index_t m0 = 0; m0 < M; m0 += MB) {
+        const index_t mr = std::min(MB, M - m0);
+        std::fill_n(ct, np * sparse_panel_rows * MB, 0.f);
+        for (index_t k0 = 0; k0 < K; k0 += kc) {
+            const index_t kn = std::min(kc, K - k0);
+            // xt[k][m] = x[m0 + m, k0 + k] (zero rows past M)
+            for (index_t m = 0; m < MB; ++m) {
+                const float* xr = m < mr ? x.row(m0 + m) + k0 : nullptr;
+                for (index_t k = 0; k < kn; ++k) xt[k * MB + m] = xr ? xr[k] : 0.f;
+            }
+            const index_t t0 = k0 / w.group * w.keep, t1 = (k0 + kn) / w.group * w.keep;
+            for (index_t p = p0; p < p1; ++p) {
+                float* ctp = ct + (p - p0) * sparse_panel_rows * MB;
+                if (p + 1 < p1) {
+                    // The next panel's slice of values and index words: 4 KiB that start a new page each time, where
+                    // the hardware prefetcher would start late; fetch it while this panel computes.
+                    const index_t vb = w.int8() ? 1 : 4;
+                    const char* nv = w.int8() ? reinterpret_cast<const char*>(w.qvalues) : reinterpret_cast<const char*>(w.values);
+                    nv += ((p + 1) * slots + t0) * sparse_panel_rows * vb;
+                    for (index_t b = 0; b < (t1 - t0) * sparse_panel_rows * vb; b += 64) __builtin_prefetch(nv + b);
+                    const std::uint32_t* ni = w.idx + ((p + 1) * w.words + t0 / w.vpw) * sparse_panel_rows;
+                    for (index_t b = 0; b <= (t1 - t0) / w.vpw; ++b) __builtin_prefetch(ni + b * sparse_panel_rows);
+                }
+                nm_decode_offsets<Arch>(w, p, t0, t1, k0, MB, koff);
+                if (w.int8())
+                    nm_lanes_m_panel<Arch, true>(w, p, slots, t0, t1, koff, xt, ctp, q8_table);
+                else
+                    nm_lanes_m_panel<Arch, false>(w, p, slots, t0, t1, koff, xt, ctp, q8_table);
+            }
+        }
+        // ct [n][m] → tile [m][16] per panel → y through the epilogue
+        for (index_t p = p0; p < p1; ++p) {
+            const float* ctp = ct + (p - p0) * sparse_panel_rows * MB;
+            for (index_t i = 0; i < sparse_panel_rows; ++i) {
+                const float s = w.int8() ? w.scales[p * sparse_panel_rows + i] : 1.f;
+                for (index_t m = 0; m < mr; ++m) tile[m * sparse_panel_rows + i] = ctp[i * MB + m] * s;
+            }
+            store(tag, tile, mr, p, w.n, m0, y, ep);
+        }
+    }
+}
+
+// ---- unstructured (SELL-16) ----------------------------------------------------------------------------------
+
+inline void sell_panel(arch::scalar tag, const sell_weights& w, ConstMatrixView<float> x, index_t p, index_t m0,
+                       index_t mr, MatrixView<float> y, const epilogue& ep) {
+    float c[sparse_panel_rows];
+    for (index_t m = m0; m < m0 + mr; ++m) {
+        const float* xr = x.row(m);
+        for (index_t i = 0; i < sparse_panel_rows; ++i) {
+            float acc = 0.f;
+            for (index_t s = w.offsets[p]; s < w.offsets[p + 1]; ++s)
+                acc += w.values[s * sparse_panel_rows + i] * xr[w.cols[s * sparse_panel_rows + i]];
+            c[i] = acc;
+        }
+        store(tag, c, 1, p, w.n, m, y, ep);
+    }
+}
+
+template <int MR, class Arch>
+void sell_tile(const sell_weights& w, ConstMatrixView<float> x, index_t p, index_t m0, MatrixView<float> y,
+               const epilogue& ep) {
+    using F = fbatch<Arch>;
+    using ops = isa_ops<Arch>;
+    constexpr int L = static_cast<int>(F::size);
+    constexpr int V = static_cast<int>(sparse_panel_rows) / L;
+    constexpr int C = MR * V >= 4 ? 1 : 2;  // accumulator chains: hide the FMA latency at M = 1
+    F acc[MR][V][C];
+    for (int m = 0; m < MR; ++m)
+        for (int v = 0; v < V; ++v)
+            for (int c = 0; c < C; ++c) acc[m][v][c] = F(0.f);
+    const float* xr[MR];
+    for (int m = 0; m < MR; ++m) xr[m] = x.row(m0 + m);
+    const index_t s0 = w.offsets[p], s1 = w.offsets[p + 1];
+    for (index_t s = s0; s < s1; ++s) {
+        const int c = static_cast<int>(s & (C - 1));
+        __builtin_prefetch(w.values + (s + 16) * sparse_panel_rows);
+        __builtin_prefetch(w.cols + (s + 32) * sparse_panel_rows);
+        for (int v = 0; v < V; ++v) {
+            const F wv = F::load_aligned(w.values + s * sparse_panel_rows + v * L);
+            const auto col = ops::load_u16(w.cols + s * sparse_panel_rows + v * L);
+            for (int m = 0; m < MR; ++m) acc[m][v][c] = xsimd::fma(ops::gather(xr[m], col), wv, acc[m][v][c]);
+        }
+    }
+    alignas(64) float cbuf[MR * sparse_panel_rows];
+    for (int m = 0; m < MR; ++m)
+        for (int v = 0; v < V; ++v) {
+            F r = acc[m][v][0];
+            if constexpr (C > 1) r += acc[m][v][1];
+            r.store_aligned(cbuf + m * sparse_panel_rows + v * L);
+        }
+    store(Arch{}, cbuf, MR, p, w.n, m0, y, ep);
+}
+
+template <int MR, class Arch>
+void sell_rows(const sell_weights& w, ConstMatrixView<float> x, index_t p, index_t m0, index_t rem,
+               MatrixView<float> y, const epilogue& ep) {
+    if constexpr (MR > 1) {
+        if (rem < MR) return sell_rows<MR - 1, Arch>(w, x, p, m0, rem, y, ep);
+    }
+    sell_tile<MR, Arch>(w, x, p, m0, y, ep);
+}
+
+template <class Arch>
+void sell_panel(Arch, const sell_weights& w, ConstMatrixView<float> x, index_t p, index_t m0, index_t mr,
+                MatrixView<float> y, const epilogue& ep) {
+    constexpr int MR = sparse_mr<Arch>;
+    for (index_t m = m0; m < m0 + mr; m += MR)
+        sell_rows<MR, Arch>(w, x, p, m, std::min<index_t>(MR, m0 + mr - m), y, ep);
+}
+
+/// Unstructured, large M: x rows in lanes as in nm_lanes_m, but with the whole K of a 64-row block of x transposed
+/// (K·MB·4 bytes, L2: SELL rows are not split by k blocks). Per stored entry: one broadcast and MV FMAs with the
+/// contiguous xt[col] vectors — no gathers. Padding slots (value 0, column 0) add zero.
+template <class Arch>
+void sell_lanes_m(Arch tag, ConstMatrixView<float> x, const sell_weights& w, index_t p0, index_t p1,
+                  MatrixView<float> y, const epilogue& ep) {
+    using F = fbatch<Arch>;
+    constexpr index_t L = static_cast<index_t>(F::size);
+    constexpr index_t MV = nm_t_mv, MB = MV * L;
+    const index_t M = x.rows(), K = w.k;
+    float* xt = nm_scratch<Arch>(0, static_cast<std::size_t>(K * MB));
+    alignas(64) float ct[sparse_panel_rows * MB];
+    alignas(64) float tile[MB * sparse_panel_rows];
+    for (index_t m0 = 0; m0 < M; m0 += MB) {
+        const index_t mr = std::min(MB, M - m0);
+        for (index_t m = 0; m < MB; ++m) {
+            const float* xr = m < mr ? x.row(m0 + m) : nullptr;
+            for (index_t k = 0; k < K; ++k) xt[k * MB + m] = xr ? xr[k] : 0.f;
+        }
+        for (index_t p = p0; p < p1; ++p) {
+            const index_t s0 = w.offsets[p], s1 = w.offsets[p + 1];
+            for (index_t i = 0; i < sparse_panel_rows; i += 2) {
+                F a0[MV], a1[MV];
+                for (index_t v = 0; v < MV; ++v) a0[v] = a1[v] = F(0.f);
+                const float* vals = w.values + s0 * sparse_panel_rows + i;
+                const std::uint16_t* cols = w.cols + s0 * sparse_panel_rows + i;
+                for (index_t t = 0; t < s1 - s0; ++t) {
+                    __builtin_prefetch(vals + (t + 8) * sparse_panel_rows);
+                    const F w0(vals[t * sparse_panel_rows]), w1(vals[t * sparse_panel_rows + 1]);
+                    const float* x0 = xt + index_t(cols[t * sparse_panel_rows]) * MB;
+                    const float* x1 = xt + index_t(cols[t * sparse_panel_rows + 1]) * MB;
+                    for (index_t v = 0; v < MV; ++v) {
+                        a0[v] = xsimd::fma(w0, F::load_aligned(x0 + v * L), a0[v]);
+                        a1[v] = xsimd::fma(w1, F::load_aligned(x1 + v * L), a1[v]);
+                    }
+                }
+                for (index_t v = 0; v < MV; ++v) {
+                    a0[v].store_aligned(ct + i * MB + v * L);
+                    a1[v].store_aligned(ct + (i + 1) * MB + v * L);
+                }
+            }
+            for (index_t i = 0; i < sparse_panel_rows; ++i)
+                for (index_t m = 0; m < mr; ++m) tile[m * sparse_panel_rows + i] = ct[i * MB + m];
+            store(tag, tile, mr, p, w.n, m0, y, ep);
+        }
+    }
+}
+
+/// Runs body(p, m0, mr) over all panels × 64-row blocks of x, threaded over panels when worth it.
+template <class Body>
+void for_panels(index_t M, index_t panels, double macs_per_row, Body&& body) {
+    constexpr index_t row_block = 64;
+    for (index_t m0 = 0; m0 < M; m0 += row_block) {
+        const index_t mr = std::min(row_block, M - m0);
+        const auto one = [&](index_t p) { body(p, m0, mr); };
+        if (worth_threads(macs_per_row * double(mr)))
+            parallel_for(index_t{0}, panels, one);
+        else
+            for (index_t p = 0; p < panels; ++p) one(p);
+    }
+}
+
+/// Shared entry checks of both kernels.
+inline void check_call(ConstMatrixView<float> x, index_t n, index_t k, MatrixView<float> y, const epilogue& ep,
+                       const char* who) {
+    check_shape(x, -1, k, cpet::detail::concat(who, ": x").c_str());
+    check_shape(y, x.rows(), n, cpet::detail::concat(who, ": y").c_str());
+    require<format_error>(ep.rank == 0, who, ": the low-rank epilogue term is not supported by sparse kernels (rank ",
+                          ep.rank, ")");
+    require<shape_error>(!ep.residual || x.rows() <= 1 || ep.ld_residual >= n, who, ": residual row stride ",
+                         ep.ld_residual, " is smaller than its ", n, " columns");
+}
+
+}  // namespace sparse_detail
+
+/// N:M body on one path; no checks (callers checked the shapes).
+template <class Arch>
+void gemm_nm(Arch tag, ConstMatrixView<float> x, const nm_weights& w, MatrixView<float> y, const epilogue& ep = {}) {
+    const index_t M = x.rows();
+    if (M == 0) return;
+    if constexpr (arch::is_simd_v<Arch>) {
+        if (M >= sparse_detail::nm_lanes_m_threshold) {
+            const index_t panels = w.panels();
+            const int threads = sparse_detail::worth_threads(double(M) * double(w.n) * double(w.slots()))
+                                    ? static_cast<int>(std::min<index_t>(panels, max_threads()))
+                                    : 1;
+            parallel_region(threads, [&](int t, int nt) {
+                sparse_detail::nm_lanes_m(tag, x, w, panels * t / nt, panels * (t + 1) / nt, y, ep);
+            });
+            return;
+        }
+    }
+    // x rows padded to a multiple of 16 floats with zeros, so every 16-wide block load stays in bounds.
+    const index_t ld = (w.k + 15) / 16 * 16;
+    aligned_buffer<float> xp(static_cast<std::size_t>(M * ld));
+    for (index_t m = 0; m < M; ++m) std::memcpy(xp.data() + m * ld, x.row(m), sizeof(float) * w.k);
+    sparse_detail::for_panels(M, w.panels(), double(w.n) * double(w.slots()), [&](index_t p, index_t m0, index_t mr) {
+        sparse_detail::nm_panel(tag, w, xp.data(), ld, p, m0, mr, y, ep);
+    });
+}
+
+/// Throws format_error unless w is a consistent N:M view.
+inline void check_nm_weights(const nm_weights& w, const char* who) {
+    require<format_error>(w.n > 0 && w.k > 0 && w.idx && (w.values || w.qvalues), who, ": empty packed weights");
+    require<format_error>((w.group == 2 || w.group == 4 || w.group == 8 || w.group == 16) && w.keep >= 1 &&
+                              w.keep <= w.group && w.k % w.group == 0 && (1 << w.bits) >= w.group && w.vpw > 0 &&
+                              w.vpw * w.bits <= 32 && w.words * w.vpw >= w.slots(),
+                          who, ": inconsistent packed layout (", w.keep, ":", w.group, ", k=", w.k, ", bits=", w.bits,
+                          ")");
+    require<format_error>(!w.qvalues || w.scales, who, ": int8 values need scales");
+}
+
+/// y [M, n] = epilogue(x [M, k]·Ŵᵀ) with N:M sparse weights on the active path. Throws shape_error on mismatched
+/// operands, format_error for a low-rank epilogue term. y must not alias x.
+inline void gemm_nm(ConstMatrixView<float> x, const nm_weights& w, MatrixView<float> y, const epilogue& ep = {}) {
+    check_nm_weights(w, "gemm_nm");
+    sparse_detail::check_call(x, w.n, w.k, y, ep, "gemm_nm");
+    if (x.rows() == 0) return;
+    arch::dispatch([&](auto tag) { gemm_nm(tag, x, w, y, ep); });
+}
+
+/// Unstructured (SELL-16) body on one path; no checks.
+template <class Arch>
+void gemm_sell(Arch tag, ConstMatrixView<float> x, const sell_weights& w, MatrixView<float> y, const epilogue& ep = {}) {
+    const index_t M = x.rows();
+    if (M == 0) return;
+    if constexpr (arch::is_simd_v<Arch>) {
+        if (M >= sparse_detail::nm_lanes_m_threshold) {
+            const index_t panels = w.panels();
+            const double macs = double(M) * double(w.offsets[panels]) * double(sparse_panel_rows);
+            const int threads = sparse_detail::worth_threads(macs) ? static_cast<int>(std::min<index_t>(panels, max_threads())) : 1;
+            parallel_region(threads, [&](int t, int nt) {
+                sparse_detail::sell_lanes_m(tag, x, w, panels * t / nt, panels * (t + 1) / nt, y, ep);
+            });
+            return;
+        }
+    }
+    const double stored = double(w.offsets[w.panels()]) * double(sparse_panel_rows);
+    sparse_detail::for_panels(M, w.panels(), stored, [&](index_t p, index_t m0, index_t mr) {
+        sparse_detail::sell_panel(tag, w, x, p, m0, mr, y, ep);
+    });
+}
+
+/// y [M, n] = epilogue(x [M, k]·Ŵᵀ) with unstructured SELL-16 weights on the active path.
+inline void gemm_sell(ConstMatrixView<float> x, const sell_weights& w, MatrixView<float> y, const epilogue& ep = {}) {
+    require<format_error>(w.n > 0 && w.k > 0 && w.offsets && w.k <= 65536, "gemm_sell: empty or inconsistent weights");
+    sparse_detail::check_call(x, w.n, w.k, y, ep, "gemm_sell");
+    if (x.rows() == 0) return;
+    arch::dispatch([&](auto tag) { gemm_sell(tag, x, w, y, ep); });
+}
+
+}  // namespace cpet::kernels
