@@ -57,12 +57,13 @@ struct rounded {
 };
 static_assert(compress::check_compression_policy<rounded<4>>());
 
-/// Every compression policy the PET methods are tested on: adding a format is one line here.
-/// Weight-only quantized policies only: W8A8 quantises activations too, so it cannot meet the 1e-5 bound against
-/// a reference built from its dequantised weights. Group 16 divides every width of the test shapes.
+/// Every compression policy the PET methods are tested on: adding a format is one line here. Dense, a test-only
+/// lossy format, weight-only int8/int4 and 2:4 sparse. (W8A8 quantises activations too, so it cannot meet the
+/// 1e-5 bound against a reference built from its dequantised weights.) Group 16 divides every test width.
 using compression_policies =
     std::tuple<compress::dense, rounded<4>, compress::int8_per_channel,
-               compress::quantized<compress::int4, compress::per_group<16>, compress::asymmetric>>;
+               compress::quantized<compress::int4, compress::per_group<16>, compress::asymmetric>,
+               compress::nm_sparse<2, 4>>;
 
 inline nn::layer_shape bert_shape() {
     nn::layer_shape s;

@@ -21,10 +21,12 @@
 #include <numeric>
 #include <vector>
 
+#include "cpet/arch/dispatch.hpp"
 #include "cpet/compress/calibration.hpp"
 #include "cpet/compress/format.hpp"
 #include "cpet/compress/formats/sparse.hpp"
 #include "cpet/compress/policy.hpp"
+#include "cpet/compress/split_epilogue.hpp"
 #include "cpet/core/error.hpp"
 #include "cpet/core/matrix.hpp"
 #include "cpet/kernels/gemm_sparse.hpp"
@@ -176,7 +178,8 @@ inline kernels::sell_weights kernel_view(const unstructured_sparse_weights& s) {
     return v;
 }
 
-/// y [M, out] = ep(x [M, in]·Ŵᵀ) with the packed sparse weights (bias, activation, residual; no low-rank term).
+/// y [M, out] = ep(x [M, in]·Ŵᵀ) with the packed sparse weights (bias, activation, residual; no low-rank term:
+/// sparse_format::matmul adds that).
 inline void matmul(ConstMatrixView<float> x, const nm_sparse_weights& s, MatrixView<float> y,
                    const kernels::epilogue& ep = {}) {
     require<format_error>(!s.empty(), "matmul: empty N:M weights");
@@ -197,8 +200,22 @@ public:
 
     index_t out_features() const noexcept { return w_.rows(); }
     index_t in_features() const noexcept { return w_.cols(); }
+    /// The sparse kernels fuse bias, activation and residual; a low-rank term (LoRA, recovery) is added by the
+    /// split epilogue (one thin GEMM and one more pass over y).
     void matmul(ConstMatrixView<float> x, MatrixView<float> y, const kernels::epilogue& ep) const {
-        compress::matmul(x, w_, y, ep);
+        if (ep.rank == 0) return compress::matmul(x, w_, y, ep);
+        check_shape(x, -1, in_features(), "sparse_format::matmul: x");
+        check_shape(y, x.rows(), out_features(), "sparse_format::matmul: y");
+        require<shape_error>(ep.lowrank_u && ep.lowrank_b && ep.ld_u >= ep.rank && ep.ld_b >= ep.rank,
+                             "sparse_format::matmul: low-rank term of rank ", ep.rank,
+                             " needs U and B with row strides >= rank");
+        arch::dispatch([&](auto tag) {
+            run_split_epilogue(tag, y, ep, [&](const float* bias) {
+                kernels::epilogue base;
+                base.bias = bias;
+                compress::matmul(x, w_, y, base);
+            });
+        });
     }
     /// dx [M, in] = dy [M, out]·W through a dense copy (a plain, unoptimised loop: backward is not a hot path yet).
     void matmul_t(ConstMatrixView<float> dy, MatrixView<float> dx) const {

@@ -38,6 +38,7 @@
 #include "cpet/compress/formats/quantized.hpp"
 #include "cpet/compress/policy.hpp"
 #include "cpet/compress/quantize.hpp"
+#include "cpet/compress/split_epilogue.hpp"
 #include "cpet/core/buffer.hpp"
 #include "cpet/core/eigen.hpp"
 #include "cpet/core/error.hpp"
@@ -199,35 +200,13 @@ public:
     /// once more inside; they pick the same path, the one the caller forced or detected.)
     template <class Arch>
     void matmul(Arch tag, ConstMatrixView<float> x, MatrixView<float> y, const kernels::epilogue& ep) const {
-        const index_t M = x.rows(), N = out_features();
-        if (M == 0 || N == 0) return;
-        // An in-place residual (residual == y) would be overwritten by the kernel's store: save it first.
-        const float* residual = ep.residual;
-        index_t ld_res = ep.ld_residual;
-        if (residual && overlaps(residual, ld_res, y, M, N)) {
-            float* saved = detail::quantized_scratch(0, static_cast<std::size_t>(M * N));
-            for (index_t m = 0; m < M; ++m) std::copy_n(residual + m * ld_res, N, saved + m * N);
-            residual = saved;
-            ld_res = N;
-        }
+        if (x.rows() == 0 || out_features() == 0) return;
         const kernels::wq_weights w = kernel_view(q_);
-        if constexpr (!int8_activations) kernels::gemm_wq(tag, x, w, y, ep.bias);
-        else if constexpr (Bits::bits == qbits::int8) kernels::gemm_s8(x, w, y, ep.bias);
-        else kernels::gemm_w4a8(x, w, y, ep.bias);
-
-        if (ep.rank > 0) {  // y += s·U·Bᵀ (one thin GEMM)
-            EigenConstMap<float> u(ep.lowrank_u, M, ep.rank, Eigen::OuterStride<>(ep.ld_u));
-            EigenConstMap<float> b(ep.lowrank_b, N, ep.rank, Eigen::OuterStride<>(ep.ld_b));
-            as_eigen(y).noalias() += ep.lowrank_scale * (u * b.transpose());
-        }
-        if (ep.act != kernels::activation::none || residual) {  // y = act(y) + residual, one SIMD pass
-            kernels::epilogue rest;
-            rest.act = ep.act;
-            rest.residual = residual;
-            rest.ld_residual = ld_res;
-            for (index_t m = 0; m < M; ++m)
-                kernels::gemm_detail::store_tile(tag, y.row(m), N, 1, N, m, 0, y, rest);
-        }
+        run_split_epilogue(tag, y, ep, [&](const float* bias) {
+            if constexpr (!int8_activations) kernels::gemm_wq(tag, x, w, y, bias);
+            else if constexpr (Bits::bits == qbits::int8) kernels::gemm_s8(x, w, y, bias);
+            else kernels::gemm_w4a8(x, w, y, bias);
+        });
     }
 
     /// dx [M, in] = dy [M, out]·Ŵ.
@@ -254,13 +233,6 @@ public:
     const quantized_weights& weights() const noexcept { return q_; }
 
 private:
-    static bool overlaps(const float* r, index_t ld, MatrixView<float> y, index_t M, index_t N) noexcept {
-        const float* r_end = r + (M - 1) * ld + N;
-        const float* y_begin = y.data();
-        const float* y_end = y.row(M - 1) + N;
-        return r < y_end && y_begin < r_end;
-    }
-
     quantized_weights q_;
 };
 

@@ -1,0 +1,61 @@
+// cpet/compress/split_epilogue.hpp — the GEMM epilogue for formats whose kernels fuse only part of it.
+//
+// A format's matmul promises y = act(x·Ŵᵀ + bias + s·U·Bᵀ) + residual (kernels::epilogue). Kernels that fuse
+// only the bias (quantized) or everything but the low-rank term (sparse) run their product with the bias, then
+// this helper finishes the rest in order: the low-rank term as one thin GEMM added into y, then activation +
+// residual in one SIMD pass (the fp32 GEMM's own tile epilogue). Cost: one extra read + write of y, two with a
+// low-rank term. A residual that overlaps y (the layer's in-place residual add) is saved first, since the
+// product's store would overwrite it.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+
+#include <Eigen/Core>
+
+#include "cpet/core/buffer.hpp"
+#include "cpet/core/eigen.hpp"
+#include "cpet/core/matrix.hpp"
+#include "cpet/kernels/gemm_f32.hpp"
+
+namespace cpet::compress {
+
+namespace detail {
+
+inline bool overlaps(const float* r, index_t ld, MatrixView<float> y, index_t M, index_t N) noexcept {
+    const float* r_end = r + (M - 1) * ld + N;
+    return r < y.row(M - 1) + N && y.data() < r_end;
+}
+
+}  // namespace detail
+
+/// Runs `product(bias)` — which must store x·Ŵᵀ + bias into y — then the rest of `ep`, on path `tag`.
+template <class Arch, class Product>
+void run_split_epilogue(Arch tag, MatrixView<float> y, const kernels::epilogue& ep, Product&& product) {
+    const index_t M = y.rows(), N = y.cols();
+    if (M == 0 || N == 0) return;
+    const float* residual = ep.residual;
+    index_t ld_res = ep.ld_residual;
+    if (residual && detail::overlaps(residual, ld_res, y, M, N)) {
+        thread_local aligned_buffer<float> saved;
+        if (saved.size() < static_cast<std::size_t>(M * N)) saved.reset(static_cast<std::size_t>(M * N));
+        for (index_t m = 0; m < M; ++m) std::copy_n(residual + m * ld_res, N, saved.data() + m * N);
+        residual = saved.data();
+        ld_res = N;
+    }
+    product(ep.bias);
+    if (ep.rank > 0) {  // y += s·U·Bᵀ (one thin GEMM)
+        EigenConstMap<float> u(ep.lowrank_u, M, ep.rank, Eigen::OuterStride<>(ep.ld_u));
+        EigenConstMap<float> b(ep.lowrank_b, N, ep.rank, Eigen::OuterStride<>(ep.ld_b));
+        as_eigen(y).noalias() += ep.lowrank_scale * (u * b.transpose());
+    }
+    if (ep.act != kernels::activation::none || residual) {  // y = act(y) + residual, one SIMD pass
+        kernels::epilogue rest;
+        rest.act = ep.act;
+        rest.residual = residual;
+        rest.ld_residual = ld_res;
+        for (index_t m = 0; m < M; ++m) kernels::gemm_detail::store_tile(tag, y.row(m), N, 1, N, m, 0, y, rest);
+    }
+}
+
+}  // namespace cpet::compress
