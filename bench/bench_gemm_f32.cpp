@@ -36,22 +36,11 @@ struct shape {
     index_t m, n, k;
 };
 
-Matrix<float> random_matrix(index_t rows, index_t cols, unsigned seed) {
-    std::mt19937 gen(seed);
-    std::uniform_real_distribution<float> dist(-1.f, 1.f);
-    Matrix<float> m(rows, cols);
-    for (index_t i = 0; i < m.size(); ++i) m.data()[i] = dist(gen);
-    return m;
-}
+using cpet::bench::random_matrix;
 
 /// How many copies of W to rotate through: decode shapes exceed 2× L3 (capped near 3 GiB in all), others use one.
 std::size_t weight_copies(const shape& s) {
-    if (s.m > 8) return 1;
-    const double w_bytes = double(s.n) * double(s.k) * sizeof(float);
-    const double want = 2.0 * double(cpet::bench::l3_cache_bytes());
-    const double cap = 3.0 * double(std::size_t(1) << 30);
-    const std::size_t copies = std::size_t(want / w_bytes) + 1;
-    return std::max<std::size_t>(1, std::min(copies, std::size_t(cap / w_bytes)));
+    return cpet::bench::weight_copies(s.m, double(s.n) * double(s.k) * sizeof(float));
 }
 
 void set_threads(int t) {

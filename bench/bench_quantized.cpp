@@ -31,22 +31,7 @@ struct shape {
     index_t m, n, k;
 };
 
-Matrix<float> random_matrix(index_t rows, index_t cols, unsigned seed, float scale = 1.f) {
-    std::mt19937 gen(seed);
-    std::uniform_real_distribution<float> dist(-scale, scale);
-    Matrix<float> m(rows, cols);
-    for (index_t i = 0; i < m.size(); ++i) m.data()[i] = dist(gen);
-    return m;
-}
-
-/// Copies of a weight of `bytes` to rotate through: decode shapes exceed 2× L3 (capped near 3 GiB), others one.
-std::size_t weight_copies(const shape& s, double bytes) {
-    if (s.m > 8) return 1;
-    const double want = 2.0 * double(cpet::bench::l3_cache_bytes());
-    const double cap = 3.0 * double(std::size_t(1) << 30);
-    const std::size_t copies = std::size_t(want / bytes) + 1;
-    return std::max<std::size_t>(1, std::min(copies, std::size_t(cap / bytes)));
-}
+using cpet::bench::random_matrix;
 
 void finish(benchmark::State& st, const shape& s, int threads, double weight_bytes) {
     cpet::bench::report_flops(st, 2.0 * double(s.m) * double(s.n) * double(s.k), threads);
@@ -66,7 +51,7 @@ void bench_wq(benchmark::State& st, shape s, int threads, cc::quant_options o) {
     std::vector<cc::quantized_weights> w;
     w.push_back(make_weights(s, o));
     const double bytes = double(w[0].bytes());
-    for (std::size_t i = 1; i < weight_copies(s, bytes); ++i) w.push_back(w[0]);
+    for (std::size_t i = 1; i < cpet::bench::weight_copies(s.m, bytes); ++i) w.push_back(w[0]);
     std::vector<cpet::kernels::wq_weights> views;
     for (const auto& q : w) views.push_back(cc::kernel_view(q));
     std::size_t i = 0;
@@ -86,7 +71,7 @@ void bench_w4a8(benchmark::State& st, shape s, int threads, cc::quant_options o)
     std::vector<cc::quantized_weights> w;
     w.push_back(make_weights(s, o));
     const double bytes = double(w[0].bytes());
-    for (std::size_t i = 1; i < weight_copies(s, bytes); ++i) w.push_back(w[0]);
+    for (std::size_t i = 1; i < cpet::bench::weight_copies(s.m, bytes); ++i) w.push_back(w[0]);
     std::vector<cpet::kernels::wq_weights> views;
     for (const auto& q : w) views.push_back(cc::kernel_view(q));
     std::size_t i = 0;
@@ -105,7 +90,7 @@ void bench_w8a8(benchmark::State& st, shape s, int threads) {
     std::vector<cc::quantized_weights> w;
     w.push_back(make_weights(s, {cc::qbits::int8, cc::granularity::per_channel}));
     const double bytes = double(w[0].bytes());
-    for (std::size_t i = 1; i < weight_copies(s, bytes); ++i) w.push_back(w[0]);
+    for (std::size_t i = 1; i < cpet::bench::weight_copies(s.m, bytes); ++i) w.push_back(w[0]);
     std::vector<cpet::kernels::wq_weights> views;
     for (const auto& q : w) views.push_back(cc::kernel_view(q));
     std::size_t i = 0;
@@ -125,7 +110,7 @@ void bench_dense(benchmark::State& st, shape s, int threads) {
     const double bytes = double(s.n) * double(s.k) * sizeof(float);
     {
         const auto dense = random_matrix(s.n, s.k, 2);
-        for (std::size_t i = 0; i < weight_copies(s, bytes); ++i) w.emplace_back(dense.view());
+        for (std::size_t i = 0; i < cpet::bench::weight_copies(s.m, bytes); ++i) w.emplace_back(dense.view());
     }
     std::size_t i = 0;
     for (auto _ : st) {
@@ -163,7 +148,7 @@ void bench_onednn_s8(benchmark::State& st, shape s, int threads) {
         std::vector<std::int8_t> dense(static_cast<std::size_t>(s.n * s.k));
         for (auto& v : dense) v = static_cast<std::int8_t>(static_cast<int>(gen() % 255) - 127);
         dnnl::memory user(wei_user, eng, dense.data());
-        for (std::size_t i = 0; i < weight_copies(s, bytes); ++i) {
+        for (std::size_t i = 0; i < cpet::bench::weight_copies(s.m, bytes); ++i) {
             w.emplace_back(pd.weights_desc(), eng);
             dnnl::reorder(user, w.back()).execute(strm, user, w.back());
         }

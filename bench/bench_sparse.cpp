@@ -26,22 +26,7 @@ struct shape {
     index_t m, n, k;
 };
 
-Matrix<float> random_matrix(index_t rows, index_t cols, unsigned seed, float scale = 1.f) {
-    std::mt19937 gen(seed);
-    std::uniform_real_distribution<float> dist(-scale, scale);
-    Matrix<float> m(rows, cols);
-    for (index_t i = 0; i < m.size(); ++i) m.data()[i] = dist(gen);
-    return m;
-}
-
-/// Copies of a weight of `bytes` to rotate through: decode shapes exceed 2× L3 (capped near 3 GiB), others one.
-std::size_t weight_copies(const shape& s, double bytes) {
-    if (s.m > 8) return 1;
-    const double want = 2.0 * double(cpet::bench::l3_cache_bytes());
-    const double cap = 3.0 * double(std::size_t(1) << 30);
-    const std::size_t copies = std::size_t(want / bytes) + 1;
-    return std::max<std::size_t>(1, std::min(copies, std::size_t(cap / bytes)));
-}
+using cpet::bench::random_matrix;
 
 void finish(benchmark::State& st, const shape& s, int threads, double weight_bytes) {
     cpet::bench::report_flops(st, 2.0 * double(s.m) * double(s.n) * double(s.k), threads);
@@ -56,7 +41,7 @@ void run_rotating(benchmark::State& st, const shape& s, int threads, Packed firs
     Matrix<float> y(s.m, s.n);
     std::vector<Packed> w;
     const double bytes = double(first.bytes());
-    const std::size_t copies = weight_copies(s, bytes);
+    const std::size_t copies = cpet::bench::weight_copies(s.m, bytes);
     w.reserve(copies);
     w.push_back(std::move(first));
     for (std::size_t i = 1; i < copies; ++i) w.push_back(w[0]);

@@ -21,12 +21,14 @@
 #include <fstream>
 #include <map>
 #include <mutex>
+#include <random>
 #include <string>
 
 #include <unistd.h>
 
 #include "cpet/arch/dispatch.hpp"
 #include "cpet/core/buffer.hpp"
+#include "cpet/core/matrix.hpp"
 #include "cpet/core/parallel.hpp"
 
 namespace cpet::bench {
@@ -201,6 +203,25 @@ inline const roofline_figures& roofline(int threads) {
         it = cache.emplace(threads, roofline_figures{peak, bw, threads}).first;
     }
     return it->second;
+}
+
+/// Uniform random matrix in [-scale, scale) (bench inputs and weights).
+inline Matrix<float> random_matrix(index_t rows, index_t cols, unsigned seed, float scale = 1.f) {
+    std::mt19937 gen(seed);
+    std::uniform_real_distribution<float> dist(-scale, scale);
+    Matrix<float> m(rows, cols);
+    for (index_t i = 0; i < m.size(); ++i) m.data()[i] = dist(gen);
+    return m;
+}
+
+/// Copies of a weight of `bytes` to rotate through so that decode shapes (m <= 8) stream from DRAM: more than
+/// 2x the L3 size in all, capped near 3 GiB; other shapes use one copy.
+inline std::size_t weight_copies(index_t m, double bytes) {
+    if (m > 8) return 1;
+    const double want = 2.0 * double(l3_cache_bytes());
+    const double cap = 3.0 * double(std::size_t(1) << 30);
+    const std::size_t copies = std::size_t(want / bytes) + 1;
+    return std::max<std::size_t>(1, std::min(copies, std::size_t(cap / bytes)));
 }
 
 /// Counters GFLOPs (rate) and pct_peak (% of roofline(threads).peak_gflops), from the flops of one iteration.
