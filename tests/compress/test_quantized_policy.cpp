@@ -7,6 +7,8 @@
 // ~3e-3 and ~5e-3 on these shapes). The error against the fp32 dense layer (the cost of quantising) is reported
 // with MESSAGE and bounded loosely.
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -20,6 +22,20 @@ using namespace cpet;
 using testing::MatD;
 
 namespace {
+
+/// Calibration of k channels with max |x| in 0.5 .. 2, every 7th one `spike` times larger (SmoothQuant's input).
+const compress::calibration& outlier_stats(index_t k, unsigned seed, float spike) {
+    static compress::calibration c;
+    c = {};
+    const Matrix<float> m = testing::random_matrix(1, k, seed, 0.5f, 2.f);
+    for (index_t j = 0; j < k; ++j) {
+        const float v = m(0, j) * (j % 7 == 0 ? spike : 1.f);
+        c.max_abs.push_back(v);
+        c.sum_sq.push_back(double(v) * v);
+    }
+    c.samples = 1;
+    return c;
+}
 
 static_assert(compress::WeightFormat<compress::int8_per_channel::format>);
 static_assert(compress::WeightFormat<compress::int4_g128::format>);
@@ -41,9 +57,9 @@ MatD ref_epilogue(const MatD& x, const MatD& w, const std::vector<float>& b, ker
 
 /// The format's matmul with the full epilogue (residual in place) and matmul_t against the dequantised weights.
 template <class Policy>
-void check_format(index_t n, index_t k, double tol) {
+void check_format(index_t n, index_t k, double tol, const compress::calibration* cal = nullptr) {
     const Matrix<float> w = testing::random_matrix(n, k, 11);
-    const auto f = Policy::compress(w, nullptr);
+    const auto f = Policy::compress(w, cal);
     CHECK(f.out_features() == n);
     CHECK(f.in_features() == k);
     const Matrix<float> wd = f.to_dense();
@@ -199,6 +215,68 @@ TEST_CASE("quantized formats: matmul applies the full epilogue, matmul_t multipl
     }
     SUBCASE("w8a8 (int8 activations)") { check_format<compress::w8a8>(45, 64, 2e-2); }
     SUBCASE("w4a8 g128 (int8 activations)") { check_format<compress::w4a8_g128>(45, 256, 2e-2); }
+    SUBCASE("w8a8 with SmoothQuant") { check_format<compress::w8a8_smooth>(45, 64, 2e-2, &outlier_stats(64, 5, 20.f)); }
+    SUBCASE("w4a8 g32 with SmoothQuant") {
+        using P = compress::quantized<compress::int4, compress::per_group<32>, compress::symmetric, compress::rtn,
+                                      compress::activations_int8_smooth<50>>;
+        check_format<P>(33, 64, 2e-2, &outlier_stats(64, 6, 1.5f));  // int4 groups tolerate only a mild spread of s
+    }
+}
+
+TEST_CASE("SmoothQuant moves activation outliers into the weights: lower W8A8 error on outlier inputs") {
+    const index_t n = 96, k = 128, M = 64;
+    const Matrix<float> w = testing::random_matrix(n, k, 90);
+    // Activations with a few outlier channels (x30), as LLM activations have.
+    Matrix<float> x = testing::random_matrix(M, k, 91);
+    for (index_t r = 0; r < M; ++r)
+        for (index_t c = 3; c < k; c += 29) x(r, c) *= 30.f;
+    compress::calibration cal;
+    cal.sum_sq.assign(std::size_t(k), 0.0);
+    cal.max_abs.assign(std::size_t(k), 0.f);
+    for (index_t r = 0; r < M; ++r)
+        for (index_t c = 0; c < k; ++c) {
+            cal.sum_sq[std::size_t(c)] += double(x(r, c)) * x(r, c);
+            cal.max_abs[std::size_t(c)] = std::max(cal.max_abs[std::size_t(c)], std::abs(x(r, c)));
+        }
+    cal.samples = M;
+    const auto plain = compress::w8a8::compress(w, &cal);
+    const auto smooth = compress::w8a8_smooth::compress(w, &cal);
+    CHECK(smooth.act_scale() != nullptr);
+    CHECK(plain.act_scale() == nullptr);
+    CHECK(smooth.bytes() == plain.bytes() + std::size_t(k) * sizeof(float));
+    // The effective weight is still W (to within int8 rounding of W·diag(s)).
+    CHECK(testing::rel_error(smooth.to_dense(), testing::to_double(w)) < 2e-2);
+    const MatD ref = testing::to_double(x) * testing::to_double(w).transpose();
+    testing::for_each_isa([&](arch::isa) {
+        Matrix<float> yp(M, n), ys(M, n);
+        plain.matmul(x, yp, {});
+        smooth.matmul(x, ys, {});
+        const double ep = testing::rel_error(yp, ref), es = testing::rel_error(ys, ref);
+        MESSAGE("W8A8 error on outlier activations: plain " << ep << ", SmoothQuant " << es);
+        CHECK(es < 0.6 * ep);
+    });
+    // Bad input: no calibration, the wrong width, a non-finite maximum, factors given to a plain format.
+    CHECK_THROWS_WITH_AS(compress::w8a8_smooth::compress(w, nullptr), doctest::Contains("SmoothQuant needs calibration"),
+                         format_error);
+    compress::calibration narrow = cal;
+    narrow.max_abs.resize(10);
+    CHECK_THROWS_WITH_AS(compress::w8a8_smooth::compress(w, &narrow), doctest::Contains("10 channels"), shape_error);
+    compress::calibration nan = cal;
+    nan.max_abs[7] = std::numeric_limits<float>::quiet_NaN();
+    CHECK_THROWS_WITH_AS(compress::w8a8_smooth::compress(w, &nan), doctest::Contains("channel 7"), numeric_error);
+    CHECK_THROWS_AS(compress::w8a8::format(compress::quantize_rtn(w, compress::w8a8::options()),
+                                           std::vector<float>(std::size_t(k), 1.f)),
+                    format_error);
+    CHECK_THROWS_AS(compress::w8a8_smooth::format(compress::quantize_rtn(w, compress::w8a8::options()), {}),
+                    format_error);
+    // All-zero input channels and weight columns keep s = 1 (no NaN).
+    Matrix<float> wz = w;
+    for (index_t r = 0; r < n; ++r) wz(r, 0) = 0.f;
+    compress::calibration zc = cal;
+    zc.max_abs[1] = 0.f;
+    const auto z = compress::w8a8_smooth::compress(wz, &zc);
+    CHECK(z.act_scale()[0] == 1.f);
+    CHECK(z.act_scale()[1] == 1.f);
 }
 
 TEST_CASE("quantized formats report their kernel and reject bad operands") {

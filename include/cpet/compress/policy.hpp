@@ -24,6 +24,16 @@ concept CompressionPolicy = requires(ConstMatrixView<float> w, const calibration
     { P::name() } -> std::convertible_to<std::string_view>;
 };
 
+/// Whether P's compress() needs calibration::hessian (Σ xᵀx): a policy says so with
+/// `static constexpr bool needs_hessian = true` (GPTQ); nn::compress then collects it.
+template <class P>
+constexpr bool needs_hessian() noexcept {
+    if constexpr (requires { { P::needs_hessian } -> std::convertible_to<bool>; })
+        return P::needs_hessian;
+    else
+        return false;
+}
+
 /// `static_assert(check_compression_policy<P>())` for a readable error.
 template <class P>
 constexpr bool check_compression_policy() {

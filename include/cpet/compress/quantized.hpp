@@ -9,7 +9,9 @@
 //       Activations activations_fp32 (weight-only: kernels::gemm_wq dequantises in the kernel, the exact path)
 //                 | activations_int8 (dynamic per-token int8 activations: W8A8 through kernels::gemm_s8 for int8
 //                   per-channel / per-tensor weights, W4A8 through kernels::gemm_w4a8 for int4 of any granularity)
-// and the usual ones have names: int8_per_channel, int4_g128, w8a8, w4a8_g128 and their _gptq twins.
+//                 | activations_int8_smooth<α%> (the same after SmoothQuant: W·diag(s) quantised, x·diag(1/s) in the
+//                   kernel's activation quantiser; needs calibration max |x|)
+// and the usual ones have names: int8_per_channel, int4_g128, w8a8, w8a8_smooth, w4a8_g128, and _gptq twins.
 //
 // The format (quantized_format<Bits, Granularity, Symmetry, Activations>) holds formats::quantized_weights.
 //   matmul : y = act(x·Ŵᵀ + bias + s·U·Bᵀ) + residual. The quantized kernels fuse only the bias, so the rest of
@@ -25,10 +27,12 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <string>
 #include <string_view>
 #include <type_traits>
+#include <vector>
 
 #include <Eigen/Core>
 
@@ -110,6 +114,16 @@ struct activations_fp32 {
 struct activations_int8 {
     static constexpr const char* name() noexcept { return "a8"; }
 };
+/// int8 activations after SmoothQuant (Xiao et al. 2023): per input channel j, s_j = max|X_j|^α / max|W_:j|^(1−α)
+/// (α = AlphaPercent / 100) from the calibration's max |x|; the weights are quantised as W·diag(s) and the kernel
+/// multiplies x by 1/s before quantising it per token. Activation outliers move into the weights, where a
+/// per-channel scale absorbs them. Needs calibration (format_error without).
+template <int AlphaPercent = 50>
+struct activations_int8_smooth {
+    static_assert(AlphaPercent > 0 && AlphaPercent < 100, "cpet activations_int8_smooth: alpha must be in (0, 100)%");
+    static constexpr double alpha = AlphaPercent / 100.0;
+    static std::string name() { return "a8sq" + std::to_string(AlphaPercent); }
+};
 
 namespace detail {
 
@@ -123,7 +137,35 @@ inline constexpr bool is_granularity_v = requires {
 template <class T>
 inline constexpr bool is_symmetry_v = std::is_same_v<T, symmetric> || std::is_same_v<T, asymmetric>;
 template <class T>
-inline constexpr bool is_activations_v = std::is_same_v<T, activations_fp32> || std::is_same_v<T, activations_int8>;
+inline constexpr bool is_smooth_v = false;
+template <int A>
+inline constexpr bool is_smooth_v<activations_int8_smooth<A>> = true;
+template <class T>
+inline constexpr bool is_activations_v =
+    std::is_same_v<T, activations_fp32> || std::is_same_v<T, activations_int8> || is_smooth_v<T>;
+
+/// SmoothQuant's factors s [K] for w [N, K] from the calibration's max |x| (see activations_int8_smooth). A channel
+/// the data or the weights never exercise keeps s = 1; s is clamped to [1e-4, 1e4] so neither side overflows.
+inline std::vector<float> smoothing_factors(ConstMatrixView<float> w, const calibration* stats, double alpha,
+                                            std::string_view who) {
+    const index_t N = w.rows(), K = w.cols();
+    require<format_error>(stats != nullptr && !stats->max_abs.empty() && stats->samples > 0, who,
+                          ": SmoothQuant needs calibration statistics (max |x| per input channel): collect them "
+                          "with nn::calibrate / nn::compress on sample inputs");
+    require<shape_error>(index_t(stats->max_abs.size()) == K, who, ": calibration has ", stats->max_abs.size(),
+                         " channels, the weight has ", K, " inputs");
+    std::vector<float> wmax(static_cast<std::size_t>(K), 0.f);
+    for (index_t n = 0; n < N; ++n)
+        for (index_t k = 0; k < K; ++k) wmax[std::size_t(k)] = std::max(wmax[std::size_t(k)], std::abs(w(n, k)));
+    std::vector<float> s(static_cast<std::size_t>(K), 1.f);
+    for (index_t k = 0; k < K; ++k) {
+        const double xm = stats->max_abs[std::size_t(k)], wm = wmax[std::size_t(k)];
+        require<numeric_error>(std::isfinite(xm) && xm >= 0, who, ": calibration max |x| of channel ", k, " is ", xm);
+        if (xm > 0 && wm > 0)
+            s[std::size_t(k)] = float(std::clamp(std::pow(xm, alpha) / std::pow(wm, 1.0 - alpha), 1e-4, 1e4));
+    }
+    return s;
+}
 
 /// Grows-only per-thread scratch for the epilogue and matmul_t (no allocation per call after warm-up).
 inline float* quantized_scratch(int slot, std::size_t n) {
@@ -144,7 +186,7 @@ class quantized_format {
     static_assert(detail::is_symmetry_v<Sym>, "cpet quantized_format: Symmetry must be symmetric or asymmetric");
     static_assert(detail::is_activations_v<Act>,
                   "cpet quantized_format: Activations must be activations_fp32 or activations_int8");
-    static_assert(!(std::is_same_v<Act, activations_int8> && Bits::bits == qbits::int8 &&
+    static_assert(!(!std::is_same_v<Act, activations_fp32> && Bits::bits == qbits::int8 &&
                     Gran::gran == granularity::per_group),
                   "cpet quantized_format: int8 activations with int8 weights need per_channel or per_tensor scales "
                   "(kernels::gemm_s8 has one scale per row); use activations_fp32 for group-wise int8");
@@ -154,7 +196,8 @@ public:
     using granularity_type = Gran;
     using symmetry_type = Sym;
     using activations_type = Act;
-    static constexpr bool int8_activations = std::is_same_v<Act, activations_int8>;
+    static constexpr bool int8_activations = !std::is_same_v<Act, activations_fp32>;
+    static constexpr bool smoothed = detail::is_smooth_v<Act>;
 
     /// The kernel matmul() runs (what a test asserts and a report prints).
     static constexpr const char* kernel() noexcept {
@@ -165,7 +208,20 @@ public:
 
     quantized_format() = default;
     /// Takes packed weights made with this format's bits, granularity and symmetry (format_error otherwise).
-    explicit quantized_format(quantized_weights q) : q_(std::move(q)) {
+    /// A SmoothQuant format also takes the activation factors 1/s [in_features] (its weights hold W·diag(s)).
+    explicit quantized_format(quantized_weights q, const std::vector<float>& act_scale = {}) : q_(std::move(q)) {
+        if constexpr (smoothed) {
+            require<format_error>(index_t(act_scale.size()) == q_.cols(), "quantized_format<", Act::name(),
+                                  ">: needs ", q_.cols(), " activation factors (1/s), got ", act_scale.size());
+            for (float v : act_scale)
+                require<numeric_error>(std::isfinite(v) && v > 0.f, "quantized_format<", Act::name(),
+                                       ">: activation factor ", v, " is not a positive finite number");
+            act_scale_.reset(act_scale.size());
+            std::copy(act_scale.begin(), act_scale.end(), act_scale_.data());
+        } else {
+            require<format_error>(act_scale.empty(), "quantized_format: activation factors given to a format "
+                                  "without SmoothQuant (use activations_int8_smooth)");
+        }
         require<format_error>(!q_.empty(), "quantized_format: empty quantized weights");
         require<format_error>(q_.bits() == Bits::bits, "quantized_format<", Bits::name(), ">: weights hold ",
                               static_cast<int>(q_.bits()), "-bit codes");
@@ -204,8 +260,8 @@ public:
         const kernels::wq_weights w = kernel_view(q_);
         run_split_epilogue(tag, y, ep, [&](const float* bias) {
             if constexpr (!int8_activations) kernels::gemm_wq(tag, x, w, y, bias);
-            else if constexpr (Bits::bits == qbits::int8) kernels::gemm_s8(x, w, y, bias);
-            else kernels::gemm_w4a8(x, w, y, bias);
+            else if constexpr (Bits::bits == qbits::int8) kernels::gemm_s8(x, w, y, bias, act_scale());
+            else kernels::gemm_w4a8(x, w, y, bias, act_scale());
         });
     }
 
@@ -226,14 +282,27 @@ public:
             EigenConstMap<float> t(tile, nb, K, Eigen::OuterStride<>(K));
             out.noalias() += as_eigen(dy.middle_cols(n0, nb)) * t;
         }
+        if constexpr (smoothed)
+            for (index_t m = 0; m < M; ++m)
+                for (index_t k = 0; k < K; ++k) dx(m, k) *= act_scale_[std::size_t(k)];
     }
 
-    Matrix<float> to_dense() const { return dequantize(q_); }
-    std::size_t bytes() const noexcept { return q_.bytes(); }
+    /// The weight the format multiplies x by: s·(q − z), times diag(1/s) after SmoothQuant.
+    Matrix<float> to_dense() const {
+        Matrix<float> w = dequantize(q_);
+        if constexpr (smoothed)
+            for (index_t n = 0; n < w.rows(); ++n)
+                for (index_t k = 0; k < w.cols(); ++k) w(n, k) *= act_scale_[std::size_t(k)];
+        return w;
+    }
+    std::size_t bytes() const noexcept { return q_.bytes() + act_scale_.size() * sizeof(float); }
     const quantized_weights& weights() const noexcept { return q_; }
+    /// SmoothQuant's 1/s [in_features] (null without SmoothQuant).
+    const float* act_scale() const noexcept { return act_scale_.empty() ? nullptr : act_scale_.data(); }
 
 private:
     quantized_weights q_;
+    aligned_buffer<float> act_scale_;
 };
 
 // ---- the policies -----------------------------------------------------------------------------------------
@@ -246,6 +315,7 @@ struct quantized {
     static_assert(std::is_same_v<Quantizer, rtn> || std::is_same_v<Quantizer, gptq>,
                   "cpet quantized: Quantizer must be compress::rtn or compress::gptq");
     using format = quantized_format<Bits, Gran, Sym, Act>;
+    static constexpr bool needs_hessian = std::is_same_v<Quantizer, gptq>;
 
     static std::string_view name() {
         static const std::string n = [] {
@@ -268,12 +338,32 @@ struct quantized {
     }
 
     static format compress(ConstMatrixView<float> dense_weight, const calibration* stats = nullptr) {
-        if constexpr (std::is_same_v<Quantizer, rtn>) {
-            return format(quantize_rtn(dense_weight, options()));
-        } else {
+        if constexpr (std::is_same_v<Quantizer, gptq>)
             require<format_error>(stats != nullptr && stats->has_hessian(), "compress::quantized<", name(),
                                   ">: GPTQ needs calibration statistics with the input Hessian (collect them on a "
                                   "calibration set and pass an nn::layer_calibration), or use the rtn quantizer");
+        if constexpr (format::smoothed) {
+            // W' = W·diag(s) is quantised; x' = x·diag(1/s) in the kernel; GPTQ sees the Hessian of x',
+            // diag(1/s)·H·diag(1/s).
+            const std::vector<float> s = detail::smoothing_factors(dense_weight, stats, Act::alpha,
+                                                                   "compress::quantized");
+            const index_t N = dense_weight.rows(), K = dense_weight.cols();
+            Matrix<float> ws(N, K);
+            for (index_t n = 0; n < N; ++n)
+                for (index_t k = 0; k < K; ++k) ws(n, k) = dense_weight(n, k) * s[std::size_t(k)];
+            std::vector<float> inv(s.size());
+            for (std::size_t k = 0; k < s.size(); ++k) inv[k] = 1.f / s[k];
+            if constexpr (std::is_same_v<Quantizer, rtn>) {
+                return format(quantize_rtn(ws, options()), inv);
+            } else {
+                Eigen::MatrixXd h = as_eigen(stats->hessian.view());
+                const Eigen::VectorXd d = Eigen::Map<const Eigen::VectorXf>(inv.data(), K).cast<double>();
+                h = d.asDiagonal() * h * d.asDiagonal();
+                return format(quantize_gptq_hessian(ws, h, options()), inv);
+            }
+        } else if constexpr (std::is_same_v<Quantizer, rtn>) {
+            return format(quantize_rtn(dense_weight, options()));
+        } else {
             const ConstMatrixView<double> h = stats->hessian.view();
             return format(quantize_gptq_hessian(dense_weight, as_eigen(h), options()));
         }
@@ -293,6 +383,10 @@ struct w8a8 : quantized<int8, per_channel, symmetric, rtn, activations_int8> {
 struct w4a8_g128 : quantized<int4, per_group<128>, symmetric, rtn, activations_int8> {
     static constexpr const char* name() noexcept { return "w4a8_g128"; }
 };
+/// W8A8 with SmoothQuant (α = 0.5); needs calibration max |x|.
+struct w8a8_smooth : quantized<int8, per_channel, symmetric, rtn, activations_int8_smooth<50>> {
+    static constexpr const char* name() noexcept { return "w8a8_smooth"; }
+};
 struct int8_per_channel_gptq : quantized<int8, per_channel, symmetric, gptq> {
     static constexpr const char* name() noexcept { return "int8_per_channel_gptq"; }
 };
@@ -308,6 +402,7 @@ static_assert(check_compression_policy<int8_per_channel>());
 static_assert(check_compression_policy<int4_g128>());
 static_assert(check_compression_policy<w8a8>());
 static_assert(check_compression_policy<w4a8_g128>());
+static_assert(check_compression_policy<w8a8_smooth>());
 static_assert(check_compression_policy<int8_per_channel_gptq>());
 static_assert(check_compression_policy<int4_g128_gptq>());
 static_assert(check_compression_policy<quantized<int8, per_tensor, asymmetric, rtn>>());

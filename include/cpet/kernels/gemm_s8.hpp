@@ -272,9 +272,11 @@ decltype(auto) s8_with_path(Arch, Fn&& fn) {
 }
 
 /// Per-token symmetric quantisation of rows of x (SIMD over xsimd batches; the rounding is the same IEEE
-/// round-to-nearest-even on every path, so x_q is identical on all of them).
+/// round-to-nearest-even on every path, so x_q is identical on all of them). With `in_scale` [K] (SmoothQuant's
+/// 1/s) the row quantised is x[m, k]·in_scale[k], formed in a per-thread row buffer first.
 template <class Arch>
-void quantize_rows_s8(Arch, ConstMatrixView<float> x, index_t k_pad, bool shifted, s8_activations& out) {
+void quantize_rows_s8(Arch, ConstMatrixView<float> x, index_t k_pad, bool shifted, s8_activations& out,
+                      const float* in_scale = nullptr) {
     const index_t M = x.rows(), K = x.cols();
     out.rows = M;
     out.cols = K;
@@ -286,6 +288,12 @@ void quantize_rows_s8(Arch, ConstMatrixView<float> x, index_t k_pad, bool shifte
     const std::int8_t pad = shifted ? static_cast<std::int8_t>(-128) : 0;  // u8 128 == x_q 0
     const auto body = [&](index_t m) {
         const float* xr = x.row(m);
+        if (in_scale) {
+            thread_local aligned_buffer<float> row;
+            if (row.size() < static_cast<std::size_t>(K)) row.reset(static_cast<std::size_t>(K));
+            for (index_t k = 0; k < K; ++k) row[static_cast<std::size_t>(k)] = xr[k] * in_scale[k];
+            xr = row.data();
+        }
         std::int8_t* qr = out.q.data() + m * k_pad;
         float amax = 0.f;
         index_t k = 0;
@@ -567,8 +575,10 @@ inline void gemm_s8_s32(ConstMatrixView<std::int8_t> xq, const wq_weights& w, Ma
 }
 
 /// y [M, N] = x [M, K] · Ŵᵀ (+ bias [N]) with dynamic per-token int8 activations, on the active path.
-/// Needs int8 per-channel / per-tensor weights (format_error otherwise). y must not alias x.
-inline void gemm_s8(ConstMatrixView<float> x, const wq_weights& w, MatrixView<float> y, const float* bias = nullptr) {
+/// Needs int8 per-channel / per-tensor weights (format_error otherwise). y must not alias x. `in_scale` [K], when
+/// given, multiplies x per input channel before it is quantised (SmoothQuant: Ŵ holds W·diag(s), in_scale = 1/s).
+inline void gemm_s8(ConstMatrixView<float> x, const wq_weights& w, MatrixView<float> y, const float* bias = nullptr,
+                    const float* in_scale = nullptr) {
     detail::check_s8_weights(w, "gemm_s8");
     check_shape(x, -1, w.k, "gemm_s8: x");
     check_shape(y, x.rows(), w.n, "gemm_s8: y");
@@ -577,7 +587,7 @@ inline void gemm_s8(ConstMatrixView<float> x, const wq_weights& w, MatrixView<fl
         detail::s8_with_path(tag, [&](auto path) {
             using Path = decltype(path);
             s8_activations a;
-            detail::quantize_rows_s8(tag, x, w.k_pad, Path::shifted, a);
+            detail::quantize_rows_s8(tag, x, w.k_pad, Path::shifted, a, in_scale);
             detail::s8_drive<Path>(w, a, [&](index_t m0, index_t rows, index_t p0, int np, const std::int32_t* t) {
                 const index_t n0 = p0 * wq_panel_rows, valid = std::min<index_t>(np * wq_panel_rows, w.n - n0);
                 for (index_t m = 0; m < rows; ++m) {
@@ -598,8 +608,9 @@ inline void gemm_s8(ConstMatrixView<float> x, const wq_weights& w, MatrixView<fl
 
 /// y [M, N] = x [M, K] · Ŵᵀ (+ bias [N]) for int4 weights (any granularity) with dynamic per-token int8
 /// activations (W4A8, the decode path of ggml's q4 × q8): integer dots per group, fp32 sums of the groups.
-/// The fp32 operations are the same on every path, so all paths give identical y.
-inline void gemm_w4a8(ConstMatrixView<float> x, const wq_weights& w, MatrixView<float> y, const float* bias = nullptr) {
+/// The fp32 operations are the same on every path, so all paths give identical y. `in_scale`: as for gemm_s8.
+inline void gemm_w4a8(ConstMatrixView<float> x, const wq_weights& w, MatrixView<float> y, const float* bias = nullptr,
+                      const float* in_scale = nullptr) {
     check_wq_weights(w, "gemm_w4a8");
     require<format_error>(w.bits == 4, "gemm_w4a8: needs int4 weights, got ", w.bits, "-bit");
     check_shape(x, -1, w.k, "gemm_w4a8: x");
@@ -610,7 +621,7 @@ inline void gemm_w4a8(ConstMatrixView<float> x, const wq_weights& w, MatrixView<
             using Path = decltype(path);
             constexpr int MR = Path::mr;
             s8_activations a;
-            detail::quantize_rows_s8(tag, x, w.k_pad, false, a);
+            detail::quantize_rows_s8(tag, x, w.k_pad, false, a, in_scale);
             const aligned_buffer<std::int32_t> gsum = detail::group_sums(a, w);
             const auto body = [&](index_t p) {
                 alignas(64) float tile[MR * wq_panel_rows];

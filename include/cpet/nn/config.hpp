@@ -76,6 +76,13 @@ concept LayerConfig = requires {
 template <LayerConfig C>
 inline constexpr layer_kind kind_of{C::norm, C::ffn, C::bias};
 
+/// Two configs that build the same backbone (every choice but the PET policy agrees): a layer of one can be
+/// re-typed as the other without recompressing (TransformerLayer's converting constructor).
+template <class A, class B>
+concept same_backbone = LayerConfig<A> && LayerConfig<B> && A::placement == B::placement && A::norm == B::norm &&
+                        A::ffn == B::ffn && A::act == B::act && A::mask == B::mask && A::rope == B::rope &&
+                        A::bias == B::bias && std::is_same_v<typename A::compression, typename B::compression>;
+
 }  // namespace cpet::nn
 
 namespace cpet::config {

@@ -54,6 +54,17 @@ public:
           attn_(w, s, stats ? &stats->attention_in : nullptr, stats ? &stats->o_in : nullptr),
           ffn_(w, s, stats ? &stats->ffn_in : nullptr, stats ? &stats->down_in : nullptr) {}
 
+    /// The same backbone under another PET policy: the compressed weights are moved over, not recompressed
+    /// (nn::compress builds a bare layer to measure its error, then hands it over in the caller's config).
+    template <LayerConfig C2>
+        requires(same_backbone<C, C2> && !std::is_same_v<C, C2>)
+    explicit TransformerLayer(TransformerLayer<C2>&& o)
+        : shape_(o.shape_),
+          norm1_(std::move(o.norm1_)),
+          norm2_(std::move(o.norm2_)),
+          attn_(std::move(o.attn_)),
+          ffn_(std::move(o.ffn_)) {}
+
     const layer_shape& shape() const noexcept { return shape_; }
     const Attention<C>& attention() const noexcept { return attn_; }
     const FFN<C>& ffn() const noexcept { return ffn_; }
@@ -193,6 +204,9 @@ public:
     }
 
 private:
+    template <LayerConfig>
+    friend class TransformerLayer;
+
     static const layer_shape& checked(const dense_layer_weights& w, const layer_shape& s) {
         check_weights(w, s, kind_of<C>);
         return s;

@@ -3,6 +3,7 @@
 
 #include "cpet/nn/attention.hpp"
 #include "cpet/nn/batch.hpp"
+#include "cpet/nn/compress.hpp"
 #include "cpet/nn/config.hpp"
 #include "cpet/nn/ffn.hpp"
 #include "cpet/nn/kv_cache.hpp"
