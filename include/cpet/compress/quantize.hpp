@@ -232,9 +232,11 @@ inline Eigen::MatrixXd gptq_hessian(ConstMatrixView<float> x) {
     return h;
 }
 
-/// GPTQ with a precomputed Hessian h [K, K] (e.g. accumulated over many calibration batches).
-inline quantized_weights quantize_gptq_hessian(ConstMatrixView<float> w, Eigen::MatrixXd h,
-                                               const quant_options& o = {}, const gptq_options& g = {}) {
+/// GPTQ with a precomputed Hessian h [K, K] (e.g. accumulated over many calibration batches). A template only so
+/// that the Cholesky code is compiled in the translation units that quantise, not in every one that includes this.
+template <class = void>
+quantized_weights quantize_gptq_hessian(ConstMatrixView<float> w, Eigen::MatrixXd h, const quant_options& o = {},
+                                        const gptq_options& g = {}) {
     check_shape(w, -1, -1, "quantize_gptq: w");
     const index_t n = w.rows(), k = w.cols();
     detail::check_options(n, k, o, "quantize_gptq");
@@ -320,8 +322,9 @@ inline quantized_weights quantize_gptq_hessian(ConstMatrixView<float> w, Eigen::
 }
 
 /// GPTQ of w [N, K] with calibration inputs x [n, K] (the activations that multiply w).
-inline quantized_weights quantize_gptq(ConstMatrixView<float> w, ConstMatrixView<float> calib,
-                                       const quant_options& o = {}, const gptq_options& g = {}) {
+template <class = void>
+quantized_weights quantize_gptq(ConstMatrixView<float> w, ConstMatrixView<float> calib, const quant_options& o = {},
+                                const gptq_options& g = {}) {
     check_shape(calib, -1, w.cols(), "quantize_gptq: calibration x");
     return quantize_gptq_hessian(w, gptq_hessian(calib), o, g);
 }

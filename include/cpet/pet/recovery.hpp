@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "cpet/compress/calibration.hpp"
@@ -41,36 +42,41 @@ struct residual_factors {
 
 /// Truncated SVD (Eigen BDCSVD in double) of W − Ŵ, activation-aware when `stats` holds sum_sq for every input
 /// channel. The singular values are split evenly (B = U·√Σ, A = √Σ·Vᵀ·diag(d)⁻¹) so neither factor is tiny.
-inline residual_factors svd_residual(ConstMatrixView<float> w, ConstMatrixView<float> w_hat, index_t rank,
-                                     const compress::calibration* stats = nullptr) {
+/// A template only so that BDCSVD (~15 s of compile time) is instantiated in the translation units that call it,
+/// not in every one that includes this header.
+template <class Real = double>
+residual_factors svd_residual(ConstMatrixView<float> w, ConstMatrixView<float> w_hat, index_t rank,
+                              const compress::calibration* stats = nullptr) {
+    static_assert(std::is_floating_point_v<Real>, "svd_residual<Real>: Real is the SVD's precision");
     check_shape(w_hat, w.rows(), w.cols(), "recovery SVD init: compressed weight");
     const index_t out = w.rows(), in = w.cols();
     require<shape_error>(rank >= 1 && rank <= std::min(in, out), "recovery SVD init: rank ", rank,
                          " outside [1, min(in, out) = ", std::min(in, out), "]");
-    using MD = Eigen::MatrixXd;
-    MD e = as_eigen(w).cast<double>() - as_eigen(w_hat).cast<double>();
-    Eigen::VectorXd d = Eigen::VectorXd::Ones(in);
+    using MD = Eigen::Matrix<Real, Eigen::Dynamic, Eigen::Dynamic>;
+    using VD = Eigen::Matrix<Real, Eigen::Dynamic, 1>;
+    MD e = as_eigen(w).template cast<Real>() - as_eigen(w_hat).template cast<Real>();
+    VD d = VD::Ones(in);
     if (stats && stats->samples > 0 && stats->channels() > 0) {
         require<shape_error>(stats->channels() == in, "recovery SVD init: calibration has ", stats->channels(),
                              " channels, the weight has ", in, " inputs");
-        for (index_t j = 0; j < in; ++j) d(j) = std::sqrt(stats->sum_sq[std::size_t(j)] / double(stats->samples));
+        for (index_t j = 0; j < in; ++j) d(j) = Real(std::sqrt(stats->sum_sq[std::size_t(j)] / double(stats->samples)));
         // a channel that never fired still gets a little weight (and a finite inverse)
-        const double floor = std::max(d.maxCoeff() * 1e-6, 1e-30);
+        const Real floor = std::max<Real>(d.maxCoeff() * Real(1e-6), Real(1e-30));
         for (index_t j = 0; j < in; ++j) d(j) = std::max(d(j), floor);
         e = e * d.asDiagonal();
     }
     residual_factors f;
-    f.residual_norm = e.norm();
+    f.residual_norm = double(e.norm());
     f.A = Matrix<float>(rank, in);
     f.B = Matrix<float>(out, rank);
     if (f.residual_norm == 0) return f;  // nothing was lost: R = 0
     Eigen::BDCSVD<MD> svd(e, Eigen::ComputeThinU | Eigen::ComputeThinV);
-    const Eigen::VectorXd& sv = svd.singularValues();
-    const Eigen::VectorXd root = sv.head(rank).cwiseSqrt();
-    f.captured = sv.head(rank).squaredNorm() / sv.squaredNorm();
-    as_eigen(f.B) = (svd.matrixU().leftCols(rank) * root.asDiagonal()).cast<float>();
+    const VD& sv = svd.singularValues();
+    const VD root = sv.head(rank).cwiseSqrt();
+    f.captured = double(sv.head(rank).squaredNorm() / sv.squaredNorm());
+    as_eigen(f.B) = (svd.matrixU().leftCols(rank) * root.asDiagonal()).template cast<float>();
     as_eigen(f.A) = (root.asDiagonal() * svd.matrixV().leftCols(rank).transpose() * d.cwiseInverse().asDiagonal())
-                        .cast<float>();
+                        .template cast<float>();
     return f;
 }
 
