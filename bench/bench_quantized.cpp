@@ -4,7 +4,8 @@
 // part of W8A8 costs).
 //
 // Names: <family>/<impl>/<M>x<N>x<K>/t<threads>, families gemm_wq, gemm_w4a8 (int4 × per-token int8), gemm_w8a8,
-// gemm_f32. Every run reports GOP/s
+// gemm_f32; gemm_wq/decode_* forces the decode kernel (rows in lanes) at large M, the baseline of gemm_wq's
+// blocked path there. Every run reports GOP/s
 // (2·M·N·K per call) and pct_peak of the fp32 FMA peak (bench/roofline.hpp); decode shapes (M <= 8) also GBps and
 // pct_bw, counting the bytes of the packed weights read per call, and rotate through copies of the weights
 // totalling more than 2× the L3 size (capped near 3 GiB), so each call streams them from DRAM as a decoder does.
@@ -12,6 +13,7 @@
 
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cpet/compress/quantize.hpp"
@@ -44,7 +46,9 @@ cc::quantized_weights make_weights(const shape& s, const cc::quant_options& o) {
     return cc::quantize_rtn(dense.view(), o);
 }
 
-void bench_wq(benchmark::State& st, shape s, int threads, cc::quant_options o) {
+/// Weight-only GEMM through gemm_wq (decode kernel below 32 rows, blocked GEMM over dequantised slices from 32), or,
+/// with `decode_kernel`, the decode kernel at any M (the pre-blocked path: the baseline of the large-M cases).
+void bench_wq_impl(benchmark::State& st, shape s, int threads, cc::quant_options o, bool decode_kernel) {
     cpet::set_num_threads(threads);
     const auto x = random_matrix(s.m, s.k, 1);
     Matrix<float> y(s.m, s.n);
@@ -56,11 +60,22 @@ void bench_wq(benchmark::State& st, shape s, int threads, cc::quant_options o) {
     for (const auto& q : w) views.push_back(cc::kernel_view(q));
     std::size_t i = 0;
     for (auto _ : st) {
-        cpet::kernels::gemm_wq(x.view(), views[i], y.view());
+        if (decode_kernel)
+            cpet::arch::dispatch(
+                [&](auto tag) { cpet::kernels::gemm_wq_decode(tag, x.view(), views[i], y.view(), nullptr); });
+        else
+            cpet::kernels::gemm_wq(x.view(), views[i], y.view());
         if (++i == views.size()) i = 0;
         benchmark::ClobberMemory();
     }
     finish(st, s, threads, bytes);
+}
+
+void bench_wq(benchmark::State& st, shape s, int threads, cc::quant_options o) {
+    bench_wq_impl(st, s, threads, o, false);
+}
+void bench_wq_decode(benchmark::State& st, shape s, int threads, cc::quant_options o) {
+    bench_wq_impl(st, s, threads, o, true);
 }
 
 /// int4 weights × per-token int8 activations (W4A8): the VNNI decode path of ggml's q4 × q8.
@@ -168,6 +183,13 @@ std::string shape_name(const shape& s) {
     return std::to_string(s.m) + "x" + std::to_string(s.n) + "x" + std::to_string(s.k);
 }
 
+/// "/<M>x<N>x<K>/t<threads>", appended piece by piece (GCC 12 warns, falsely, on `"/" + std::string` here).
+std::string name_tail(const shape& s, int t) {
+    std::string r("/");
+    r.append(shape_name(s)).append("/t").append(std::to_string(t));
+    return r;
+}
+
 template <class... Args>
 void add(const std::string& id, void (*fn)(benchmark::State&, shape, int, Args...), shape s, int t, Args... args) {
     benchmark::RegisterBenchmark(id.c_str(), fn, s, t, args...)
@@ -184,7 +206,7 @@ const bool registered = [] {
     for (int t : {1, 2})
         for (index_t m : {1, 8, 128, 512}) {
             const shape s{m, n, k};
-            const std::string tail = "/" + shape_name(s) + "/t" + std::to_string(t);
+            const std::string tail = name_tail(s, t);
             if (m <= 128) {
                 add("gemm_wq/cpet_int8" + tail, bench_wq, s, t, int8_pc);
                 add("gemm_wq/cpet_int4_g128" + tail, bench_wq, s, t, int4_g128);
@@ -195,6 +217,19 @@ const bool registered = [] {
             add("gemm_w8a8/onednn_u8s8s32" + tail, bench_onednn_s8, s, t);
 #endif
             add("gemm_f32/cpet_dense" + tail, bench_dense, s, t);
+        }
+    // Large M, weight-only beside dense fp32 on the same shapes (BERT-base FFN at 128 tokens, a 4096² layer, the
+    // crossover rows): cpet_* is gemm_wq (blocked GEMM over dequantised slices from M = 32), decode_* the decode
+    // kernel forced at the same M (the path large M took before).
+    for (int t : {1, 2})
+        for (const shape& s : {shape{16, 4096, 4096}, shape{32, 4096, 4096}, shape{64, 4096, 4096},
+                               shape{128, 4096, 4096}, shape{128, 768, 3072}, shape{128, 3072, 768}}) {
+            const std::string tail = name_tail(s, t);
+            for (const auto& [name, o] : {std::pair{"int8", int8_pc}, std::pair{"int4_g128", int4_g128}}) {
+                if (s.n != 4096 || s.m != 128) add(std::string("gemm_wq/cpet_") + name + tail, bench_wq, s, t, o);
+                add(std::string("gemm_wq/decode_") + name + tail, bench_wq_decode, s, t, o);
+            }
+            if (s.n != 4096 || s.m != 128) add("gemm_f32/cpet_dense" + tail, bench_dense, s, t);
         }
     return true;
 }();

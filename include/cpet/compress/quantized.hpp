@@ -14,12 +14,12 @@
 // and the usual ones have names: int8_per_channel, int4_g128, w8a8, w8a8_smooth, w4a8_g128, and _gptq twins.
 //
 // The format (quantized_format<Bits, Granularity, Symmetry, Activations>) holds formats::quantized_weights.
-//   matmul : y = act(x·Ŵᵀ + bias + s·U·Bᵀ) + residual. The quantized kernels fuse only the bias, so the rest of
-//            the epilogue is a second step over y: the low-rank term as one thin GEMM added into y, then one
-//            SIMD pass for activation + residual (kernels::gemm_detail::store_tile, the fp32 GEMM's own tile
-//            epilogue). MISSED FUSION: the fp32 GEMM applies all of it on the tile while it is in registers;
-//            here it costs one extra read + write of y (two with a low-rank term). When the residual aliases y
-//            (in-place residual add, as the layer does) it is saved first — a third copy, only in that case.
+//   matmul : y = act(x·Ŵᵀ + bias + s·U·Bᵀ) + residual. Weight-only at M ≥ kernels::wq_blocked_rows runs the
+//            fp32 GEMM's blocked loops over slices dequantised into L1, so the whole epilogue is applied on the
+//            tile like the dense GEMM's. The decode kernel (small M) and the int8-activation kernels fuse only the
+//            bias; the rest is a second step over y: the low-rank term as one thin GEMM added into y, then one
+//            SIMD pass for activation + residual (kernels::gemm_detail::store_tile). MISSED FUSION there: one
+//            extra read + write of y (two with a low-rank term); a residual aliasing y is saved first.
 //   matmul_t: dx = dy·Ŵ, by dequantising 64-row blocks of Ŵ into a scratch tile and one Eigen GEMM per block
 //            (exactly the values every kernel multiplies: s·(q − z) in fp32).
 // The Activations choice is validated at compile time: int8 activations with group-wise int8 weights have no
@@ -258,6 +258,8 @@ public:
     void matmul(Arch tag, ConstMatrixView<float> x, MatrixView<float> y, const kernels::epilogue& ep) const {
         if (x.rows() == 0 || out_features() == 0) return;
         const kernels::wq_weights w = kernel_view(q_);
+        if constexpr (!int8_activations)  // the blocked path (large M) applies the whole epilogue on the tile
+            if (kernels::gemm_wq_fuses_epilogue(tag, x.rows())) return kernels::gemm_wq(tag, x, w, y, ep);
         run_split_epilogue(tag, y, ep, [&](const float* bias) {
             if constexpr (!int8_activations) kernels::gemm_wq(tag, x, w, y, bias);
             else if constexpr (Bits::bits == qbits::int8) kernels::gemm_s8(x, w, y, bias, act_scale());

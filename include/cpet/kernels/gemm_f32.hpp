@@ -141,7 +141,7 @@ inline constexpr index_t nc_panels = CPET_GEMM_F32_NC;
 
 /// Grows-only thread-local scratch: no allocation in the hot loops and, after the first call, none per call.
 inline float* scratch(int slot, std::size_t n) {
-    thread_local aligned_buffer<float> bufs[3];
+    thread_local aligned_buffer<float> bufs[4];
     if (bufs[slot].size() < n) bufs[slot].reset(n);
     return bufs[slot].data();
 }
@@ -411,19 +411,43 @@ void gemv_simd(ConstMatrixView<float> x, const packed_weights_f32& w, MatrixView
 
 // ---------------------------------------------------------------------------------------------------------------
 // Blocked GEMM (M > 8).
+//
+// The weights come from a "B source": something that hands out the 32-column × kc K-major slice of panel p at k0
+// (row stride nr), the layout of packed_weights_f32's panels. Sources provide
+//     rows(), cols(), panels()                  N, K and ceil(N / 32)
+//     slice(p, k0, kc) -> const float*          valid until the next slice() call of the same thread
+//     k_align                                   every K slice but the last starts and ends on a multiple of it
+//     in_place                                  slices point into the stored weights (so the next panel's slice
+//                                               is worth prefetching into L2 while this one is in use)
+// packed_b_source reads the fp32 panels in place; kernels/gemm_wq.hpp dequantises int8 / int4 panels into a
+// per-thread slice, once per (panel, K slice, row block), so the cost is spread over up to mc_rows rows of x.
+
+/// B source over packed fp32 panels: the slice is the panel itself, no copy.
+struct packed_b_source {
+    const packed_weights_f32& w;
+    static constexpr index_t k_align = 1;
+    static constexpr bool in_place = true;
+    index_t rows() const noexcept { return w.rows(); }
+    index_t cols() const noexcept { return w.cols(); }
+    index_t panels() const noexcept { return w.panels(); }
+    const float* slice(index_t p, index_t k0, index_t) const noexcept { return w.panel(p) + k0 * nr; }
+};
 
 /// One thread's rectangle: rows [m0, m1) × panels [p0, p1) of the output.
-template <class Arch>
-void gemm_block(ConstMatrixView<float> x, const packed_weights_f32& w, MatrixView<float> y, const epilogue& ep,
-                const float* lr, index_t m0, index_t m1, index_t p0, index_t p1) {
+template <class Arch, class Src>
+void gemm_block(ConstMatrixView<float> x, const Src& w, MatrixView<float> y, const epilogue& ep, const float* lr,
+                index_t m0, index_t m1, index_t p0, index_t p1) {
     using T = tiling<Arch>;
     constexpr index_t MR = T::mr;
     constexpr index_t MC = (mc_rows + MR - 1) / MR * MR;
+    constexpr index_t KA = Src::k_align;
+    static_assert(kc_max % KA == 0, "the K slice must hold whole k_align units");
     const index_t N = w.rows(), K = w.cols(), rank = ep.rank;
     if (m1 <= m0 || p1 <= p0) return;
-    // K slices of (nearly) equal length ≤ kc_max; K = 0 still takes one (empty) slice so the epilogue runs.
+    // K slices of (nearly) equal length ≤ kc_max, rounded up to k_align; K = 0 still takes one (empty) slice so
+    // the epilogue runs.
     const index_t kslices = std::max<index_t>(1, (K + kc_max - 1) / kc_max);
-    const index_t kc_len = (K + kslices - 1) / kslices;
+    const index_t kc_len = ((K + kslices - 1) / kslices + KA - 1) / KA * KA;
     const index_t mc_cap = std::min(MC, (m1 - m0 + MR - 1) / MR * MR);
     // +16 floats: a row stride of a multiple of 4 KiB would put all MR rows of a tile in the same L1 set
     const index_t ldc = std::min(nc_panels, p1 - p0) * nr + 16;
@@ -441,33 +465,57 @@ void gemm_block(ConstMatrixView<float> x, const packed_weights_f32& w, MatrixVie
                 const index_t k0 = ks * kc_len, kc = std::min(kc_len, K - k0);
                 const bool last = ks + 1 == kslices;
                 pack_a(x.row(mc0) + k0, x.stride(), mc, std::min(slivers * MR, (mc + 1) / 2 * 2), kc, apack);
-                for (index_t p = 0; p < ncp; ++p)
+                for (index_t p = 0; p < ncp; ++p) {
+                    if ((nc0 + p) * nr >= N) break;
+                    const float* slice = w.slice(nc0 + p, k0, kc);
+                    // the first sliver fetches the next panel's slice into L2 (panels are K·128 bytes apart,
+                    // too far for the hardware prefetcher to guess); the others re-touch their own slice
+                    const float* next = Src::in_place && p + 1 < ncp ? w.slice(nc0 + p + 1, k0, kc) : slice;
                     for (index_t ct = 0; ct < T::col_tiles; ++ct) {
                         const index_t n0 = (nc0 + p) * nr + ct * T::tn;
                         if (n0 >= N) break;
-                        const float* bp = w.panel(nc0 + p) + k0 * nr + ct * T::tn;
+                        const float* bp = slice + ct * T::tn;
                         const float* lp = rank ? lr + (nc0 + p) * rank * nr + ct * T::tn : nullptr;
-                        // the first sliver fetches the next panel's slice into L2 (panels are K·128 bytes apart,
-                        // too far for the hardware prefetcher to guess); the others re-touch their own slice
-                        const float* next = p + 1 < ncp ? w.panel(nc0 + p + 1) + k0 * nr : bp;
+                        const float* pf = next == slice ? bp : next;
                         for (index_t s = 0; s < slivers; ++s) {
                             const index_t rows = std::min(MR, mc - s * MR);
                             float* c = cbuf + s * MR * ldc + p * nr + ct * T::tn;
                             microkernel_rows<Arch, MR, T::nv>(rows, kc, apack + s * MR * a_stride, bp, last ? rank : 0,
                                                               upack + s * MR * rank, lp, c, ldc, ks > 0,
-                                                              s == 0 ? next : bp);
+                                                              s == 0 ? pf : bp);
                             if (last)
                                 store_tile(Arch{}, c, ldc, rows, std::min(T::tn, N - n0), mc0 + s * MR, n0, y, ep);
                         }
                     }
+                }
             }
         }
     }
 }
 
+/// M > 8 over any B source: threads split the panels, or rows when there are too few panels to balance.
+/// lr: the low-rank B packed by pack_lowrank_b (or null when ep.rank = 0).
+template <class Arch, class Src>
+void gemm_blocked(ConstMatrixView<float> x, const Src& w, MatrixView<float> y, const epilogue& ep, const float* lr,
+                  int threads) {
+    using T = tiling<Arch>;
+    const index_t M = x.rows();
+    const index_t panels = w.panels(), slivers = (M + T::mr - 1) / T::mr;
+    parallel_region(threads, [&](int t, int nt) {
+        // Split the panels (each thread streams its own part of W once) unless there are too few of them to
+        // balance; then split M in whole slivers.
+        if (panels >= 4 * nt || slivers < nt) {
+            const auto [p0, p1] = split(panels, t, nt);
+            gemm_block<Arch>(x, w, y, ep, lr, 0, M, p0, p1);
+        } else {
+            const auto [s0, s1] = split(slivers, t, nt);
+            gemm_block<Arch>(x, w, y, ep, lr, s0 * T::mr, std::min(M, s1 * T::mr), 0, panels);
+        }
+    });
+}
+
 template <class Arch>
 void gemm_simd(ConstMatrixView<float> x, const packed_weights_f32& w, MatrixView<float> y, const epilogue& ep) {
-    using T = tiling<Arch>;
     const index_t M = x.rows(), N = w.rows(), K = w.cols();
     if (M == 0 || N == 0) return;
     const aligned_buffer<float> lr = pack_lowrank_b(ep, N, w.panels());
@@ -476,18 +524,7 @@ void gemm_simd(ConstMatrixView<float> x, const packed_weights_f32& w, MatrixView
         gemv_simd<Arch>(x, w, y, ep, lr.data(), threads);
         return;
     }
-    const index_t panels = w.panels(), slivers = (M + T::mr - 1) / T::mr;
-    parallel_region(threads, [&](int t, int nt) {
-        // Split the panels (each thread streams its own part of W once) unless there are too few of them to
-        // balance; then split M in whole slivers.
-        if (panels >= 4 * nt || slivers < nt) {
-            const auto [p0, p1] = split(panels, t, nt);
-            gemm_block<Arch>(x, w, y, ep, lr.data(), 0, M, p0, p1);
-        } else {
-            const auto [s0, s1] = split(slivers, t, nt);
-            gemm_block<Arch>(x, w, y, ep, lr.data(), s0 * T::mr, std::min(M, s1 * T::mr), 0, panels);
-        }
-    });
+    gemm_blocked<Arch>(x, packed_b_source{w}, y, ep, lr.data(), threads);
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -12,6 +12,12 @@
 //
 // Blocking: threads split the panels (parallel_for, contiguous chunks of panels per thread); inside a panel the
 // rows of x go in blocks of MR (8 on AVX-512, 3 on AVX2) so each decoded weight register is used MR times.
+//
+// That decode kernel keeps output rows in lanes, so every FMA pays a decode: at large M it is compute-bound and
+// slower than the fp32 GEMM. From wq_blocked_rows rows of x the SIMD paths run the fp32 GEMM's blocked loops and
+// microkernels (gemm_f32.hpp) instead, over a "B source" that dequantises two 16-row panels at a time into a
+// per-thread 32-column × kc fp32 slice (s·q − s·z: one FMA per 16 values), once per slice and row block, and
+// the GEMM's tile epilogue applies bias, activation, low-rank term and residual (gemm_wq_fuses_epilogue).
 #pragma once
 
 #include <algorithm>
@@ -23,6 +29,7 @@
 #include "cpet/core/error.hpp"
 #include "cpet/core/matrix.hpp"
 #include "cpet/core/parallel.hpp"
+#include "cpet/kernels/gemm_f32.hpp"
 
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -31,13 +38,24 @@
 #ifndef CPET_WQ_PREFETCH
 #define CPET_WQ_PREFETCH 8192
 #endif
+#ifndef CPET_WQ_PREFETCH_LOCALITY
+#define CPET_WQ_PREFETCH_LOCALITY 2
+#endif
+#ifndef CPET_WQ_PREFETCH_NEAR
+#define CPET_WQ_PREFETCH_NEAR 1024
+#endif
 
 namespace cpet::kernels {
 
 inline constexpr index_t wq_panel_rows = 16;   ///< output rows per packed panel
 inline constexpr index_t wq_chunk_bytes = 64;  ///< bytes per packed chunk (16 rows × one 32-bit lane)
-/// How far ahead of the packed-weight stream the decode kernels prefetch (bytes; measured on this Xeon).
+/// How far ahead of the packed-weight stream the decode kernels prefetch (bytes), and into which level: L2
+/// (prefetcht1, locality 2) like the fp32 GEMV; plus a second, L1 prefetch `wq_prefetch_near_bytes` ahead.
+/// Measured at M = 1, 4096² weights streamed from DRAM, one thread (CPU time, the machine shared): no software
+/// prefetch ~1.4x slower; far prefetch into L1 instead of L2 ~5-10 % slower; 4-32 KiB ahead alike; the near
+/// prefetch (1 KiB; 2-4 KiB about as good) ~8 % faster for int8, ~4 % for int4 (which is bound by its decode).
 inline constexpr index_t wq_prefetch_bytes = CPET_WQ_PREFETCH;
+inline constexpr index_t wq_prefetch_near_bytes = CPET_WQ_PREFETCH_NEAR;
 
 /// Kernel-facing view of packed quantized weights (see compress::kernel_view).
 struct wq_weights {
@@ -206,9 +224,12 @@ void gemm_wq_tile(const wq_weights& w, const wq_activations& a, index_t p, index
         const std::uint8_t* chunk = base + g * chunks_per_group * wq_chunk_bytes;
         index_t k0 = g * w.group;
         for (index_t c = 0; c < chunks_per_group; ++c, chunk += wq_chunk_bytes, k0 += ck) {
-            // Software prefetch a few lines ahead of the stream: at M = 1 the decode work between loads keeps
-            // too few misses in flight for the hardware prefetcher alone to reach DRAM bandwidth.
-            __builtin_prefetch(chunk + wq_prefetch_bytes);
+            // Software prefetch ahead of the stream: at M = 1 the decode work between loads keeps too few misses
+            // in flight for the hardware prefetcher alone to reach DRAM bandwidth. Far ahead into L2, and again
+            // a little ahead into L1 so that the demand loads do not wait on L2 either.
+            if constexpr (wq_prefetch_bytes > 0)
+                __builtin_prefetch(chunk + wq_prefetch_bytes, 0, CPET_WQ_PREFETCH_LOCALITY);
+            if constexpr (wq_prefetch_near_bytes > 0) __builtin_prefetch(chunk + wq_prefetch_near_bytes, 0, 3);
             for (int v = 0; v < V; ++v) {
                 const I q = I::load_aligned(reinterpret_cast<const std::int32_t*>(chunk) + v * L);
                 auto step = [&](const F& wf, index_t kk, int t) {
@@ -290,11 +311,119 @@ void gemm_wq_panel(Arch, const wq_weights& w, const wq_activations& a, index_t p
     }
 }
 
+// ---- large M (wq_blocked_rows and up): the fp32 blocked GEMM over dequantised slices -----------------------
+
+/// Dequantises rows k0 .. k1 (multiples of the chunk) of wq panel q into dst (K-major, row stride
+/// gemm_detail::nr, 16 columns): dst[(k − k0)·nr + i] = s·q − s·z, the scale line folded into one FMA per value.
+/// Prefetches the same chunks of panel q + 2, which the next slice of the blocked GEMM decodes.
+template <int Bits, class Arch>
+inline void wq_dequant_panel(const wq_weights& w, index_t q, index_t k0, index_t k1, float* dst) noexcept {
+    using F = fbatch<Arch>;
+    using I = ibatch<Arch>;
+    constexpr int L = static_cast<int>(F::size);
+    constexpr int V = static_cast<int>(wq_panel_rows) / L;
+    constexpr index_t ck = Bits == 8 ? 4 : 8;
+    constexpr index_t nr = gemm_detail::nr;
+    const std::uint8_t* chunk = w.panel(q) + (k0 / ck) * wq_chunk_bytes;
+    const index_t ahead = q + 2 < w.panels() ? 2 * (w.k_pad / ck) * wq_chunk_bytes : 0;
+    for (index_t g = k0 / w.group; g * w.group < k1; ++g) {
+        const index_t ga = std::max(k0, g * w.group), gb = std::min(k1, (g + 1) * w.group);
+        const float* sl = w.scale_line(q, g);
+        const float* zl = w.zero_line(q, g);
+        F s[V], c[V];
+        for (int v = 0; v < V; ++v) {
+            const F sv = F::load_aligned(sl + v * L);
+            c[v] = zl ? -(sv * F::load_aligned(zl + v * L)) : F(0.f);
+            s[v] = Bits == 8 ? sv * F(0x1p-24f) : sv;  // decode_byte yields q·2²⁴ (exact rescale)
+        }
+        for (index_t k = ga; k < gb; k += ck, chunk += wq_chunk_bytes) {
+            if (ahead) __builtin_prefetch(chunk + ahead);
+            float* d = dst + (k - k0) * nr;
+            for (int v = 0; v < V; ++v) {
+                const I qv = I::load_aligned(reinterpret_cast<const std::int32_t*>(chunk) + v * L);
+                auto put = [&](const F& qf, index_t kk) {
+                    xsimd::fma(qf, s[v], c[v]).store_aligned(d + kk * nr + v * L);
+                };
+                if constexpr (Bits == 8) {
+                    put(decode_byte<0, Arch>(qv), 0);
+                    put(decode_byte<1, Arch>(qv), 1);
+                    put(decode_byte<2, Arch>(qv), 2);
+                    put(decode_byte<3, Arch>(qv), 3);
+                } else {  // nibble order k0 k4 k1 k5 k2 k6 k3 k7
+                    put(decode_nibble<0, Arch>(qv), 0);
+                    put(decode_nibble<1, Arch>(qv), 4);
+                    put(decode_nibble<2, Arch>(qv), 1);
+                    put(decode_nibble<3, Arch>(qv), 5);
+                    put(decode_nibble<4, Arch>(qv), 2);
+                    put(decode_nibble<5, Arch>(qv), 6);
+                    put(decode_nibble<6, Arch>(qv), 3);
+                    put(decode_nibble<7, Arch>(qv), 7);
+                }
+            }
+        }
+    }
+}
+
+/// B source of gemm_detail::gemm_block (see gemm_f32.hpp) over packed int8 / int4 weights: the 32-column slice of
+/// fp32 panel p is wq panels 2p and 2p + 1, dequantised into a per-thread buffer. The blocked GEMM asks for each
+/// slice once per row block (up to gemm_detail::mc_rows rows of x), so decoding costs ~1/mc of the FMAs.
+template <class Arch>
+struct wq_b_source {
+    const wq_weights& w;
+    static constexpr index_t k_align = 8;  // slices start on a chunk boundary (int4: 8 k, int8: 4 k)
+    static constexpr bool in_place = false;
+    index_t rows() const noexcept { return w.n; }
+    index_t cols() const noexcept { return w.k; }
+    index_t panels() const noexcept { return (w.n + gemm_detail::nr - 1) / gemm_detail::nr; }
+    const float* slice(index_t p, index_t k0, index_t kc) const noexcept {
+        constexpr index_t nr = gemm_detail::nr;
+        // + 8 rows: the last slice's final chunk is decoded whole (rows past kc, zero weights, are not read)
+        float* buf = gemm_detail::scratch(3, static_cast<std::size_t>((gemm_detail::kc_max + 8) * nr));
+        const index_t ck = w.chunk_k();
+        const index_t k1 = (k0 + kc + ck - 1) / ck * ck;
+        for (index_t half = 0; half < 2; ++half) {
+            const index_t q = 2 * p + half;
+            float* dst = buf + half * wq_panel_rows;
+            if (q >= w.panels()) {  // N ≤ 32p + 16: columns past N are computed but never stored; keep them finite
+                for (index_t k = 0; k < k1 - k0; ++k) std::fill_n(dst + k * nr, wq_panel_rows, 0.f);
+            } else if (w.bits == 8) {
+                wq_dequant_panel<8, Arch>(w, q, k0, k1, dst);
+            } else {
+                wq_dequant_panel<4, Arch>(w, q, k0, k1, dst);
+            }
+        }
+        return buf;
+    }
+};
+
+/// The blocked path at any M (gemm_wq takes it from wq_blocked_rows rows; tests force it below): the fp32 GEMM's
+/// blocking, microkernels and full epilogue over dequantised slices; no checks.
+template <class Arch>
+void gemm_wq_blocked(Arch, ConstMatrixView<float> x, const wq_weights& w, MatrixView<float> y, const epilogue& ep) {
+    static_assert(arch::is_simd_v<Arch>, "gemm_wq_blocked: SIMD paths only");
+    const wq_b_source<Arch> src{w};
+    const aligned_buffer<float> lr = gemm_detail::pack_lowrank_b(ep, w.n, src.panels());
+    gemm_detail::gemm_blocked<Arch>(x, src, y, ep, lr.data(), gemm_detail::threads_for(x.rows(), w.n, w.k));
+}
+
 }  // namespace detail
 
-/// The kernel body on one path; no checks (callers checked the shapes).
+/// Rows of x from which the SIMD paths run the blocked fp32 GEMM over dequantised slices instead of the decode
+/// kernel. Measured on the target Xeon (bench_quantized, gemm_wq/cpet_* against gemm_wq/decode_*, 4096², one
+/// thread): the decode kernel is ~20 % faster at M = 16 and ~5 % at 24 (decoding a slice costs ~1/M of its
+/// FMAs, and the 14-row tiles leave a short sliver), they tie at 32, the blocked GEMM is ~10 % faster at 64.
+inline constexpr index_t wq_blocked_rows = 32;
+
+/// Whether gemm_wq(tag, ...) with M rows applies the whole epilogue (bias, activation, low-rank, residual) on
+/// the tile; otherwise (the decode kernel, and the scalar path) it fuses only the bias.
 template <class Arch>
-void gemm_wq(Arch tag, ConstMatrixView<float> x, const wq_weights& w, MatrixView<float> y, const float* bias) {
+constexpr bool gemm_wq_fuses_epilogue(Arch, index_t m) noexcept {
+    return arch::is_simd_v<Arch> && m >= wq_blocked_rows;
+}
+
+/// The decode kernel on one path (any M; the bias only); no checks.
+template <class Arch>
+void gemm_wq_decode(Arch tag, ConstMatrixView<float> x, const wq_weights& w, MatrixView<float> y, const float* bias) {
     const detail::wq_activations a = detail::pack_wq_activations(x, w);
     const index_t M = x.rows();
     // Decode (small M) streams each panel once for all rows of x; a large M is split into row blocks that stay
@@ -308,6 +437,29 @@ void gemm_wq(Arch tag, ConstMatrixView<float> x, const wq_weights& w, MatrixView
         else
             for (index_t p = 0; p < w.panels(); ++p) body(p);
     }
+}
+
+/// The kernel body on one path; no checks (callers checked the shapes). Applies all of `ep` when
+/// gemm_wq_fuses_epilogue(tag, M); otherwise `ep` may hold only a bias (shape_error if it holds more).
+template <class Arch>
+void gemm_wq(Arch tag, ConstMatrixView<float> x, const wq_weights& w, MatrixView<float> y, const epilogue& ep) {
+    const index_t M = x.rows();
+    if (M == 0) return;
+    if constexpr (arch::is_simd_v<Arch>) {
+        if (gemm_wq_fuses_epilogue(tag, M)) return detail::gemm_wq_blocked(tag, x, w, y, ep);
+    }
+    require<shape_error>(ep.act == activation::none && !ep.residual && ep.rank == 0, "gemm_wq: with ", M,
+                         " rows on the ", arch::name(arch::isa_of<Arch>()),
+                         " path the kernel fuses only the bias; apply the rest of the epilogue after it");
+    gemm_wq_decode(tag, x, w, y, ep.bias);
+}
+
+/// The same with a bias only (or none).
+template <class Arch>
+void gemm_wq(Arch tag, ConstMatrixView<float> x, const wq_weights& w, MatrixView<float> y, const float* bias) {
+    epilogue ep;
+    ep.bias = bias;
+    gemm_wq(tag, x, w, y, ep);
 }
 
 /// Throws shape_error / format_error unless w is a consistent packed weight of the documented layout.
