@@ -1,5 +1,6 @@
 // bench/bench_sparse.cpp — sparse GEMMs y = x·Ŵᵀ (W [N, K]) against the dense fp32 GEMM in the same binary:
-// N:M 2:4 (fp32 and int8 values) and unstructured SELL-16 at 50–95 % sparsity (to find where it beats dense).
+// N:M 2:4 (fp32 and int8 values; N = K = 2048, 4096 and the BERT-base FFN shapes 3072×768, 768×3072 at
+// M = 128, 256) and unstructured SELL-16 at 50–95 % sparsity (to find where it beats dense).
 //
 // Names: <family>/<impl>/<M>x<N>x<K>/t<threads>: gemm_sparse/cpet_2of4, gemm_sparse/cpet_2of4_int8,
 // gemm_sparse/cpet_unstructured_s<percent>, gemm_f32/cpet (kernels::gemm_f32 on packed_weights_f32). Every run
@@ -88,15 +89,21 @@ void add(const std::string& id, void (*fn)(benchmark::State&, shape, int, Args..
 const bool registered = [] {
     for (int t : {1, 2}) {
         const std::string ts = "/t" + std::to_string(t);
-        // 2:4 vs dense at N = K ∈ {2048, 4096}
+        // 2:4 vs dense at N = K ∈ {2048, 4096} (decode and prefill) and the BERT-base FFN shapes (prefill)
+        std::vector<shape> shapes;
         for (index_t nk : {2048, 4096})
-            for (index_t m : {1, 8, 128}) {
-                const shape s{m, nk, nk};
-                const std::string tail = "/" + shape_name(s) + ts;
-                add("gemm_sparse/cpet_2of4" + tail, bench_nm, s, t, cc::sparse_values::f32);
-                add("gemm_sparse/cpet_2of4_int8" + tail, bench_nm, s, t, cc::sparse_values::int8);
-                if (nk != 4096 || m == 8) add("gemm_f32/cpet" + tail, bench_dense, s, t);
-            }
+            for (index_t m : {1, 8, 128, 256}) shapes.push_back({m, nk, nk});
+        for (index_t m : {128, 256}) {
+            shapes.push_back({m, 3072, 768});
+            shapes.push_back({m, 768, 3072});
+        }
+        for (const shape& s : shapes) {
+            const std::string tail = "/" + shape_name(s) + ts;
+            add("gemm_sparse/cpet_2of4" + tail, bench_nm, s, t, cc::sparse_values::f32);
+            add("gemm_sparse/cpet_2of4_int8" + tail, bench_nm, s, t, cc::sparse_values::int8);
+            const bool below = s.n == 4096 && s.k == 4096 && (s.m == 1 || s.m == 128);  // registered below
+            if (!below) add("gemm_f32/cpet" + tail, bench_dense, s, t);
+        }
         // unstructured vs dense at 4096², M = 1 and 128
         for (index_t m : {1, 128}) {
             const shape s{m, 4096, 4096};

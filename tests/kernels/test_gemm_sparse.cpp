@@ -86,7 +86,7 @@ void check_one(const Packed& s, index_t m, unsigned seed) {
 }  // namespace
 
 TEST_CASE("N:M fp32 and int8 kernels match the dense reference on every path and awkward shape") {
-    // M >= kernels::sparse_detail::nm_lanes_m_threshold (48) takes the x-rows-in-lanes kernel on SIMD paths
+    // M >= kernels::sparse_detail::nm_lanes_m_threshold (32) takes the x-rows-in-lanes kernel on SIMD paths
     const std::vector<index_t> ms{1, 7, 8, 9, 33, 47, 48, 65, 128};
     const std::vector<index_t> ns{1, 7, 33, 127};
     for (nm_pattern pat : {nm_pattern{2, 4}, nm_pattern{1, 4}, nm_pattern{4, 8}, nm_pattern{1, 2}, nm_pattern{3, 16}}) {
@@ -118,6 +118,36 @@ TEST_CASE("N:M fp32 and int8 kernels match the dense reference on every path and
     }
 }
 
+TEST_CASE("large-M N:M kernel: every row-block width, K blocks with a tail, several panel chunks") {
+    // M >= 48 on SIMD paths: blocks of MV·L rows of x (MV = 8 on AVX-512, 4 on AVX2; the last block takes the MV
+    // that covers it), K in blocks of kernels::sparse_detail::nm_t_kc with a shorter last block, panels in chunks
+    // (32 panels at MV = 8 on AVX-512), finished chunks stored row segment by row segment.
+    const std::vector<index_t> ms{48, 49, 63, 127, 128, 129, 200, 257};
+    unsigned seed = 700;
+    for (nm_pattern pat : {nm_pattern{2, 4}, nm_pattern{1, 4}, nm_pattern{4, 8}, nm_pattern{3, 16}}) {
+        CAPTURE(pat.n);
+        CAPTURE(pat.m);
+        // K: one block plus a tail, and several blocks plus a tail (multiples of the group M)
+        for (index_t k : {kernels::sparse_detail::nm_t_kc + 16, 3 * kernels::sparse_detail::nm_t_kc + 16})
+            for (index_t n : {7, 33, 1100}) {
+                if (n == 1100 && k > kernels::sparse_detail::nm_t_kc + 16) continue;  // keeps the run short
+                const auto w = testing::random_matrix(n, k, ++seed);
+                const auto f = compress::prune_nm(w.view(), pat);
+                const auto q = compress::prune_nm(w.view(), pat, sparsity_score::magnitude, nullptr, sparse_values::int8);
+                testing::for_each_isa([&](arch::isa) {
+                    for (index_t m : ms) {
+                        if (n == 1100 && m != 200) continue;
+                        CAPTURE(m);
+                        CAPTURE(n);
+                        CAPTURE(k);
+                        check_one(f, m, seed * 13 + unsigned(m));
+                        check_one(q, m, seed * 17 + unsigned(m));
+                    }
+                });
+            }
+    }
+}
+
 TEST_CASE("unstructured SELL-16 kernel matches the dense reference on every path") {
     unsigned seed = 300;
     for (double sp : {0.0, 0.5, 0.9, 0.99})
@@ -139,7 +169,9 @@ TEST_CASE("unstructured SELL-16 kernel matches the dense reference on every path
 }
 
 TEST_CASE("epilogue: bias, activation and an aliased residual on every path") {
-    const index_t m = 9, n = 37, k = 64;
+  for (index_t m : {9, 70}) {  // 70: the large-M N:M kernel
+    CAPTURE(m);
+    const index_t n = 37, k = 64;
     const auto w = testing::random_matrix(n, k, 1);
     const auto f = compress::prune_nm(w.view(), {2, 4});
     const auto u = compress::prune_unstructured(w.view(), 0.8);
@@ -165,6 +197,7 @@ TEST_CASE("epilogue: bias, activation and an aliased residual on every path") {
             CHECK(testing::max_abs_error(y.view(), ref) < 1e-4);
         });
     }
+  }
 }
 
 TEST_CASE("1 and 2 threads give identical results") {

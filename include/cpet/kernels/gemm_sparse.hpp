@@ -13,15 +13,15 @@
 //   int8: the same with 16 int8 values per slot (sign-extended and converted), the per-row scale applied once.
 //   SELL: per slot one load of 16 values, one of 16 uint16 columns (widened), and per row of x one gather of
 //         x[col] (vgatherdps) and one FMA. Gathers are slow, so this pays only at high sparsity (bench_sparse).
-// At M ≥ 48 the permute (port 5 only) would pair with every FMA and cap the N:M kernel at half the FMA peak, so
-// N:M switches to x rows in lanes (nm_lanes_m below: x transposed per call into L1 blocks, one broadcast of each
-// kept value and 4 FMAs with contiguous x vectors; half the FMAs of dense at ~0.8 FMA/cycle in L1 on this machine),
-// and SELL likewise (sell_lanes_m: the whole K of 64 rows of x transposed into L2, no gathers).
+// At M ≥ 32 the permute (port 5, shared with the FMAs) would pair with every FMA and cap the N:M kernel at half the
+// FMA peak, so N:M switches to x rows in lanes (nm_lanes_m below: x transposed per call, one broadcast of each kept
+// value and up to 8 FMAs with contiguous x vectors; half the FMAs of dense at ~1.4 FMA/cycle in L1, bound by loads),
+// and SELL likewise from M ≥ 48 (sell_lanes_m: the whole K of 64 rows of x transposed into L2, no gathers).
 // Why not decompress-to-L1 + the dense microkernel: that keeps every FMA of the dense GEMM (it only saves weight
 // bytes, which do not bound large M), so it cannot beat dense there.
 // Threads split the panels (parallel_for / parallel_region, contiguous chunks) when a call has enough work; M is
 // blocked by 64 rows so a panel's weights stay in L2 while its tiles run. The epilogue (bias, activation, residual)
-// is gemm_f32's store_tile on each finished 16-column tile; the low-rank term is rejected (format_error).
+// is gemm_f32's store_tile on finished tiles; the low-rank term is rejected (format_error).
 #pragma once
 
 #include <algorithm>
@@ -38,13 +38,6 @@
 
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
-#endif
-
-#ifndef CPET_SPARSE_MV
-#define CPET_SPARSE_MV 4
-#endif
-#ifndef CPET_SPARSE_KC
-#define CPET_SPARSE_KC 64
 #endif
 
 namespace cpet::kernels {
@@ -107,6 +100,41 @@ struct isa_ops<xsimd::avx512bw> {
         return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c)));
     }
     static F gather(const float* base, const I& idx) noexcept { return _mm512_i32gather_ps(idx, base, 4); }
+    /// w0 = v[0], w1 = v[1] in every lane: one 8-byte broadcast load and two in-lane shuffles instead of two
+    /// broadcast loads (the large-M N:M kernel is bound by its loads).
+    static void broadcast_pair(const float* v, F& w0, F& w1) noexcept {
+        double d;
+        std::memcpy(&d, v, sizeof d);
+        const __m512 t = _mm512_castpd_ps(_mm512_set1_pd(d));
+        w0 = _mm512_permute_ps(t, 0x00);
+        w1 = _mm512_permute_ps(t, 0x55);
+    }
+    /// dst[j·ldd + i] = src[i·lds + j] for a 16 × 16 block (unaligned rows).
+    static void transpose(const float* src, index_t lds, float* dst, index_t ldd) noexcept {
+        __m512 r[16], t[16];
+        for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
+        for (int i = 0; i < 16; i += 2) {
+            t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+            t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+        }
+        // r[i + c], i = 0, 4, 8, 12: 128-bit lane l holds rows i..i+3 of column 4l + c
+        for (int i = 0; i < 16; i += 4) {
+            r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+            r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+            r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+            r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+        }
+        for (int c = 0; c < 4; ++c) {
+            const __m512 a = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88), b = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xDD);
+            const __m512 d = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);
+            const __m512 e = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xDD);
+            t[c] = _mm512_shuffle_f32x4(a, d, 0x88);
+            t[8 + c] = _mm512_shuffle_f32x4(a, d, 0xDD);
+            t[4 + c] = _mm512_shuffle_f32x4(b, e, 0x88);
+            t[12 + c] = _mm512_shuffle_f32x4(b, e, 0xDD);
+        }
+        for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ldd, t[i]);
+    }
 };
 #endif
 
@@ -133,6 +161,30 @@ struct isa_ops<xsimd::fma3<xsimd::avx2>> {
         return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
     }
     static F gather(const float* base, const I& idx) noexcept { return _mm256_i32gather_ps(base, idx, 4); }
+    static void broadcast_pair(const float* v, F& w0, F& w1) noexcept {
+        w0 = F(v[0]);
+        w1 = F(v[1]);
+    }
+    /// dst[j·ldd + i] = src[i·lds + j] for an 8 × 8 block (unaligned rows).
+    static void transpose(const float* src, index_t lds, float* dst, index_t ldd) noexcept {
+        __m256 r[8], t[8];
+        for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+        for (int i = 0; i < 8; i += 2) {
+            t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+            t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+        }
+        // r[i + c], i = 0, 4: 128-bit lane l holds rows i..i+3 of column 4l + c
+        for (int i = 0; i < 8; i += 4) {
+            r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+            r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+            r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+            r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+        }
+        for (int c = 0; c < 4; ++c) {
+            _mm256_storeu_ps(dst + c * ldd, _mm256_permute2f128_ps(r[c], r[4 + c], 0x20));
+            _mm256_storeu_ps(dst + (4 + c) * ldd, _mm256_permute2f128_ps(r[c], r[4 + c], 0x31));
+        }
+    }
 };
 #endif
 
@@ -259,48 +311,76 @@ void nm_panel(Arch, const nm_weights& w, const float* x, index_t ldx, index_t p,
 }
 
 // ---- N:M, large M: x rows in lanes ---------------------------------------------------------------------------
-// At large M the permute of the kernel above (port 5 only) pairs with every FMA, so that kernel runs at half the FMA
-// peak. Here the lanes are MB = MV·L rows of x instead: x is transposed per call into K-major blocks
-// xt[k][MB] of kc inputs (kc·MB·4 = 16 KiB on AVX-512, L1), and for each output row n every kept (value, k) is one
-// broadcast of the value and MV FMAs with the contiguous xt[k] vectors (memory operands). Two rows n go together so
-// 2·MV independent accumulator chains cover the FMA latency. The in-group indices of a panel's kc block are decoded
-// once into xt offsets with vector shifts (nm_decode_offsets), so the FMA loop only loads an offset. Per kept weight
-// and row pair: 2 offsets + 2 broadcasts + 2·MV FMA loads for 2·MV FMAs, i.e. the load ports bound it at ~1.3 FMA
-// per cycle (measured ~0.8 in L1 on this shared machine, where dense reaches ~1.1) on half the dense work.
-// Partial sums live in ct[n][MB] across kc blocks; the finished block is transposed back through the epilogue. int8
-// values are looked up in a 256-entry float table (a load, not a conversion) and the per-row scale is applied at the
-// end. kc = 64 and MV = 4 were measured best of {32, 64, 128} × {4, 8} (MV = 8 spills on AVX2 and halves the use of
-// the lanes for M < 128).
-inline constexpr index_t nm_t_kc = CPET_SPARSE_KC;  ///< inputs per transposed x block (a multiple of every M ≤ 16)
-inline constexpr index_t nm_t_mv = CPET_SPARSE_MV;  ///< vectors of x rows per block
+// At large M the permute of the kernel above (port 5, which is also an FMA port) pairs with every FMA, so that kernel
+// runs at half the FMA peak. Here the lanes are MB = MV·L rows of x instead: the whole K of a block of MB rows of x
+// is transposed once per call into xt[k][MB] (L × L register transposes), and for each output row n every kept
+// (value, k) is one broadcast of the value and MV FMAs whose memory operand is the contiguous xt[k] vector.
+// The kept index is data, so x cannot stay in registers: every FMA loads its x vector, and the loads bound the
+// kernel (this machine sustains ~1.7 zmm loads per cycle). Per kept weight and output row the loads are MV x vectors
+// plus, per row pair, one 8-byte load of both rows' offsets and one of both values (split by two in-lane shuffles,
+// isa_ops::broadcast_pair), so MV is as large as the registers allow: 8 on AVX-512 (2 rows × 8 = 16 zmm
+// accumulators, 1.125 loads per FMA; MV = 4 needed 1.5 and ran ~25 % slower), 4 on AVX2 (16 ymm). Measured in L1:
+// ~1.4 FMA/cycle on half the dense work, i.e. ~1.8× the dense GEMM before overheads. The last block of rows
+// (M % MB, or M < MB) takes the MV that just covers it, so few lanes idle.
+// K runs in blocks of kc = 48 inputs (xt block 24 KiB on AVX-512 at MV = 8, in the 48 KiB L1 with the panel's
+// partial sums; measured best of {32, 48, 64}: 64 spills L1, 32 doubles the partial-sum traffic). Before the FMA
+// loop the in-group indices of a (panel, kc block) are decoded with vector shifts into byte offsets of the xt rows
+// (nm_decode_offsets); int8 values are widened to float in the same pass (the per-row scale is applied at the end),
+// so both value types share the FMA loop. Partial sums live in ct[n][MB] across kc blocks; panels go in chunks
+// whose ct stays in L2 (nm_t_chunk_bytes), each chunk running all its kc blocks, and each row pair prefetches an
+// eighth of the weights the next panel will read (spread, so the prefetches never queue up in one burst). A panel's finished ct is transposed (in registers, while in L1) into the chunk's [mr][16·chunk]
+// output tile, and the chunk goes through gemm_f32's store_tile a row segment at a time: storing 16 columns of all
+// rows per panel hit one L1 set with every line (rows of y are a power of two apart) and cost ~5 %.
+#ifndef CPET_SPARSE_KC
+#define CPET_SPARSE_KC 48
+#endif
+#ifndef CPET_SPARSE_CHUNK_KB
+#define CPET_SPARSE_CHUNK_KB 256
+#endif
+inline constexpr index_t nm_t_kc = CPET_SPARSE_KC;  ///< inputs per kc block (a multiple of every M ≤ 16)
+/// Partial sums of one panel chunk (L2; 128, 256 and 512 KiB measured alike).
+inline constexpr std::size_t nm_t_chunk_bytes = std::size_t(CPET_SPARSE_CHUNK_KB) << 10;
 
-/// M from which gemm_nm takes the x-rows-in-lanes kernel (measured: below it the output-rows-in-lanes kernel wins).
+/// Vectors of x rows per block (see above).
+template <class Arch>
+inline constexpr int nm_t_mv = fbatch<Arch>::size >= 16 ? 8 : 4;
+
+/// M from which gemm_nm takes the x-rows-in-lanes kernel (measured at 2048²: they tie at M = 24, the lanes kernel is
+/// 1.25× faster at 32 and 1.8× at 64).
 #ifndef CPET_SPARSE_LANES_M
-#define CPET_SPARSE_LANES_M 48
+#define CPET_SPARSE_LANES_M 32
 #endif
 inline constexpr index_t nm_lanes_m_threshold = CPET_SPARSE_LANES_M;
+/// The same for SELL-16 (sell_lanes_m; measured with the earlier 4-vector N:M kernel, which it still resembles).
+inline constexpr index_t sell_lanes_m_threshold = 48;
 
 template <class Arch>
 inline float* nm_scratch(int slot, std::size_t n) {
-    thread_local aligned_buffer<float> bufs[2];
+    thread_local aligned_buffer<float> bufs[3];
     if (bufs[slot].size() < n) bufs[slot].reset(n);
     return bufs[slot].data();
 }
 
-/// Offsets into the transposed x block of every kept slot of panel p in [t0, t1): koff[(t − t0)·16 + i] =
-/// (k − k0)·MB for row 16p + i. Decoded with the vector shift / mask of the other kernel, once per (panel, kc block),
-/// so the FMA loop below only loads an offset (no scalar decoding on the critical ports).
+/// offs[(t − t0)·16 + i] = (k − k0)·mb·4, the byte offset of xt row k in the kc block at k0, for kept slot t (input
+/// k) of row 16p + i, t in [t0, t1); for int8 weights also vals[(t − t0)·16 + i] = q as float. Vector shifts / masks
+/// of the index words, once per (panel, kc block), so the FMA loop below only loads an offset.
 template <class Arch>
 void nm_decode_offsets(const nm_weights& w, index_t p, index_t t0, index_t t1, index_t k0, index_t mb,
-                       std::int32_t* koff) {
+                       std::int32_t* offs, float* vals) {
     using I = ibatch<Arch>;
+    using ops = isa_ops<Arch>;
     constexpr index_t L = static_cast<index_t>(I::size);
     constexpr index_t V = sparse_panel_rows / L;
     const I mask(static_cast<std::int32_t>((1u << w.bits) - 1));
+    const I row_bytes(static_cast<std::int32_t>(mb * 4));
     const std::uint32_t* iw = w.idx + (p * w.words + t0 / w.vpw) * sparse_panel_rows;
-    index_t pos = t0 % w.vpw, j = t0 % w.keep, kb = (t0 / w.keep) * w.group - k0;
+    index_t pos = t0 % w.vpw, j = t0 % w.keep;
+    I kb(static_cast<std::int32_t>((t0 / w.keep) * w.group - k0));
+    const I group(static_cast<std::int32_t>(w.group));
     I word[V];
-    for (index_t v = 0; v < V; ++v) word[v] = I::load_aligned(reinterpret_cast<const std::int32_t*>(iw) + v * L);
+    // word[v] >> b·j holds slot t's index in its low bits (arithmetic shifts: the sign bits stay above the mask)
+    for (index_t v = 0; v < V; ++v)
+        word[v] = I::load_aligned(reinterpret_cast<const std::int32_t*>(iw) + v * L) >> static_cast<int>(pos * w.bits);
     for (index_t t = t0; t < t1; ++t) {
         if (pos == w.vpw) {
             iw += sparse_panel_rows;
@@ -308,116 +388,155 @@ void nm_decode_offsets(const nm_weights& w, index_t p, index_t t0, index_t t1, i
             pos = 0;
         }
         for (index_t v = 0; v < V; ++v) {
-            const I k = ((word[v] >> static_cast<int>(pos * w.bits)) & mask) + I(static_cast<std::int32_t>(kb));
-            (k * I(static_cast<std::int32_t>(mb))).store_aligned(koff + (t - t0) * sparse_panel_rows + v * L);
+            (((word[v] & mask) + kb) * row_bytes).store_aligned(offs + (t - t0) * sparse_panel_rows + v * L);
+            word[v] = word[v] >> w.bits;
         }
         ++pos;
         if (++j == w.keep) {
             j = 0;
-            kb += w.group;
+            kb += group;
         }
+    }
+    if (w.int8()) {
+        const std::int8_t* qv = w.qvalues + (p * w.slots() + t0) * sparse_panel_rows;
+        for (index_t e = 0; e < (t1 - t0) * sparse_panel_rows; e += L) ops::load_q8(qv + e).store_aligned(vals + e);
     }
 }
 
-/// All 16 rows of panel p over the kept slots [t0, t1), two rows at a time: ct[row][MB] += Σ value · xt[k].
-template <class Arch, bool Q>
-void nm_lanes_m_panel(const nm_weights& w, index_t p, index_t slots, index_t t0, index_t t1, const std::int32_t* koff,
-                      const float* xt, float* ct, const float* q8_table) {
+/// All 16 rows of one panel over nt kept slots, two rows at a time: ct[row][MV·L] (+)= Σ value · xt[k] (offs and
+/// vals as nm_decode_offsets writes them, vals with row stride 16; xb = the kc block of xt). `first`: start from 0
+/// instead of ct. Each row pair prefetches an eighth of [pf, pf + pf_bytes) (the weights of the next panel to run),
+/// so the prefetches never queue up in one burst. (Prefetching the next pair's ct from L2 as well measured ~1.5 %
+/// slower.)
+template <class Arch, int MV>
+void nm_lanes_m_panel(const std::int32_t* offs, const float* vals, index_t nt, const float* xt, float* ct, bool first,
+                      const char* pf, index_t pf_bytes) {
     using F = fbatch<Arch>;
     constexpr index_t L = static_cast<index_t>(F::size);
-    constexpr index_t MV = nm_t_mv, MB = MV * L;
-    const index_t nt = t1 - t0;
-    const std::size_t base = static_cast<std::size_t>((p * slots + t0) * sparse_panel_rows);
+    constexpr index_t MB = MV * L;
+    const char* xb = reinterpret_cast<const char*>(xt);
     for (index_t i = 0; i < sparse_panel_rows; i += 2) {
         F a0[MV], a1[MV];
         float* ct0 = ct + i * MB;
         float* ct1 = ct0 + MB;
-        for (index_t v = 0; v < MV; ++v) {
-            a0[v] = F::load_aligned(ct0 + v * L);
-            a1[v] = F::load_aligned(ct1 + v * L);
+        for (int v = 0; v < MV; ++v) {
+            a0[v] = first ? F(0.f) : F::load_aligned(ct0 + v * L);
+            a1[v] = first ? F(0.f) : F::load_aligned(ct1 + v * L);
         }
-        const float* vals = Q ? nullptr : w.values + base + i;
-        const std::int8_t* qv = Q ? w.qvalues + base + i : nullptr;
-        const std::int32_t* ko = koff + i;
-#pragma GCC unroll 4
+        for (index_t b = pf_bytes * i / sparse_panel_rows; b < pf_bytes * (i + 2) / sparse_panel_rows; b += 64)
+            __builtin_prefetch(pf + b);
+        const std::int32_t* oo = offs + i;
+        const float* vv = vals + i;
+#pragma GCC unroll 2
         for (index_t t = 0; t < nt; ++t) {
+            // one 8-byte load for the two rows' offsets, one for their values (adjacent lanes)
+            std::uint64_t o2;
+            std::memcpy(&o2, oo + t * sparse_panel_rows, sizeof o2);
+            const float* x0 = reinterpret_cast<const float*>(xb + static_cast<std::uint32_t>(o2));
+            const float* x1 = reinterpret_cast<const float*>(xb + (o2 >> 32));
             F w0, w1;
-            if constexpr (Q) {
-                w0 = F(q8_table[static_cast<std::uint8_t>(qv[t * sparse_panel_rows])]);
-                w1 = F(q8_table[static_cast<std::uint8_t>(qv[t * sparse_panel_rows + 1])]);
-            } else {
-                w0 = F(vals[t * sparse_panel_rows]);
-                w1 = F(vals[t * sparse_panel_rows + 1]);
-            }
-            const float* x0 = xt + ko[t * sparse_panel_rows];
-            const float* x1 = xt + ko[t * sparse_panel_rows + 1];
-            for (index_t v = 0; v < MV; ++v) {
+            isa_ops<Arch>::broadcast_pair(vv + t * sparse_panel_rows, w0, w1);
+            for (int v = 0; v < MV; ++v) {
                 a0[v] = xsimd::fma(w0, F::load_aligned(x0 + v * L), a0[v]);
                 a1[v] = xsimd::fma(w1, F::load_aligned(x1 + v * L), a1[v]);
             }
         }
-        for (index_t v = 0; v < MV; ++v) {
+        for (int v = 0; v < MV; ++v) {
             a0[v].store_aligned(ct0 + v * L);
             a1[v].store_aligned(ct1 + v * L);
         }
     }
 }
 
+/// Panels [p0, p1) × rows [m0, m0 + mr) of x with MV vectors of rows in lanes (mr ≤ MV·L).
+template <class Arch, int MV>
+void nm_lanes_m_block(Arch tag, ConstMatrixView<float> x, const nm_weights& w, index_t p0, index_t p1, index_t m0,
+                      index_t mr, MatrixView<float> y, const epilogue& ep) {
+    using F = fbatch<Arch>;
+    using ops = isa_ops<Arch>;
+    constexpr index_t L = static_cast<index_t>(F::size);
+    constexpr index_t MB = MV * L, kc = nm_t_kc, R = sparse_panel_rows;
+    const index_t K = w.k, slots = w.slots();
+    const index_t chunk = std::max<index_t>(1, static_cast<index_t>(nm_t_chunk_bytes / (sizeof(float) * R * MB)));
+    // xt: K·MB floats per thread (1 MiB at K = 2048 on AVX-512), each kc block read from L2 while its chunk runs
+    float* xt = nm_scratch<Arch>(0, static_cast<std::size_t>(K * MB));
+    float* ct = nm_scratch<Arch>(1, static_cast<std::size_t>(std::min(chunk, p1 - p0) * R * MB));
+    // The finished chunk as y rows, [mr][chunk·16] (+ one line of padding per row, so the columns a panel writes do
+    // not all fall in one L1 set), stored through the epilogue a whole row segment at a time (see above).
+    const index_t ldt = std::min(chunk, p1 - p0) * R + R;
+    float* tile = nm_scratch<Arch>(2, static_cast<std::size_t>(MB * ldt));
+    alignas(64) std::int32_t offs[kc * R];  // ≤ kc slots per kc block (N ≤ M)
+    alignas(64) float qvals[kc * R];
+    // xt[k][m] = x[m0 + m, k], zero rows past mr: L × L register transposes, scalar tails
+    const index_t kv = K / L * L, mv = mr / L * L;
+    for (index_t m = 0; m < mv; m += L)
+        for (index_t k = 0; k < kv; k += L) ops::transpose(x.row(m0 + m) + k, x.stride(), xt + k * MB + m, MB);
+    for (index_t k = 0; k < K; ++k) {
+        float* xk = xt + k * MB;
+        for (index_t m = k < kv ? mv : 0; m < MB; ++m) xk[m] = m < mr ? x(m0 + m, k) : 0.f;
+    }
+    const bool q = w.int8();
+    for (index_t c0 = p0; c0 < p1; c0 += chunk) {
+        const index_t c1 = std::min(p1, c0 + chunk);
+        for (index_t k0 = 0; k0 < K; k0 += kc) {
+            const index_t kn = std::min(kc, K - k0);
+            const bool last = k0 + kn == K;
+            const index_t t0 = k0 / w.group * w.keep, t1 = (k0 + kn) / w.group * w.keep;
+            const index_t vbytes = q ? 1 : 4;
+            for (index_t p = c0; p < c1; ++p) {
+                float* ctp = ct + (p - c0) * R * MB;
+                // The next panel's slice of values and index words: a few KiB that start a new page each time,
+                // where the hardware prefetcher would start late; fetch them while this panel computes (without it
+                // the kernel runs ~17 % slower; also fetching the first panel of the next kc block gained nothing).
+                const char* pf = nullptr;
+                if (p + 1 < c1) {
+                    pf = (q ? reinterpret_cast<const char*>(w.qvalues) : reinterpret_cast<const char*>(w.values)) +
+                         ((p + 1) * slots + t0) * R * vbytes;
+                    const std::uint32_t* ni = w.idx + ((p + 1) * w.words + t0 / w.vpw) * R;
+                    for (index_t b = 0; b <= (t1 - 1) / w.vpw - t0 / w.vpw; ++b) __builtin_prefetch(ni + b * R);
+                }
+                nm_decode_offsets<Arch>(w, p, t0, t1, k0, MB, offs, qvals);
+                const float* vals = q ? qvals : w.values + (p * slots + t0) * R;
+                nm_lanes_m_panel<Arch, MV>(offs, vals, t1 - t0, xt + k0 * MB, ctp, k0 == 0, pf,
+                                           pf ? (t1 - t0) * R * vbytes : 0);
+                if (!last) continue;
+                // finished: ct [n][m] → tile [m][n] (register transposes while ct is in L1)
+                float* tp = tile + (p - c0) * R;
+                for (index_t i = 0; i < R; i += L)
+                    for (index_t m = 0; m < mr; m += L) ops::transpose(ctp + i * MB + m, MB, tp + m * ldt + i, ldt);
+                if (q) {
+                    F s[R / L];
+                    for (index_t v = 0; v < R / L; ++v) s[v] = F::load_unaligned(w.scales + p * R + v * L);
+                    for (index_t m = 0; m < mr; ++m)
+                        for (index_t v = 0; v < R / L; ++v)
+                            (F::load_unaligned(tp + m * ldt + v * L) * s[v]).store_unaligned(tp + m * ldt + v * L);
+                }
+            }
+        }
+        const index_t n0 = c0 * R;
+        gemm_detail::store_tile(tag, tile, ldt, mr, std::min(w.n, c1 * R) - n0, m0, n0, y, ep);
+    }
+}
+
+template <class Arch, int MV>
+void nm_lanes_m_rows(Arch tag, ConstMatrixView<float> x, const nm_weights& w, index_t p0, index_t p1, index_t m0,
+                     index_t mr, MatrixView<float> y, const epilogue& ep) {
+    constexpr index_t L = static_cast<index_t>(fbatch<Arch>::size);
+    if constexpr (MV > 1) {
+        if (mr <= (MV - 1) * L) return nm_lanes_m_rows<Arch, MV - 1>(tag, x, w, p0, p1, m0, mr, y, ep);
+    }
+    nm_lanes_m_block<Arch, MV>(tag, x, w, p0, p1, m0, mr, y, ep);
+}
+
 /// Panels [p0, p1) × all rows of x, x rows in lanes (see above). SIMD paths only.
 template <class Arch>
 void nm_lanes_m(Arch tag, ConstMatrixView<float> x, const nm_weights& w, index_t p0, index_t p1, MatrixView<float> y,
                 const epilogue& ep) {
-    using F = fbatch<Arch>;
-    constexpr index_t L = static_cast<index_t>(F::size);
-    constexpr index_t MB = nm_t_mv * L, kc = nm_t_kc;
-    const index_t M = x.rows(), K = w.k, slots = w.slots();
-    const index_t np = p1 - p0;
-    float* xt = nm_scratch<Arch>(0, static_cast<std::size_t>(kc * MB));
-    float* ct = nm_scratch<Arch>(1, static_cast<std::size_t>(np * sparse_panel_rows * MB));
-    alignas(64) std::int32_t koff[kc * sparse_panel_rows];  // kc slots at most (N ≤ M)
-    alignas(64) float q8_table[256];
-    for (int q = 0; q < 256; ++q) q8_table[q] = static_cast<float>(static_cast<std::int8_t>(q));
-    alignas(64) float tile[MB * sparse_panel_rows];
-    for (index_t m0 = 0; m0 < M; m0 += MB) {
-        const index_t mr = std::min(MB, M - m0);
-        std::fill_n(ct, np * sparse_panel_rows * MB, 0.f);
-        for (index_t k0 = 0; k0 < K; k0 += kc) {
-            const index_t kn = std::min(kc, K - k0);
-            // xt[k][m] = x[m0 + m, k0 + k] (zero rows past M)
-            for (index_t m = 0; m < MB; ++m) {
-                const float* xr = m < mr ? x.row(m0 + m) + k0 : nullptr;
-                for (index_t k = 0; k < kn; ++k) xt[k * MB + m] = xr ? xr[k] : 0.f;
-            }
-            const index_t t0 = k0 / w.group * w.keep, t1 = (k0 + kn) / w.group * w.keep;
-            for (index_t p = p0; p < p1; ++p) {
-                float* ctp = ct + (p - p0) * sparse_panel_rows * MB;
-                if (p + 1 < p1) {
-                    // The next panel's slice of values and index words: 4 KiB that start a new page each time, where
-                    // the hardware prefetcher would start late; fetch it while this panel computes.
-                    const index_t vb = w.int8() ? 1 : 4;
-                    const char* nv = w.int8() ? reinterpret_cast<const char*>(w.qvalues) : reinterpret_cast<const char*>(w.values);
-                    nv += ((p + 1) * slots + t0) * sparse_panel_rows * vb;
-                    for (index_t b = 0; b < (t1 - t0) * sparse_panel_rows * vb; b += 64) __builtin_prefetch(nv + b);
-                    const std::uint32_t* ni = w.idx + ((p + 1) * w.words + t0 / w.vpw) * sparse_panel_rows;
-                    for (index_t b = 0; b <= (t1 - t0) / w.vpw; ++b) __builtin_prefetch(ni + b * sparse_panel_rows);
-                }
-                nm_decode_offsets<Arch>(w, p, t0, t1, k0, MB, koff);
-                if (w.int8())
-                    nm_lanes_m_panel<Arch, true>(w, p, slots, t0, t1, koff, xt, ctp, q8_table);
-                else
-                    nm_lanes_m_panel<Arch, false>(w, p, slots, t0, t1, koff, xt, ctp, q8_table);
-            }
-        }
-        // ct [n][m] → tile [m][16] per panel → y through the epilogue
-        for (index_t p = p0; p < p1; ++p) {
-            const float* ctp = ct + (p - p0) * sparse_panel_rows * MB;
-            for (index_t i = 0; i < sparse_panel_rows; ++i) {
-                const float s = w.int8() ? w.scales[p * sparse_panel_rows + i] : 1.f;
-                for (index_t m = 0; m < mr; ++m) tile[m * sparse_panel_rows + i] = ctp[i * MB + m] * s;
-            }
-            store(tag, tile, mr, p, w.n, m0, y, ep);
-        }
-    }
+    constexpr int MV = nm_t_mv<Arch>;
+    constexpr index_t MB = MV * static_cast<index_t>(fbatch<Arch>::size);
+    const index_t M = x.rows();
+    for (index_t m0 = 0; m0 < M; m0 += MB)
+        nm_lanes_m_rows<Arch, MV>(tag, x, w, p0, p1, m0, std::min(MB, M - m0), y, ep);
 }
 
 // ---- unstructured (SELL-16) ----------------------------------------------------------------------------------
@@ -489,6 +608,8 @@ void sell_panel(Arch, const sell_weights& w, ConstMatrixView<float> x, index_t p
         sell_rows<MR, Arch>(w, x, p, m, std::min<index_t>(MR, m0 + mr - m), y, ep);
 }
 
+inline constexpr index_t sell_t_mv = 4;  ///< vectors of x rows per block of sell_lanes_m
+
 /// Unstructured, large M: x rows in lanes as in nm_lanes_m, but with the whole K of a 64-row block of x transposed
 /// (K·MB·4 bytes, L2: SELL rows are not split by k blocks). Per stored entry: one broadcast and MV FMAs with the
 /// contiguous xt[col] vectors — no gathers. Padding slots (value 0, column 0) add zero.
@@ -497,7 +618,7 @@ void sell_lanes_m(Arch tag, ConstMatrixView<float> x, const sell_weights& w, ind
                   MatrixView<float> y, const epilogue& ep) {
     using F = fbatch<Arch>;
     constexpr index_t L = static_cast<index_t>(F::size);
-    constexpr index_t MV = nm_t_mv, MB = MV * L;
+    constexpr index_t MV = sell_t_mv, MB = MV * L;
     const index_t M = x.rows(), K = w.k;
     float* xt = nm_scratch<Arch>(0, static_cast<std::size_t>(K * MB));
     alignas(64) float ct[sparse_panel_rows * MB];
@@ -616,7 +737,7 @@ void gemm_sell(Arch tag, ConstMatrixView<float> x, const sell_weights& w, Matrix
     const index_t M = x.rows();
     if (M == 0) return;
     if constexpr (arch::is_simd_v<Arch>) {
-        if (M >= sparse_detail::nm_lanes_m_threshold) {
+        if (M >= sparse_detail::sell_lanes_m_threshold) {
             const index_t panels = w.panels();
             const double macs = double(M) * double(w.offsets[panels]) * double(sparse_panel_rows);
             const int threads = sparse_detail::worth_threads(macs) ? static_cast<int>(std::min<index_t>(panels, max_threads())) : 1;
