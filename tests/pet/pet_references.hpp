@@ -69,6 +69,15 @@ inline reference_hooks bitfit_ref(const pet::bitfit::modules& m) {
     h.linear_delta = [&m](pet::target t, const MatD& x) { return bitfit_delta(m, t, x); };
     return h;
 }
+/// BitFit's norm part in the reference: the layer's weights with β + Δβ for norm1 / norm2.
+inline nn::dense_layer_weights bitfit_weights(nn::dense_layer_weights w, const pet::bitfit::modules& m) {
+    for (int i = 0; i < pet::norm_site_count; ++i) {
+        const auto& d = m.norm_delta[std::size_t(i)];
+        auto& beta = i == 0 ? w.norm1_beta : w.norm2_beta;
+        for (std::size_t c = 0; c < d.size(); ++c) beta.at(c) += d[c];
+    }
+    return w;
+}
 
 template <class M>
 reference_hooks prefix_ref(const M& m) {
@@ -122,6 +131,11 @@ inline pet::bitfit::modules random_bitfit(const pet::layer_dims& d, unsigned see
         if (m.delta[std::size_t(i)].empty()) continue;
         const auto r = random_matrix(1, d.out(t), seed++, -0.2f, 0.2f);
         m.set(t, std::span<const float>(r.data(), std::size_t(r.cols())));
+    }
+    for (int i = 0; i < pet::norm_site_count; ++i) {
+        if (m.norm_delta[std::size_t(i)].empty()) continue;
+        const auto r = random_matrix(1, d.d_model, seed++, -0.2f, 0.2f);
+        m.set_norm(pet::norm_site(i), std::span<const float>(r.data(), std::size_t(r.cols())));
     }
     return m;
 }

@@ -118,6 +118,7 @@ void run_one(unsigned seed) {
     for (std::size_t l = 0; l < 2; ++l) {
         tasks.push_back(method<P>::make(stack.layer(l), w[l], seed + 11 + unsigned(2 * l)));
         wd.push_back(nn::dense_weights_of(stack.layer(l)));
+        if constexpr (std::is_same_v<P, pet::bitfit>) wd.back() = testing::bitfit_weights(wd.back(), tasks.back());
     }
     for (const auto& t : tasks) hooks.push_back(method<P>::ref(t));  // after the vector stopped growing
     const index_t M = index_t(lengths.size()) * 5;

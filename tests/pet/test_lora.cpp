@@ -116,6 +116,54 @@ TEST_CASE_TEMPLATE("LoRA merged into dense weights equals the unmerged forward; 
     CHECK(testing::rel_error(nn::dense_weights_of(layer).wq, testing::to_double(w.wq)) == 0.0);
 }
 
+TEST_CASE_TEMPLATE("LoRA merge / unmerge on a structurally pruned dense layer", C, config::bert<compress::dense, pet::lora>,
+                   config::llama<compress::dense, pet::lora>) {
+    const auto s = testing::shape_for<C>();
+    const auto w = nn::random_layer_weights(s, 31, nn::kind_of<C>);
+    const auto p = nn::prune_structured(w, s, {.head_ratio = 0.5, .neuron_ratio = 0.25});
+    REQUIRE(p.shape.n_kv_heads < s.n_kv_heads);
+    REQUIRE(p.shape.d_ff < s.d_ff);
+    const TransformerLayer<C> layer(p.weights, p.shape);
+    const auto d = layer.pet_dims();
+    CHECK(d.q_dim == p.shape.q_dim());
+    CHECK(d.d_ff == p.shape.d_ff);
+    pet::lora::options o;
+    o.rank = 5;
+    o.alpha = 10;
+    o.targets = d.gated ? pet::target_set::all() : pet::target_set::attention() | pet::target_set{pet::target::up, pet::target::down};
+    const auto task = random_lora<pet::lora>(d, o, 32);
+    const auto merged = nn::merge_lora(layer, task);
+    CHECK(merged.shape().d_ff == p.shape.d_ff);
+    CHECK(merged.shape().n_heads == p.shape.n_heads);
+    const auto x = testing::random_matrix(21, s.d_model, 33);
+    // The unmerged forward on the pruned layer against the reference on its (dense, pruned) weights.
+    const MatD ref = testing::reference_batch<C>({p.weights}, p.shape, testing::to_double(x), lengths, {lora_ref(task)});
+    const MatD plain = testing::reference_batch<C>({p.weights}, p.shape, testing::to_double(x), lengths);
+    testing::for_each_isa([&](arch::isa) {
+        nn::workspace ws;
+        Matrix<float> y(21, s.d_model), ym(21, s.d_model);
+        layer.forward(x, lengths, y, ws, task);
+        merged.forward(x, lengths, ym, ws);
+        CHECK(testing::valid_error(y, ref, lengths) <= testing::pet_tol);
+        CHECK(testing::valid_error(y, plain, lengths) > 1e-3);
+        CHECK(testing::valid_error(ym, testing::to_double(y), lengths) <= testing::pet_tol);
+    });
+    const auto back = nn::dense_weights_of(nn::unmerge_lora<pet::lora>(merged, task));
+    for (int i = 0; i < pet::target_count; ++i) {
+        const auto t = pet::target(i);
+        if (!d.has(t)) continue;
+        CAPTURE(pet::target_name(t));
+        const auto& want = nn::detail::weight_of(p.weights, t);
+        CHECK(testing::rel_error(nn::detail::weight_of(back, t), testing::to_double(want)) <= 1e-6);
+    }
+    CHECK(back.bo == p.weights.bo);
+    CHECK(back.b_up == p.weights.b_up);
+    // A LoRA shaped for the unpruned layer does not fit the pruned one.
+    const TransformerLayer<C> full(w, s);
+    const auto wide = random_lora<pet::lora>(full.pet_dims(), o, 34);
+    CHECK_THROWS_WITH_AS(nn::merge_lora(layer, wide), doctest::Contains("LoRA merge: weight of"), shape_error);
+}
+
 TEST_CASE("LoRA merge into a lossy format refuses with format_error; merge-and-recompress reports its error") {
     using C = config::bert<testing::rounded<4>, pet::lora>;
     const auto s = testing::bert_shape();
@@ -183,4 +231,7 @@ TEST_CASE("LoRA parameter accounting (print_trainable_parameters)") {
     CHECK(os.str().find("layers.1.v.lora_B: 512") != std::string::npos);
     CHECK(pet::parameter_report::grouped(1234567) == "1,234,567");
     CHECK(pet::parameter_report::grouped(123) == "123");
+    CHECK(pet::parameter_report::grouped(1000) == "1,000");
+    CHECK(pet::parameter_report::grouped(-123456) == "-123,456");
+    CHECK(pet::parameter_report::grouped(0) == "0");
 }

@@ -1,6 +1,7 @@
 // Stacks of PET policies: CPET's recovery + LoRA as ONE fused low-rank term, the MAM adapter (prefix + scaled
 // parallel adapter), sublayer hooks chained in the stack's order, every hook kind at once; against the reference
 // applying the parts in the documented order (pet/stack.hpp).
+#include <functional>
 #include <sstream>
 #include <vector>
 
@@ -14,12 +15,14 @@ namespace {
 const std::vector<index_t> lengths{7, 1, 5};
 
 template <class C, class Task>
-void check_layer(const TransformerLayer<C>& layer, const Task& task, const testing::reference_hooks& hk) {
+void check_layer(const TransformerLayer<C>& layer, const Task& task, const testing::reference_hooks& hk,
+                 const std::function<nn::dense_layer_weights(nn::dense_layer_weights)>& ref_weights = {}) {
     const auto s = layer.shape();
-    const auto wd = nn::dense_weights_of(layer);
+    const auto wd0 = nn::dense_weights_of(layer);
+    const auto wd = ref_weights ? ref_weights(wd0) : wd0;  // the reference's weights (BitFit's β + Δβ)
     const auto x = testing::random_matrix(21, s.d_model, 700);
     const MatD ref = testing::reference_batch<C>({wd}, s, testing::to_double(x), lengths, {hk});
-    const MatD plain = testing::reference_batch<C>({wd}, s, testing::to_double(x), lengths);
+    const MatD plain = testing::reference_batch<C>({wd0}, s, testing::to_double(x), lengths);
     testing::for_each_isa([&](arch::isa) {
         nn::workspace ws;
         Matrix<float> y(21, s.d_model);
@@ -125,5 +128,7 @@ TEST_CASE_TEMPLATE("every hook at once: IA3 + BitFit + LoRA + prefix + adapter i
     const auto pr = testing::prefix_ref(task.template get<3>());
     hk.prefix_k = pr.prefix_k, hk.prefix_v = pr.prefix_v;
     hk.sublayer = testing::adapter_ref<pet::adapter>(task.template get<4>()).sublayer;
-    check_layer(layer, task, hk);
+    static_assert(pet::hooks_of<typename C::pet>::norm);
+    CHECK(task.norm_bias_delta(pet::norm_site::norm2).has_value() == (C::norm == nn::norm_kind::layernorm));
+    check_layer(layer, task, hk, [&](nn::dense_layer_weights w) { return testing::bitfit_weights(w, task.template get<1>()); });
 }

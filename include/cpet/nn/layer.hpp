@@ -78,6 +78,7 @@ public:
     void forward(ConstMatrixView<float> x, std::span<const index_t> lengths, MatrixView<float> y, workspace& ws,
                  const task_type& task) const {
         const auto L = check_call(x, lengths, y, "TransformerLayer::forward");
+        check_task(task, "TransformerLayer::forward");
         const index_t P = attn_.prefix_rows(task);
         (void)P;
         arch::dispatch([&](auto tag) { forward_on(tag, x, L, y, ws, task, nullptr); });
@@ -97,6 +98,7 @@ public:
         requires causal
     {
         const auto L = check_call(x, new_lengths, y, "TransformerLayer::decode");
+        check_task(task, "TransformerLayer::decode");
         check_cache(cache, L, "TransformerLayer::decode", attn_.prefix_rows(task));
         arch::dispatch([&](auto tag) { forward_on(tag, x, L, y, ws, task, &cache); });
     }
@@ -122,6 +124,24 @@ public:
             throw shape_error(cpet::detail::concat(who, ": ", e.what()));
         }
         return batch_layout::of(x.rows(), lengths, who);
+    }
+    /// Checks the task's norm hook (BitFit's Δβ): only a LayerNorm has a β, and Δβ has d_model values.
+    void check_task(const task_type& m, const char* who) const {
+        if constexpr (pet::NormHook<task_type>) {
+            for (int i = 0; i < pet::norm_site_count; ++i) {
+                const auto n = pet::norm_site(i);
+                if (auto db = m.norm_bias_delta(n)) {
+                    require<shape_error>(C::norm == norm_kind::layernorm, who, ": the task tunes the β of ",
+                                         pet::norm_site_name(n), " (PET norm hook), but the layer's norms are RMSNorm, "
+                                         "which have no β");
+                    require<shape_error>(index_t(db->size()) == shape_.d_model, who, ": PET norm hook (",
+                                         pet::norm_site_name(n), "): expected ", shape_.d_model, " values, got ",
+                                         db->size());
+                }
+            }
+        } else {
+            (void)m, (void)who;
+        }
     }
     /// `prefix`: rows of the task's attention-hook prefix, which a sequence's cache takes when it starts.
     void check_cache(const kv_cache& cache, const batch_layout& L, const char* who, index_t prefix = 0) const {
@@ -153,6 +173,7 @@ public:
         d.d_ff = shape_.d_ff;
         d.gated = C::ffn == ffn_kind::swiglu;
         d.bias = C::bias;
+        d.norm_bias = C::norm == norm_kind::layernorm;
         return d;
     }
 
@@ -174,7 +195,7 @@ public:
             } else {
                 attn_.forward(tag, x, L, t, x.data(), x.stride(), ws, m, cache);
             }
-            norm1_.apply(tag, t, h);
+            norm(tag, norm1_, pet::norm_site::norm1, t, h, m, ps);
             if constexpr (hook) {
                 ffn_.forward(tag, h, t, nullptr, 0, ws, m);
                 m.sublayer(pet::sublayer::ffn, h, t, ps);
@@ -182,21 +203,21 @@ public:
             } else {
                 ffn_.forward(tag, h, t, h.data(), h.stride(), ws, m);
             }
-            norm2_.apply(tag, t, y);
+            norm(tag, norm2_, pet::norm_site::norm2, t, y, m, ps);
         } else {
-            norm1_.apply(tag, x, h);
+            norm(tag, norm1_, pet::norm_site::norm1, x, h, m, ps);
             if constexpr (hook) {
                 auto t = ws.get(workspace::sub, M, d);
                 attn_.forward(tag, h, L, t, nullptr, 0, ws, m, cache);
                 m.sublayer(pet::sublayer::attention, h, t, ps);
                 add_into(y, x, t);
-                norm2_.apply(tag, y, h);
+                norm(tag, norm2_, pet::norm_site::norm2, y, h, m, ps);
                 ffn_.forward(tag, h, t, nullptr, 0, ws, m);
                 m.sublayer(pet::sublayer::ffn, h, t, ps);
                 detail::add_inplace(y, t);
             } else {
                 attn_.forward(tag, h, L, y, x.data(), x.stride(), ws, m, cache);
-                norm2_.apply(tag, y, h);
+                norm(tag, norm2_, pet::norm_site::norm2, y, h, m, ps);
                 ffn_.forward(tag, h, y, y.data(), y.stride(), ws, m);
             }
         }
@@ -210,6 +231,23 @@ private:
     static const layer_shape& checked(const dense_layer_weights& w, const layer_shape& s) {
         check_weights(w, s, kind_of<C>);
         return s;
+    }
+    /// y = norm(x), with β + Δβ when the task's norm hook tunes this norm's β (summed into scratch: O(d)).
+    template <class Arch>
+    void norm(Arch tag, const Norm<C::norm>& n, pet::norm_site site, ConstMatrixView<float> x, MatrixView<float> y,
+              const task_type& m, pet::scratch& ps) const {
+        if constexpr (pet::NormHook<task_type> && C::norm == norm_kind::layernorm) {
+            if (auto db = m.norm_bias_delta(site)) {  // size checked by check_task
+                const index_t d = n.features();
+                auto b = ps.matrix(pet::slot::norm_bias, 1, d);
+                const float* b0 = n.beta_data();
+                for (index_t c = 0; c < d; ++c) b(0, c) = (b0 ? b0[c] : 0.f) + (*db)[std::size_t(c)];
+                n.apply(tag, x, y, b.data());
+                return;
+            }
+        }
+        (void)site, (void)m, (void)ps;
+        n.apply(tag, x, y);
     }
     /// y = x + t (y may be x).
     static void add_into(MatrixView<float> y, ConstMatrixView<float> x, ConstMatrixView<float> t) noexcept {

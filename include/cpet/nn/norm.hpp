@@ -33,6 +33,15 @@ public:
         else
             kernels::rmsnorm(tag, x, ptr(gamma_), eps_, y);
     }
+    /// LayerNorm with `beta` [features] in place of the layer's own β (a task's tuned β, BitFit); unchecked.
+    template <class Arch>
+    void apply(Arch tag, ConstMatrixView<float> x, MatrixView<float> y, const float* beta) const
+        requires(Kind == norm_kind::layernorm)
+    {
+        kernels::layernorm(tag, x, ptr(gamma_), beta, eps_, y);
+    }
+    /// The layer's β (null for RMSNorm or when absent).
+    const float* beta_data() const noexcept { return ptr(beta_); }
     /// Checked, on the active path.
     void apply(ConstMatrixView<float> x, MatrixView<float> y) const {
         check_shape(x, -1, features(), "Norm: x");

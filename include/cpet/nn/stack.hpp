@@ -51,7 +51,10 @@ public:
         require<shape_error>(tasks.size() == layers_.size(), "Stack::forward: ", tasks.size(),
                              " PET task modules for ", layers_.size(), " layers");
         const auto L = check(x, lengths, y, "Stack::forward");
-        for (std::size_t i = 0; i < layers_.size(); ++i) layers_[i].attention().prefix_rows(tasks[i]);
+        for (std::size_t i = 0; i < layers_.size(); ++i) {
+            layers_[i].check_task(tasks[i], "Stack::forward");
+            layers_[i].attention().prefix_rows(tasks[i]);
+        }
         auto task_at = [&](std::size_t i) -> const task_type& { return tasks[i]; };
         if constexpr (pet::InputHook<task_type>) {
             if (!layers_.empty()) {
@@ -81,16 +84,39 @@ public:
     }
 
     /// Incremental forward through every layer (see TransformerLayer::decode); `caches` has one per layer.
-    /// (Input hooks are not applied here: a prompt-tuned decoder prefills through decode with its virtual tokens
-    /// put before the prompt by the caller, pet::prepend_virtual_tokens.)
+    /// With an input hook (prompt tuning) the task's P virtual tokens are put before a sequence once, when it
+    /// starts: in the call where its cache holds no tokens yet and it has new tokens. They stay in the cache as
+    /// its first P tokens (positions 0..P-1, as Stack::forward places them), so prefill + decode steps equal the
+    /// full causal forward over [virtual tokens; sequence]; y receives the real tokens' rows only. A sequence
+    /// truncated below P tokens must be truncated to 0 (it then starts again with its virtual tokens).
     void decode(ConstMatrixView<float> x, std::span<const index_t> new_lengths, MatrixView<float> y,
                 std::span<kv_cache> caches, workspace& ws, std::span<const task_type> tasks) const
         requires causal
     {
         require<shape_error>(tasks.size() == layers_.size(), "Stack::decode: ", tasks.size(),
                              " PET task modules for ", layers_.size(), " layers");
+        auto task_at = [&](std::size_t i) -> const task_type& { return tasks[i]; };
+        if constexpr (pet::InputHook<task_type>) {
+            if (!layers_.empty()) {
+                const ConstMatrixView<float> vt = tasks[0].virtual_tokens();
+                if (vt.rows() > 0) {
+                    const auto L = check(x, new_lengths, y, "Stack::decode");
+                    check_shape(vt, -1, x.cols(), "Stack::decode: PET input hook (virtual tokens)");
+                    require<shape_error>(caches.size() == layers_.size(), "Stack::decode: ", caches.size(),
+                                         " kv_caches for ", layers_.size(), " layers");
+                    require<shape_error>(caches[0].batch() == L.batch, "Stack::decode: kv_cache holds ",
+                                         caches[0].batch(), " sequences, the batch has ", L.batch);
+                    bool starts = false;
+                    for (index_t b = 0; b < L.batch; ++b) starts = starts || starting(caches[0], L, b);
+                    if (starts) {
+                        prompted_decode(x, L, y, caches, ws, vt, tasks, task_at);
+                        return;
+                    }
+                }
+            }
+        }
         const auto L = check_decode(x, new_lengths, y, caches, tasks);
-        run(x, L, y, ws, [&](std::size_t i) -> const task_type& { return tasks[i]; }, caches.data());
+        run(x, L, y, ws, task_at, caches.data());
     }
     void decode(ConstMatrixView<float> x, std::span<const index_t> new_lengths, MatrixView<float> y,
                 std::span<kv_cache> caches, workspace& ws) const
@@ -118,6 +144,52 @@ private:
                 layers_[i].forward_on(tag, i == 0 ? x : ConstMatrixView<float>(y), L, y, ws, task_at(i),
                                       caches ? caches + i : nullptr);
         });
+    }
+    /// Sequence b starts in this call: no tokens cached yet (an attention-hook prefix may be) and new tokens.
+    static bool starting(const kv_cache& c, const batch_layout& L, index_t b) {
+        return c.tokens(b) == 0 && L.length(b) > 0;
+    }
+    /// Decode where some sequences start: those get [virtual tokens; new tokens], the others their new tokens,
+    /// in one workspace buffer of S + P rows per sequence (in place); then the real tokens' rows to y. Every
+    /// check (capacity included) runs before a cache changes.
+    template <class Tasks, class TaskAt>
+    void prompted_decode(ConstMatrixView<float> x, const batch_layout& L, MatrixView<float> y,
+                         std::span<kv_cache> caches, workspace& ws, ConstMatrixView<float> vt, const Tasks& tasks,
+                         TaskAt&& task_at) const {
+        const index_t P = vt.rows(), S = L.seq_len, B = L.batch, d = x.cols(), Se = S + P;
+        auto& lens = ws.lengths_scratch(static_cast<std::size_t>(B));
+        auto skip = [&](index_t b) { return lens[std::size_t(b)] - L.length(b); };  // rows before the real tokens
+        for (index_t b = 0; b < B; ++b) {
+            const bool st = starting(caches[0], L, b);
+            lens[std::size_t(b)] = L.length(b) + (st ? P : 0);
+            if (st) {  // rows it will hold: its attention-hook prefix (held or to come), P, its new tokens
+                const index_t pre = caches[0].length(b) ? caches[0].length(b) : layers_[0].attention().prefix_rows(tasks[0]);
+                const index_t rows = pre + P + L.length(b);
+                require<shape_error>(rows <= caches[0].capacity(), "Stack::decode: sequence ", b,
+                                     " starts with the task's ", P, " virtual tokens (prompt tuning)",
+                                     pre ? " after its attention prefix" : "", " plus ", L.length(b), " new tokens: ",
+                                     rows, " rows exceed the kv_cache capacity of ", caches[0].capacity());
+            }
+        }
+        const auto Le = batch_layout::of(B * Se, lens, "Stack::decode (with virtual tokens)");
+        for (std::size_t i = 0; i < layers_.size(); ++i) {
+            layers_[i].check_task(tasks[i], "Stack::decode");
+            layers_[i].check_cache(caches[i], Le, "Stack::decode", layers_[i].attention().prefix_rows(tasks[i]));
+        }
+        auto xe = ws.get(workspace::prompt, B * Se, d);
+        for (index_t b = 0; b < B; ++b) {
+            auto xb = xe.middle_rows(b * Se, Se);
+            if (skip(b)) {
+                copy(vt, xb.middle_rows(0, P));
+                copy(x.middle_rows(b * S, S), xb.middle_rows(P, S));
+            } else {
+                copy(x.middle_rows(b * S, S), xb.middle_rows(0, S));
+                fill_zero(xb.middle_rows(S, P));  // padding
+            }
+        }
+        run(xe, Le, xe, ws, task_at, caches.data());
+        for (index_t b = 0; b < B; ++b)  // rows past a sequence's length are zero padding in xe
+            copy(xe.middle_rows(b * Se + skip(b), S), y.middle_rows(b * S, S));
     }
     /// The stack over [virtual tokens; sequence] per sequence, in one workspace buffer (in place), then the real
     /// tokens' rows to y.
@@ -158,8 +230,10 @@ private:
         const auto L = check(x, lengths, y, "Stack::decode");
         require<shape_error>(caches.size() == layers_.size(), "Stack::decode: ", caches.size(), " kv_caches for ",
                              layers_.size(), " layers");
-        for (std::size_t i = 0; i < layers_.size(); ++i)
+        for (std::size_t i = 0; i < layers_.size(); ++i) {
+            layers_[i].check_task(tasks[i], "Stack::decode");
             layers_[i].check_cache(caches[i], L, "Stack::decode", layers_[i].attention().prefix_rows(tasks[i]));
+        }
         return L;
     }
     void check_same_shape() const {
@@ -173,6 +247,11 @@ private:
         if (x.data() == y.data()) return;
         for (index_t r = 0; r < x.rows(); ++r)
             for (index_t c = 0; c < x.cols(); ++c) y(r, c) = x(r, c);
+    }
+
+    static void fill_zero(MatrixView<float> y) noexcept {
+        for (index_t r = 0; r < y.rows(); ++r)
+            for (index_t c = 0; c < y.cols(); ++c) y(r, c) = 0.f;
     }
 
     std::vector<layer_type> layers_;

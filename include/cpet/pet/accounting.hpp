@@ -45,8 +45,13 @@ struct parameter_report {
 
     /// 1234567 -> "1,234,567".
     static std::string grouped(index_t n) {
-        std::string s = std::to_string(n);
-        for (int pos = int(s.size()) - 3; pos > (n < 0 ? 1 : 0); pos -= 3) s.insert(std::size_t(pos), ",");
+        // Built by appending: std::string::insert here trips GCC 12's false -Wrestrict (PR 105651) at -O3.
+        const std::string digits = std::to_string(n < 0 ? -n : n);
+        std::string s = n < 0 ? "-" : "";
+        for (std::size_t i = 0; i < digits.size(); ++i) {
+            if (i > 0 && (digits.size() - i) % 3 == 0) s += ',';
+            s += digits[i];
+        }
         return s;
     }
 };

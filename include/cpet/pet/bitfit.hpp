@@ -2,8 +2,11 @@
 //
 // The task keeps Δb per linear (the backbone's biases stay shared and const): y = x·Wᵀ + (b + Δb). A backbone
 // without biases (LLaMA) gets them, starting from zero. Applied through the bias hook: the layer sums b + Δb
-// into scratch and hands it to the GEMM epilogue, so it costs no pass over y. (LayerNorm's β, which the paper
-// also tunes, is not covered.)
+// into scratch and hands it to the GEMM epilogue, so it costs no pass over y.
+// The paper also tunes LayerNorm's β: the task keeps Δβ [d_model] for norm1 and norm2, applied through the norm
+// hook (β + Δβ summed into scratch, handed to the norm kernel; the backbone's β stays shared). RMSNorm (LLaMA)
+// has no β: with options::norms unset a LLaMA task simply has no norm part; asking for it (norms = true, or
+// set_norm on such a layer) throws shape_error, and a layer with RMSNorm refuses a task carrying a Δβ.
 #pragma once
 
 #include <array>
@@ -21,14 +24,23 @@ struct bitfit {
 
     struct options {
         target_set targets = target_set::all();  ///< every linear the layer has
+        /// LayerNorm β of norm1 and norm2: unset, where the layer has them (LayerNorm: yes; RMSNorm: none);
+        /// true: required (shape_error for an RMSNorm layer); false: linear biases only.
+        std::optional<bool> norms = std::nullopt;
     };
 
     struct modules {
         std::array<std::vector<float>, target_count> delta;  ///< Δb [out]; empty: bias not tuned
+        std::array<std::vector<float>, norm_site_count> norm_delta;  ///< Δβ [d_model]; empty: β not tuned
         layer_dims dims;
 
         std::optional<std::span<const float>> bias_delta(target t) const {
             const auto& v = delta[std::size_t(t)];
+            if (v.empty()) return std::nullopt;
+            return std::span<const float>(v);
+        }
+        std::optional<std::span<const float>> norm_bias_delta(norm_site n) const {
+            const auto& v = norm_delta[std::size_t(n)];
             if (v.empty()) return std::nullopt;
             return std::span<const float>(v);
         }
@@ -38,14 +50,31 @@ struct bitfit {
                                  v.size(), " values, expected ", dims.out(t));
             delta[std::size_t(t)].assign(v.begin(), v.end());
         }
+        void set_norm(norm_site n, std::span<const float> v) {
+            check_norms(dims, name());
+            require<shape_error>(index_t(v.size()) == dims.d_model, "bitfit: β delta of ", norm_site_name(n), " has ",
+                                 v.size(), " values, expected ", dims.d_model, " (d_model)");
+            norm_delta[std::size_t(n)].assign(v.begin(), v.end());
+        }
         std::vector<parameter_group> parameters() const {
             std::vector<parameter_group> out;
             for (int i = 0; i < target_count; ++i)
                 if (!delta[std::size_t(i)].empty())
                     out.push_back({cpet::detail::concat(target_name(target(i)), ".bias"), index_t(delta[std::size_t(i)].size())});
+            for (int i = 0; i < norm_site_count; ++i)
+                if (!norm_delta[std::size_t(i)].empty())
+                    out.push_back({cpet::detail::concat(norm_site_name(norm_site(i)), ".bias"),
+                                   index_t(norm_delta[std::size_t(i)].size())});
             return out;
         }
     };
+
+    /// Throws shape_error unless the layer's norms have a β to tune.
+    static void check_norms(const layer_dims& d, const char* who) {
+        require<shape_error>(d.norm_bias, who, ": the layer's norms have no β to tune (RMSNorm, or layer_dims."
+                             "norm_bias unset); BitFit's norm part exists for LayerNorm layers only "
+                             "(options::norms = false tunes the linear biases alone)");
+    }
 
     /// Zero deltas for the chosen targets (with target_set::all(), the gate only where the layer has one).
     static modules make(const layer_dims& d) { return make(d, options{}); }
@@ -59,10 +88,14 @@ struct bitfit {
         m.dims = d;
         for (int i = 0; i < target_count; ++i)
             if (ts.contains(target(i))) m.delta[std::size_t(i)].assign(std::size_t(d.out(target(i))), 0.f);
+        if (o.norms.value_or(d.norm_bias)) {
+            check_norms(d, name());
+            for (auto& v : m.norm_delta) v.assign(std::size_t(d.d_model), 0.f);
+        }
         return m;
     }
 };
 
-static_assert(check_pet_policy<bitfit>() && hooks_of<bitfit>::bias && !hooks_of<bitfit>::linear);
+static_assert(check_pet_policy<bitfit>() && hooks_of<bitfit>::bias && hooks_of<bitfit>::norm && !hooks_of<bitfit>::linear);
 
 }  // namespace cpet::pet

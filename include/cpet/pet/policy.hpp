@@ -26,10 +26,14 @@
 //   bias hook (BitFit)                     bias_delta(target) -> std::optional<std::span<const float>>
 //       Δb [out] added to the linear's bias (the backbone's own, or zero where it has none) through the
 //       epilogue's bias pointer: the layer sums b + Δb into scratch, no pass over y.
+//   norm hook (BitFit's LayerNorm β)       norm_bias_delta(norm_site) -> std::optional<std::span<const float>>
+//       Δβ [d_model] added to the β of norm1 / norm2 (LayerNorm only: RMSNorm has no β, and a layer refuses a
+//       task that has a Δβ for one); the layer sums β + Δβ into scratch and hands it to the norm kernel.
 //
 // Order inside one layer (what a stack of policies composes to, and what the reference tests compute):
 //   linear   y = act(x·Wᵀ + (b + Δb) + Σ_i s_i·U_i·B_iᵀ)   (all low-rank terms in ONE fused epilogue term)
 //   scale    q/k/v ⊙= l (before RoPE);  FFN hidden ⊙= l_ff (before down)
+//   norm     β ← β + Δβ of norm1 / norm2
 //   prefix   keys = [P_k; k], values = [P_v; v]
 //   sublayer out ← hook_1(out), then hook_2, ... in the stack's order, then the residual add
 //
@@ -159,6 +163,7 @@ struct layer_dims {
     index_t d_model = 0, q_dim = 0, kv_dim = 0, d_ff = 0;
     bool gated = false;  ///< the FFN has a gate linear (SwiGLU)
     bool bias = false;   ///< the backbone's linears carry biases
+    bool norm_bias = false;  ///< the layer's norms have a β (LayerNorm; RMSNorm has none)
 
     bool has(target t) const noexcept { return t != target::gate || gated; }
     index_t in(target t) const noexcept {
@@ -198,6 +203,14 @@ inline constexpr std::string_view sublayer_name(sublayer s) noexcept {
     return s == sublayer::attention ? "attention" : "ffn";
 }
 
+/// Which of a layer's two norms a norm hook is asked about (pre-LN: before attention / before the FFN; post-LN:
+/// after the attention residual / after the FFN residual).
+enum class norm_site : int { norm1 = 0, norm2 };
+inline constexpr int norm_site_count = 2;
+inline constexpr std::string_view norm_site_name(norm_site n) noexcept {
+    return n == norm_site::norm1 ? "norm1" : "norm2";
+}
+
 /// A low-rank term s·U·Bᵀ for one linear: U [M, r] (M = rows of the linear's input), B [out, r].
 struct lowrank_args {
     ConstMatrixView<float> u;
@@ -229,6 +242,7 @@ inline constexpr int lowrank_b = 1;    ///< a stack's concatenated [s1·B1 | s2�
 inline constexpr int hidden = 2;       ///< sublayer hooks' bottleneck activations
 inline constexpr int hidden2 = 3;      ///< a second one (a chain of sublayer hooks)
 inline constexpr int bias = 4;         ///< the layer's b + Δb (bias hook)
+inline constexpr int norm_bias = 5;    ///< the layer's β + Δβ (norm hook)
 }  // namespace slot
 
 /// Grow-only scratch memory the layer lends to hooks: slot i keeps its storage between calls, so after the first
@@ -290,6 +304,11 @@ concept BiasHook = requires(const M& m, target t) {
     { m.bias_delta(t) } -> std::same_as<std::optional<std::span<const float>>>;
 };
 
+template <class M>
+concept NormHook = requires(const M& m, norm_site n) {
+    { m.norm_bias_delta(n) } -> std::same_as<std::optional<std::span<const float>>>;
+};
+
 /// The parts of a linear hook that a stack concatenates along the rank: `rank(t)` (0: not adapted),
 /// `project(t, x, u, scratch)` writing U [M, rank(t)] into u (a view with its own stride), `up(t)` B [out, rank]
 /// and `lowrank_scale(t)`. Policies with these get `lowrank` from pet::lowrank_from_parts.
@@ -343,6 +362,7 @@ struct hooks_of {
     static constexpr bool input = InputHook<typename P::modules>;
     static constexpr bool scale = ScaleHook<typename P::modules>;
     static constexpr bool bias = BiasHook<typename P::modules>;
+    static constexpr bool norm = NormHook<typename P::modules>;
 };
 
 }  // namespace cpet::pet

@@ -1,7 +1,9 @@
 // cpet/pet/prompt.hpp — prompt tuning (Lester et al. 2021, arXiv 2104.08691): P learned soft tokens put before
 // every sequence's embeddings (the input hook). Only the first layer's modules carry tokens; nn::Stack::forward
-// puts them before each sequence, runs the stack on P + S rows and returns the real tokens' rows. For decoding,
-// a caller prefills with pet::prepend_virtual_tokens and the KV cache keeps them.
+// puts them before each sequence, runs the stack on P + S rows and returns the real tokens' rows. nn::Stack::decode
+// puts them before a sequence once, when it starts (no tokens cached yet), and the KV cache keeps them as the
+// sequence's first P tokens. pet::prepend_virtual_tokens builds [tokens; x] for callers below the stack (a single
+// TransformerLayer, or a reference).
 #pragma once
 
 #include <cstdint>

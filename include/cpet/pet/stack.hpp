@@ -9,7 +9,7 @@
 //   2. scale hooks (IA3) on q/k/v outputs and the FFN hidden activation;
 //   3. the attention hook's prefix rows;
 //   4. sublayer hooks, in the stack's order P1, P2, ...: each sees the output the previous one left.
-// At most one member may use each of the attention, input, scale and bias hooks (concatenating prefixes or
+// At most one member may use each of the attention, input, scale, bias and norm hooks (concatenating prefixes or
 // multiplying scales would need storage the const modules do not have); the static_asserts say so.
 #pragma once
 
@@ -53,6 +53,8 @@ private:
     struct scale_t : std::bool_constant<ScaleHook<M>> {};
     template <class M>
     struct bias_t : std::bool_constant<BiasHook<M>> {};
+    template <class M>
+    struct norm_t : std::bool_constant<NormHook<M>> {};
 
 public:
     static constexpr bool any_linear = count<linear_t> > 0;
@@ -61,6 +63,7 @@ public:
     static_assert(count<input_t> <= 1, "cpet pet::stack: at most one member may use the input hook (prompt)");
     static_assert(count<scale_t> <= 1, "cpet pet::stack: at most one member may use the scale hook (IA3)");
     static_assert(count<bias_t> <= 1, "cpet pet::stack: at most one member may use the bias hook (BitFit)");
+    static_assert(count<norm_t> <= 1, "cpet pet::stack: at most one member may use the norm hook (BitFit's β)");
     static_assert(((!LinearHook<typename Ps::modules> || LowrankParts<typename Ps::modules>) && ...),
                   "cpet pet::stack: a stacked linear-hook policy must expose LowrankParts (rank, project, up, "
                   "lowrank_scale) so its term can be concatenated along the rank into one fused term");
@@ -168,6 +171,15 @@ public:
             std::optional<std::span<const float>> v;
             each([&](const auto& m) {
                 if constexpr (BiasHook<std::decay_t<decltype(m)>>) v = m.bias_delta(t);
+            });
+            return v;
+        }
+        std::optional<std::span<const float>> norm_bias_delta(norm_site n) const
+            requires(count<norm_t> == 1)
+        {
+            std::optional<std::span<const float>> v;
+            each([&](const auto& m) {
+                if constexpr (NormHook<std::decay_t<decltype(m)>>) v = m.norm_bias_delta(n);
             });
             return v;
         }
