@@ -1,8 +1,9 @@
 // The cross product: every PET method on every compression policy (testing::compression_policies, one line per
-// format) and on BERT- and LLaMA-style layers compiles, runs on every ISA, and matches the Eigen reference of a
-// 2-layer stack computed with the weights the format really uses (to_dense()).
+// format) on a BERT-style layer (and a LLaMA-style one for dense and int4) compiles, runs on every ISA, and
+// matches the Eigen reference of a 2-layer stack computed with the weights the format really uses (to_dense()).
 #include <cmath>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "cpet/pet/pet.hpp"
@@ -150,12 +151,21 @@ using methods = std::tuple<pet::lora, pet::rslora, pet::recovery, pet::recovery_
                            pet::prompt_tuning, pet::ia3, pet::bitfit, pet::stack<pet::recovery, pet::lora>,
                            pet::stack<pet::prefix_tuning, pet::scaled_parallel_adapter>>;
 
+/// Every method × every policy on the BERT layer; the LLaMA layer (pre-LN, RoPE, GQA, causal, SwiGLU) with the
+/// dense and the int4 policy only: each combination is a full layer instantiated for three ISAs, and the whole
+/// cross product on both layers was a third of the suite's compile time. The LLaMA-specific paths of each method
+/// are covered by that method's own test file.
+template <class Comp>
+inline constexpr bool with_llama =
+    std::is_same_v<Comp, compress::dense> ||
+    std::is_same_v<Comp, compress::quantized<compress::int4, compress::per_group<16>, compress::asymmetric>>;
+
 template <class Comp, class P>
 void run_method(unsigned seed) {
     CAPTURE(std::string(Comp::name()));
     CAPTURE(std::string(P::name()));
     run_one<config::bert<Comp, P>>(seed);
-    run_one<config::llama<Comp, P>>(seed + 100);
+    if constexpr (with_llama<Comp>) run_one<config::llama<Comp, P>>(seed + 100);
 }
 
 template <class Comp>
@@ -165,7 +175,7 @@ void run_policy(unsigned& seed) {
 
 }  // namespace
 
-TEST_CASE("every PET method on every compression policy (BERT and LLaMA layers) matches the reference") {
+TEST_CASE("every PET method on every compression policy (BERT; LLaMA for dense and int4) matches the reference") {
     unsigned seed = 800;
     std::apply([&](auto... comp) { (run_policy<decltype(comp)>(seed), ...); }, testing::compression_policies{});
 }
