@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 
 #include "support/testing.hpp"
@@ -74,23 +75,28 @@ std::vector<float> random_bias(index_t n, unsigned seed) {
     return std::vector<float>(b.data(), b.data() + n);
 }
 
-}  // namespace
-
-TEST_CASE("gemm_wq: int8 / int4, every granularity and symmetry, awkward shapes, every ISA") {
-    struct cfg {
-        qbits b;
-        granularity g;
-        index_t group;
-        bool sym;
-    };
+/// Every bits × symmetry × granularity combination, with per-group sizes `groups`.
+struct cfg {
+    qbits b;
+    granularity g;
+    index_t group;
+    bool sym;
+};
+std::vector<cfg> quant_configs(std::initializer_list<index_t> groups) {
     std::vector<cfg> cfgs;
     for (qbits b : {qbits::int8, qbits::int4})
         for (bool sym : {true, false}) {
             cfgs.push_back({b, granularity::per_channel, 0, sym});
             cfgs.push_back({b, granularity::per_tensor, 0, sym});
-            cfgs.push_back({b, granularity::per_group, 32, sym});
-            cfgs.push_back({b, granularity::per_group, 128, sym});
+            for (index_t g : groups) cfgs.push_back({b, granularity::per_group, g, sym});
         }
+    return cfgs;
+}
+
+}  // namespace
+
+TEST_CASE("gemm_wq: int8 / int4, every granularity and symmetry, awkward shapes, every ISA") {
+    const std::vector<cfg> cfgs = quant_configs({32, 128});
     for (const cfg& c : cfgs) {
         std::vector<index_t> ks = c.g == granularity::per_group ? std::vector<index_t>{c.group, 3 * c.group}
                                                                 : std::vector<index_t>{33, 127, 64};
@@ -417,21 +423,7 @@ double scaled_error(ConstMatrixView<float> got, const wq_reference& ref) {
 }  // namespace
 
 TEST_CASE("gemm_wq blocked path: int8 / int4, every granularity and symmetry, full epilogue, awkward shapes, every ISA") {
-    struct cfg {
-        qbits b;
-        granularity g;
-        index_t group;
-        bool sym;
-    };
-    std::vector<cfg> cfgs;
-    for (qbits b : {qbits::int8, qbits::int4})
-        for (bool sym : {true, false}) {
-            cfgs.push_back({b, granularity::per_channel, 0, sym});
-            cfgs.push_back({b, granularity::per_tensor, 0, sym});
-            cfgs.push_back({b, granularity::per_group, 32, sym});
-            cfgs.push_back({b, granularity::per_group, 64, sym});
-            cfgs.push_back({b, granularity::per_group, 128, sym});
-        }
+    const std::vector<cfg> cfgs = quant_configs({32, 64, 128});
     // Epilogues rotated over the shapes: bias only; ReLU + residual; GELU + rank-3 low-rank + residual that is y
     // itself; SiLU + rank-1 low-rank.
     const wq_epilogue_case eps[] = {{},
