@@ -81,6 +81,15 @@ struct cfg {
     granularity g;
     index_t group;
     bool sym;
+
+    quant_options options() const {
+        quant_options o;
+        o.bits = b;
+        o.gran = g;
+        o.group = group;
+        o.symmetric = sym;
+        return o;
+    }
 };
 std::vector<cfg> quant_configs(std::initializer_list<index_t> groups) {
     std::vector<cfg> cfgs;
@@ -103,11 +112,7 @@ TEST_CASE("gemm_wq: int8 / int4, every granularity and symmetry, awkward shapes,
         if (c.group == 32) ks.push_back(384);
         for (index_t K : ks)
             for (index_t N : {1, 7, 33, 127}) {
-                quant_options o;
-                o.bits = c.b;
-                o.gran = c.g;
-                o.group = c.group;
-                o.symmetric = c.sym;
+                const quant_options o = c.options();
                 const Matrix<float> w = testing::random_matrix(N, K, static_cast<unsigned>(N * 131 + K));
                 const auto q = compress::quantize_rtn(w.view(), o);
                 const Matrix<float> wd = compress::dequantize(q);
@@ -440,11 +445,7 @@ TEST_CASE("gemm_wq blocked path: int8 / int4, every granularity and symmetry, fu
         else ks = {c.group, 3 * c.group};
         for (index_t K : ks)
             for (index_t N : {1, 7, 33, 100}) {
-                quant_options o;
-                o.bits = c.b;
-                o.gran = c.g;
-                o.group = c.group;
-                o.symmetric = c.sym;
+                const quant_options o = c.options();
                 const Matrix<float> w = testing::random_matrix(N, K, static_cast<unsigned>(N * 31 + K));
                 const auto q = compress::quantize_rtn(w.view(), o);
                 const Matrix<float> wd = compress::dequantize(q);
