@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+"""tests/reference/make_references.py — the reference outputs cpet's io / nn tests compare against.
+
+Run once by a developer (needs PyPI torch, transformers, safetensors; peft for the adapter files); its outputs are
+committed, so the C++ tests need no Python:
+
+  python3 tests/reference/make_references.py [--minilm DIR] [--only minilm,wordpiece,llama]
+
+  minilm     minilm_reference.safetensors: for a dozen varied sentences the token ids (HF tokenizer, truncated to
+             64 tokens), the last hidden states and the mean-pooled sentence embedding of all-MiniLM-L6-v2
+             (transformers BertModel, fp32). DIR defaults to $CPET_MINILM_DIR, else build*/models/all-MiniLM-L6-v2
+             (cmake/fetch_minilm.sh puts it there).
+  wordpiece  wordpiece_reference.json: token ids of ~60 tricky strings by the HF BertTokenizer (slow, Python) and
+             BertTokenizerFast (Rust), which must agree; cpet's WordPiece is checked token for token against them.
+  llama      tiny-llama/ (save_pretrained of a seeded 2-layer LlamaForCausalLM with GQA and RoPE, ~450 KB) and
+             tiny_llama_reference.safetensors (its input ids and logits).
+"""
+import argparse
+import glob
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A man is playing a guitar.",
+    "Someone is playing an instrument on stage.",
+    "Café, naïve façade: résumé déjà vu à Zürich!",
+    "東京は日本の首都です。",
+    "I love 北京烤鸭 and dim sum.",
+    "Hello!!! How are you??? (fine, thanks) -- ok...",
+    "unaffable unbelievably antidisestablishmentarianism",
+    "E-mail me at someone@example.com or call +1 (555) 010-9999.",
+    "The stock market fell 3.5% on Monday; analysts weren't surprised.",
+    "ÀÉÎÕÜ ŠČŘŽ ÅÆØ ß œ",
+    " ".join(["This long sentence repeats to be truncated at the maximum length."] * 8),
+]
+
+WORDPIECE_EXTRA = [
+    "", " ", "   leading and trailing   ", "UPPER lower MiXeD", "tab\tnew\nline\r\nreturn",
+    "don't won't can't y'all", "a.b,c;d:e!f?g", "[CLS] [SEP] [PAD] [MASK] [UNK] literal specials",
+    "#hashtag ##subword", "unaffable", "xyzzyqwertyplugh", "supercalifragilisticexpialidocious",
+    "naïve coöperate Ångström Øresund Łódź İstanbul", "crème brûlée", "Ça va? Où est-ce?",
+    "ñandú pingüino", "Straße Maße", "ﬁnance ﬂow", "１２３ ＡＢＣ", "…—–‘’“”", "€100 £50 ¥1000 $5",
+    "1,000,000.50", "3.14159 2.71828", "emoji 😀 🎉 👍🏽", "中文分词测试", "日本語のテキスト", "한국어 텍스트",
+    "mixed中文and English", "Ελληνικά κείμενο", "Русский текст", "עברית", "العربية", "हिन्दी",
+    "ภาษาไทย", "\u00a0non\u00a0breaking\u00a0space", "zero\u200bwidth", "control\u0007char", "a\u0301 combining",
+    "e\u0300\u0301\u0302 stacked", "ABC\u00ad soft hyphen", "http://example.com/path?query=1&b=2",
+    "C++ is not C#", "snake_case and kebab-case", "\"quoted\" 'single'", "(parentheses) {braces} <angle>",
+    "@mention ~tilde `backtick` ^caret |pipe \\backslash", "ⅷ ① ²³", "ǅ ǈ ǋ titlecase",
+    "Ⅻ roman", "x" * 120, "a " * 40, "ﬀ ﬃ ligatures", "İ ı dotted", "Ω Å K signs",
+    "ÆØÅ æøå", "ĳ Ĳ", "ǲ", "tokens\u3000ideographic space",
+]
+
+
+def find_minilm(arg):
+    cands = [arg, os.environ.get("CPET_MINILM_DIR")] + sorted(glob.glob(os.path.join(ROOT, "build*", "models",
+                                                                                   "all-MiniLM-L6-v2")))
+    for c in cands:
+        if c and os.path.isfile(os.path.join(c, "model.safetensors")):
+            return c
+    sys.exit("all-MiniLM-L6-v2 not found: run cmake/fetch_minilm.sh or pass --minilm DIR")
+
+
+def make_minilm(model_dir):
+    import torch
+    from safetensors.torch import save_file
+    from transformers import BertModel, BertTokenizer, BertTokenizerFast
+
+    slow = BertTokenizer(os.path.join(model_dir, "vocab.txt"), do_lower_case=True)
+    fast = BertTokenizerFast(os.path.join(model_dir, "vocab.txt"), do_lower_case=True)
+    model = BertModel.from_pretrained(model_dir, torch_dtype=torch.float32, add_pooling_layer=False).eval()
+    out, meta = {}, {"max_length": "64", "sentences": str(len(SENTENCES))}
+    for i, s in enumerate(SENTENCES):
+        enc = slow(s, truncation=True, max_length=64)
+        assert enc["input_ids"] == fast(s, truncation=True, max_length=64)["input_ids"], s
+        ids = torch.tensor([enc["input_ids"]])
+        with torch.no_grad():
+            h = model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[0]
+        out[f"ids.{i}"] = ids[0].to(torch.int32).contiguous()
+        out[f"hidden.{i}"] = h.contiguous()
+        out[f"mean.{i}"] = h.mean(dim=0).contiguous()
+        meta[f"sentence.{i}"] = s
+    # A padded batch of all sentences: the masked mean must equal the per-sentence mean (HF pads on the right).
+    batch = slow(SENTENCES, truncation=True, max_length=64, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hb = model(**batch).last_hidden_state
+    m = batch["attention_mask"].unsqueeze(-1).float()
+    pooled = (hb * m).sum(1) / m.sum(1)
+    for i in range(len(SENTENCES)):
+        assert torch.nn.functional.cosine_similarity(pooled[i], out[f"mean.{i}"], dim=0) > 0.99999
+    path = os.path.join(HERE, "minilm_reference.safetensors")
+    save_file(out, path, metadata=meta)
+    print(f"wrote {path} ({os.path.getsize(path)} bytes)")
+
+
+def make_wordpiece(model_dir):
+    from transformers import BertTokenizer, BertTokenizerFast
+
+    slow = BertTokenizer(os.path.join(model_dir, "vocab.txt"), do_lower_case=True)
+    fast = BertTokenizerFast(os.path.join(model_dir, "vocab.txt"), do_lower_case=True)
+    cases = []
+    for s in SENTENCES + WORDPIECE_EXTRA:
+        a = slow(s, truncation=True, max_length=32)["input_ids"]
+        b = fast(s, truncation=True, max_length=32)["input_ids"]
+        full = slow(s)["input_ids"]
+        if a != b or full != fast(s)["input_ids"]:
+            print(f"note: slow and fast HF tokenizers disagree on {s!r}: {a} vs {b}; keeping the slow one")
+        cases.append({"text": s, "ids_max32": a, "ids": full})
+    path = os.path.join(HERE, "wordpiece_reference.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"vocab": "all-MiniLM-L6-v2 vocab.txt (bert-base-uncased)", "do_lower_case": True,
+                   "cases": cases}, f, ensure_ascii=False, indent=0)
+    print(f"wrote {path} ({os.path.getsize(path)} bytes)")
+
+
+def make_llama():
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6,
+                      rope_theta=10000.0, tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # HF initialises norms to 1: perturb them so a wrong norm weight would show
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+    d = os.path.join(HERE, "tiny-llama")
+    model.save_pretrained(d, safe_serialization=True)
+    for extra in ("generation_config.json",):
+        if os.path.exists(os.path.join(d, extra)):
+            os.remove(os.path.join(d, extra))
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 256, (2, 11), generator=g)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    path = os.path.join(HERE, "tiny_llama_reference.safetensors")
+    save_file({"ids": ids.to(torch.int32).contiguous(), "logits": logits.contiguous()}, path)
+    print(f"wrote {d} and {path} ({os.path.getsize(path)} bytes)")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--minilm")
+    ap.add_argument("--only", default="minilm,wordpiece,llama")
+    a = ap.parse_args()
+    parts = a.only.split(",")
+    if "minilm" in parts or "wordpiece" in parts:
+        md = find_minilm(a.minilm)
+        if "minilm" in parts:
+            make_minilm(md)
+        if "wordpiece" in parts:
+            make_wordpiece(md)
+    if "llama" in parts:
+        make_llama()
+
+
+if __name__ == "__main__":
+    main()
