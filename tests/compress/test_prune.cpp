@@ -271,3 +271,27 @@ TEST_CASE("the N:M compression policy produces a WeightFormat") {
     const testing::MatD refdx = testing::to_double(dy.view()) * testing::to_double(f.to_dense().view());
     CHECK(testing::rel_error(dx.view(), refdx) < 1e-6);
 }
+
+TEST_CASE("the unstructured compression policy prunes its share and multiplies like its dense copy") {
+    const auto w = testing::random_matrix(33, 40, 8);
+    using P = compress::unstructured_sparse<70>;
+    CHECK(P::name() == "unstructured70_magnitude");
+    CHECK(compress::nm_sparse<2, 4, compress::sparsity_score::wanda, compress::sparse_values::int8>::name() ==
+          "nm2:4_wanda_int8");
+    const auto f = P::compress(w.view(), nullptr);
+    const Matrix<float> d = f.to_dense();
+    index_t zeros = 0;
+    for (index_t i = 0; i < d.size(); ++i) zeros += d.data()[i] == 0.f;
+    CHECK(zeros == d.size() - index_t(std::llround(0.3 * double(d.size()))));
+    // what is kept is the original value
+    for (index_t i = 0; i < d.size(); ++i)
+        if (d.data()[i] != 0.f) CHECK(d.data()[i] == w.data()[i]);
+    const auto x = testing::random_matrix(7, 40, 9);
+    Matrix<float> y(7, 33);
+    f.matmul(x.view(), y.view(), {});
+    const testing::MatD ref = testing::to_double(x.view()) * testing::to_double(d.view()).transpose();
+    CHECK(testing::rel_error(y.view(), ref) < 1e-6);
+    // Wanda needs the calibration's Σx²
+    CHECK_THROWS_AS((compress::unstructured_sparse<50, compress::sparsity_score::wanda>::compress(w.view(), nullptr)),
+                    cpet::error);
+}

@@ -347,3 +347,77 @@ TEST_CASE("GPTQ policies use the layer calibration's Hessians and beat RTN on th
     CHECK(gh.vs_dequantised <= 1e-5);
     CHECK(g.vs_fp32 < r.vs_fp32);
 }
+
+namespace {
+
+/// ‖W − Ŵ‖_F / ‖W‖_F of a format's dequantised weights.
+template <class F>
+double weight_error(const Matrix<float>& w, const F& f) {
+    return testing::rel_error(f.to_dense().view(), testing::to_double(w.view()));
+}
+
+/// Weights with a few large outliers per row: min-max scales waste most of the grid on them.
+Matrix<float> outlier_weights(index_t n, index_t k, unsigned seed) {
+    Matrix<float> w = testing::random_matrix(n, k, seed);
+    for (index_t r = 0; r < n; ++r) w(r, (r * 13) % k) = (r % 2 ? 12.f : -12.f);
+    return w;
+}
+
+}  // namespace
+
+TEST_CASE("clipping rules and GPTQ knobs are reachable from the policy types") {
+    using namespace compress;
+    const Matrix<float> w = outlier_weights(24, 128, 11);
+    SUBCASE("percentile and MSE clipping: the policy packs what the quantizer makes with those options") {
+        using P = quantized<int4, per_channel, symmetric, rtn_with<clip_percentile<990>>>;
+        using E = quantized<int4, per_channel, symmetric, rtn_with<clip_mse<50, 60>>>;
+        using R = quantized<int4, per_channel, symmetric, rtn>;
+        CHECK(P::options().clip == clipping::percentile);
+        CHECK(P::options().percentile == doctest::Approx(99.0));
+        CHECK(E::options().clip == clipping::mse);
+        CHECK(E::options().mse_grid == 50);
+        CHECK(E::options().mse_max_shrink == doctest::Approx(0.6));
+        CHECK(P::name() == "int4_per_channel_sym_rtn_p99_a32");
+        CHECK(E::name() == "int4_per_channel_sym_rtn_mse50s60_a32");
+        quant_options o;
+        o.bits = qbits::int4;
+        o.gran = granularity::per_channel;
+        o.clip = clipping::percentile;
+        o.percentile = 99.0;
+        const auto p = P::compress(w);
+        const auto direct = quantize_rtn(w, o);
+        for (index_t r = 0; r < w.rows(); ++r) CHECK(p.weights().scales()[r] == direct.scales()[r]);
+        // Clipping the outliers shrinks the scale, so the dequantised maximum stays below the outlier; min-max
+        // keeps it within a step. MSE clipping may keep or shrink it but never does worse than min-max on squared error.
+        const auto r = R::compress(w);
+        const auto e = E::compress(w);
+        const double err_r = weight_error(w, r), err_p = weight_error(w, p), err_e = weight_error(w, e);
+        MESSAGE("int4 per-channel weight error: minmax ", err_r, ", p99 ", err_p, ", mse ", err_e);
+        CHECK(p.to_dense().view()(1, 13) < 2.f);
+        CHECK(r.to_dense().view()(1, 13) > 10.f);
+        CHECK(err_e <= err_r * (1 + 1e-9));
+    }
+    SUBCASE("gptq_with<Clip, Damp, Block> hands its damping and block width to GPTQ") {
+        using G = quantized<int4, per_group<32>, symmetric, gptq_with<clip_minmax, 100, 32>>;
+        using D = quantized<int4, per_group<32>, symmetric, gptq>;
+        CHECK(G::name() == "int4_g32_sym_gptq_d100_b32_a32");
+        CHECK(G::needs_hessian);
+        const Matrix<float> x = testing::random_matrix(256, 128, 5);
+        calibration cal;
+        const Eigen::MatrixXd xd = as_eigen(x.view()).cast<double>();
+        cal.hessian = Matrix<double>(128, 128);
+        as_eigen(cal.hessian.view()) = xd.transpose() * xd;
+        cal.samples = 256;
+        const auto g = G::compress(w, &cal);
+        quant_options o = G::options();
+        gptq_options k;
+        k.percdamp = 0.1;
+        k.block = 32;
+        const auto direct = quantize_gptq_hessian(w, as_eigen(cal.hessian.view()), o, k);
+        const Matrix<float> a = g.to_dense(), b = G::format(direct).to_dense();
+        CHECK(std::equal(a.data(), a.data() + a.size(), b.data()));
+        // another damping gives other codes: the knob really reaches the quantizer
+        const Matrix<float> d = D::compress(w, &cal).to_dense();
+        CHECK(!std::equal(a.data(), a.data() + a.size(), d.data()));
+    }
+}

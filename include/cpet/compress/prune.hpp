@@ -19,6 +19,8 @@
 #include <cmath>
 #include <cstdint>
 #include <numeric>
+#include <string>
+#include <string_view>
 #include <vector>
 
 #include "cpet/arch/dispatch.hpp"
@@ -247,14 +249,39 @@ using unstructured_sparse_f32 = sparse_format<unstructured_sparse_weights>;
 template <int N, int M, sparsity_score Score = sparsity_score::magnitude, sparse_values V = sparse_values::f32>
 struct nm_sparse {
     using format = sparse_format<nm_sparse_weights>;
-    static constexpr const char* name() noexcept { return Score == sparsity_score::wanda ? "nm_sparse_wanda" : "nm_sparse_magnitude"; }
+    /// e.g. "nm2:4_magnitude", "nm2:4_wanda_int8".
+    static std::string_view name() {
+        static const std::string n = "nm" + std::to_string(N) + ":" + std::to_string(M) +
+                                     (Score == sparsity_score::wanda ? "_wanda" : "_magnitude") +
+                                     (V == sparse_values::int8 ? "_int8" : "");
+        return n;
+    }
     static format compress(ConstMatrixView<float> w, const calibration* stats = nullptr) {
         return format(prune_nm(w, {N, M}, Score, stats, V));
+    }
+};
+
+/// Compression policy: unstructured pruning of SparsityPercent % of the weights (score chosen by type), the rest
+/// kept in fp32 in the SELL-16 layout. Wanda needs calibration (Σx² per input channel).
+template <int SparsityPercent, sparsity_score Score = sparsity_score::magnitude>
+struct unstructured_sparse {
+    static_assert(SparsityPercent >= 0 && SparsityPercent < 100,
+                  "cpet unstructured_sparse: SparsityPercent must be in [0, 100)");
+    using format = unstructured_sparse_f32;
+    /// e.g. "unstructured70_wanda".
+    static std::string_view name() {
+        static const std::string n = "unstructured" + std::to_string(SparsityPercent) +
+                                     (Score == sparsity_score::wanda ? "_wanda" : "_magnitude");
+        return n;
+    }
+    static format compress(ConstMatrixView<float> w, const calibration* stats = nullptr) {
+        return format(prune_unstructured(w, SparsityPercent / 100.0, Score, stats));
     }
 };
 
 static_assert(check_weight_format<nm_sparse_f32>());
 static_assert(check_weight_format<unstructured_sparse_f32>());
 static_assert(check_compression_policy<nm_sparse<2, 4>>());
+static_assert(check_compression_policy<unstructured_sparse<50>>());
 
 }  // namespace cpet::compress

@@ -5,7 +5,9 @@
 //       Bits        int8 | int4
 //       Granularity per_tensor | per_channel | per_group<G>   (G: k per scale, a multiple of 8 dividing K)
 //       Symmetry    symmetric | asymmetric
-//       Quantizer   rtn (round to nearest, data-free) | gptq (Frantar et al. 2022; needs the input Hessian)
+//       Quantizer   rtn (round to nearest, data-free) | gptq (Frantar et al. 2022; needs the input Hessian);
+//                   rtn_with<Clip> / gptq_with<Clip, DampPerMille, Block> choose the clipping rule
+//                   (clip_minmax, clip_percentile<PerMille>, clip_mse<Grid, MaxShrinkPercent>) and GPTQ's knobs
 //       Activations activations_fp32 (weight-only: kernels::gemm_wq dequantises in the kernel, the exact path)
 //                 | activations_int8 (dynamic per-token int8 activations: W8A8 through kernels::gemm_s8 for int8
 //                   per-channel / per-tensor weights, W4A8 through kernels::gemm_w4a8 for int4 of any granularity)
@@ -99,13 +101,74 @@ struct asymmetric {
     static constexpr const char* name() noexcept { return "asym"; }
 };
 
-/// How the codes are chosen.
-struct rtn {
-    static constexpr const char* name() noexcept { return "rtn"; }
+/// How each scale's range is chosen (quant_options::clip), for either quantizer.
+struct clip_minmax {
+    static constexpr bool is_clipping = true;
+    static std::string name() { return ""; }
+    static void apply(quant_options&) {}
 };
-struct gptq {
-    static constexpr const char* name() noexcept { return "gptq"; }
+/// The PerMille/10-th percentile of |w| (symmetric) or of each tail (asymmetric): clip_percentile<999> is 99.9 %.
+template <int PerMille>
+struct clip_percentile {
+    static_assert(PerMille > 0 && PerMille <= 1000, "cpet clip_percentile: PerMille must be in (0, 1000]");
+    static constexpr bool is_clipping = true;
+    static std::string name() {
+        return "_p" + std::to_string(PerMille / 10) + (PerMille % 10 ? "." + std::to_string(PerMille % 10) : "");
+    }
+    static void apply(quant_options& o) {
+        o.clip = clipping::percentile;
+        o.percentile = PerMille / 10.0;
+    }
 };
+/// The shrink of the min-max range with least squared error, over Grid steps down to (1 − MaxShrinkPercent/100).
+template <int Grid = 100, int MaxShrinkPercent = 80>
+struct clip_mse {
+    static_assert(Grid > 0 && MaxShrinkPercent > 0 && MaxShrinkPercent < 100,
+                  "cpet clip_mse: Grid must be positive and MaxShrinkPercent in (0, 100)");
+    static constexpr bool is_clipping = true;
+    static std::string name() {
+        return Grid == 100 && MaxShrinkPercent == 80
+                   ? std::string("_mse")
+                   : "_mse" + std::to_string(Grid) + "s" + std::to_string(MaxShrinkPercent);
+    }
+    static void apply(quant_options& o) {
+        o.clip = clipping::mse;
+        o.mse_grid = Grid;
+        o.mse_max_shrink = MaxShrinkPercent / 100.0;
+    }
+};
+
+/// How the codes are chosen. Round to nearest: data-free, each group from its (clipped) range.
+template <class Clip = clip_minmax>
+struct rtn_with {
+    static_assert(Clip::is_clipping, "cpet rtn_with: Clip must be clip_minmax, clip_percentile<P> or clip_mse<G, S>");
+    static constexpr bool uses_hessian = false;
+    static std::string name() { return "rtn" + Clip::name(); }
+    static void apply(quant_options& o) { Clip::apply(o); }
+};
+/// GPTQ (Frantar et al. 2022) with damping λ = DampPerMille/1000 · mean(diag H) and lazy batches of Block columns;
+/// Clip chooses each group's range as the columns reach it. Needs the input Hessian.
+template <class Clip = clip_minmax, int DampPerMille = 10, int Block = 128>
+struct gptq_with {
+    static_assert(Clip::is_clipping, "cpet gptq_with: Clip must be clip_minmax, clip_percentile<P> or clip_mse<G, S>");
+    static_assert(DampPerMille >= 0 && Block > 0, "cpet gptq_with: DampPerMille must be >= 0 and Block > 0");
+    static constexpr bool uses_hessian = true;
+    static std::string name() {
+        std::string n = "gptq" + Clip::name();
+        if (DampPerMille != 10) n += "_d" + std::to_string(DampPerMille);
+        if (Block != 128) n += "_b" + std::to_string(Block);
+        return n;
+    }
+    static void apply(quant_options& o) { Clip::apply(o); }
+    static gptq_options knobs() {
+        gptq_options g;
+        g.percdamp = DampPerMille / 1000.0;
+        g.block = Block;
+        return g;
+    }
+};
+using rtn = rtn_with<>;
+using gptq = gptq_with<>;
 
 /// What the activations are multiplied as.
 struct activations_fp32 {
@@ -140,6 +203,12 @@ template <class T>
 inline constexpr bool is_smooth_v = false;
 template <int A>
 inline constexpr bool is_smooth_v<activations_int8_smooth<A>> = true;
+template <class T>
+inline constexpr bool is_quantizer_v = false;
+template <class C>
+inline constexpr bool is_quantizer_v<rtn_with<C>> = true;
+template <class C, int D, int B>
+inline constexpr bool is_quantizer_v<gptq_with<C, D, B>> = true;
 template <class T>
 inline constexpr bool is_activations_v =
     std::is_same_v<T, activations_fp32> || std::is_same_v<T, activations_int8> || is_smooth_v<T>;
@@ -314,10 +383,10 @@ private:
 /// tokens — its scale does not matter, the damping is relative) and throws format_error without one.
 template <class Bits, class Gran, class Sym = symmetric, class Quantizer = rtn, class Act = activations_fp32>
 struct quantized {
-    static_assert(std::is_same_v<Quantizer, rtn> || std::is_same_v<Quantizer, gptq>,
-                  "cpet quantized: Quantizer must be compress::rtn or compress::gptq");
+    static_assert(detail::is_quantizer_v<Quantizer>,
+                  "cpet quantized: Quantizer must be compress::rtn, rtn_with<Clip>, gptq or gptq_with<Clip, Damp, Block>");
     using format = quantized_format<Bits, Gran, Sym, Act>;
-    static constexpr bool needs_hessian = std::is_same_v<Quantizer, gptq>;
+    static constexpr bool needs_hessian = Quantizer::uses_hessian;
 
     static std::string_view name() {
         static const std::string n = [] {
@@ -336,11 +405,12 @@ struct quantized {
         o.gran = Gran::gran;
         o.group = Gran::gran == granularity::per_group ? Gran::group : 128;
         o.symmetric = Sym::value;
+        Quantizer::apply(o);
         return o;
     }
 
     static format compress(ConstMatrixView<float> dense_weight, const calibration* stats = nullptr) {
-        if constexpr (std::is_same_v<Quantizer, gptq>)
+        if constexpr (needs_hessian)
             require<format_error>(stats != nullptr && stats->has_hessian(), "compress::quantized<", name(),
                                   ">: GPTQ needs calibration statistics with the input Hessian (collect them on a "
                                   "calibration set and pass an nn::layer_calibration), or use the rtn quantizer");
@@ -355,19 +425,19 @@ struct quantized {
                 for (index_t k = 0; k < K; ++k) ws(n, k) = dense_weight(n, k) * s[std::size_t(k)];
             std::vector<float> inv(s.size());
             for (std::size_t k = 0; k < s.size(); ++k) inv[k] = 1.f / s[k];
-            if constexpr (std::is_same_v<Quantizer, rtn>) {
+            if constexpr (!needs_hessian) {
                 return format(quantize_rtn(ws, options()), inv);
             } else {
                 Eigen::MatrixXd h = as_eigen(stats->hessian.view());
                 const Eigen::VectorXd d = Eigen::Map<const Eigen::VectorXf>(inv.data(), K).cast<double>();
                 h = d.asDiagonal() * h * d.asDiagonal();
-                return format(quantize_gptq_hessian(ws, h, options()), inv);
+                return format(quantize_gptq_hessian(ws, h, options(), Quantizer::knobs()), inv);
             }
-        } else if constexpr (std::is_same_v<Quantizer, rtn>) {
+        } else if constexpr (!needs_hessian) {
             return format(quantize_rtn(dense_weight, options()));
         } else {
             const ConstMatrixView<double> h = stats->hessian.view();
-            return format(quantize_gptq_hessian(dense_weight, as_eigen(h), options()));
+            return format(quantize_gptq_hessian(dense_weight, as_eigen(h), options(), Quantizer::knobs()));
         }
     }
 };
@@ -408,5 +478,7 @@ static_assert(check_compression_policy<w8a8_smooth>());
 static_assert(check_compression_policy<int8_per_channel_gptq>());
 static_assert(check_compression_policy<int4_g128_gptq>());
 static_assert(check_compression_policy<quantized<int8, per_tensor, asymmetric, rtn>>());
+static_assert(check_compression_policy<quantized<int4, per_group<64>, symmetric, rtn_with<clip_mse<>>>>());
+static_assert(check_compression_policy<quantized<int8, per_channel, symmetric, gptq_with<clip_percentile<999>, 50, 64>>>());
 
 }  // namespace cpet::compress
