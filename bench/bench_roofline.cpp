@@ -18,6 +18,7 @@ void read_bw(benchmark::State& st, int threads) {
     for (auto _ : st) benchmark::DoNotOptimize(r.read_gbs);
     st.counters["GBps"] = r.read_gbs;
     st.counters["threads"] = threads;
+    st.SetLabel(r.read_loop);
 }
 
 const bool registered = [] {
