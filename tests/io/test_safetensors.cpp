@@ -122,7 +122,11 @@ TEST_CASE("safetensors: round trip of every dtype is bit-exact, views are zero-c
         std::vector<std::byte> b(shape[0] * shape[1] * dtype_size(t));
         for (auto& x : b) x = std::byte(gen() & 0xff);
         store.push_back(std::move(b));
-        ts.push_back({"t" + std::to_string(i) + "." + std::string(dtype_name(t)), t, shape, store.back()});
+        std::string name = "t";
+        name += std::to_string(i);
+        name += ".";
+        name += dtype_name(t);
+        ts.push_back({name, t, shape, store.back()});
     }
     ts.push_back({"empty", dtype::F32, {0, 5}, {}});
     ts.push_back({"scalar", dtype::I32, {}, std::as_bytes(std::span<const std::byte>(store[9].data(), 4))});

@@ -12,6 +12,8 @@ committed, so the C++ tests need no Python:
              (cmake/fetch_minilm.sh puts it there).
   wordpiece  wordpiece_reference.json: token ids of ~60 tricky strings by the HF BertTokenizer (slow, Python) and
              BertTokenizerFast (Rust), which must agree; cpet's WordPiece is checked token for token against them.
+  bert       tiny-bert/ (save_pretrained of a seeded 2-layer BertForSequenceClassification, 3 labels) and
+             tiny_bert_reference.safetensors (padded ids with token types, last hidden states, logits).
   llama      tiny-llama/ (save_pretrained of a seeded 2-layer LlamaForCausalLM with GQA and RoPE, ~450 KB) and
              tiny_llama_reference.safetensors (its input ids and logits).
 """
@@ -146,10 +148,43 @@ def make_llama():
     print(f"wrote {d} and {path} ({os.path.getsize(path)} bytes)")
 
 
+def make_bert():
+    import torch
+    from safetensors.torch import save_file
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=40, type_vocab_size=2, num_labels=3,
+                     hidden_act="gelu", layer_norm_eps=1e-12)
+    model = BertForSequenceClassification(cfg).eval()
+    with torch.no_grad():  # HF initialises LayerNorms to (1, 0) and biases to 0: perturb so a wrong one shows
+        for n, p in model.named_parameters():
+            if "LayerNorm.weight" in n:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif n.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    d = os.path.join(HERE, "tiny-bert")
+    model.save_pretrained(d, safe_serialization=True)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, 120, (3, 9), generator=g)
+    mask = torch.tensor([[1] * 9, [1] * 5 + [0] * 4, [1] * 7 + [0] * 2])
+    types = torch.tensor([[0] * 4 + [1] * 5, [0] * 3 + [1] * 2 + [0] * 4, [0] * 9])
+    ids = ids * mask  # pad id 0
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True)
+    hidden = out.hidden_states[-1] * mask.unsqueeze(-1)
+    path = os.path.join(HERE, "tiny_bert_reference.safetensors")
+    save_file({"ids": ids.to(torch.int32).contiguous(), "type_ids": types.to(torch.int32).contiguous(),
+               "lengths": mask.sum(1).to(torch.int32).contiguous(), "hidden": hidden.contiguous(),
+               "logits": out.logits.contiguous()}, path)
+    print(f"wrote {d} and {path} ({os.path.getsize(path)} bytes)")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--minilm")
-    ap.add_argument("--only", default="minilm,wordpiece,llama")
+    ap.add_argument("--only", default="minilm,wordpiece,llama,bert")
     a = ap.parse_args()
     parts = a.only.split(",")
     if "minilm" in parts or "wordpiece" in parts:
@@ -160,6 +195,8 @@ def main():
             make_wordpiece(md)
     if "llama" in parts:
         make_llama()
+    if "bert" in parts:
+        make_bert()
 
 
 if __name__ == "__main__":

@@ -102,7 +102,10 @@ void atomic_write(const std::filesystem::path& path, std::uint64_t total, Emit&&
                   const write_progress& progress = {}) {
     namespace fs = std::filesystem;
     const fs::path dir = path.has_parent_path() ? path.parent_path() : fs::path(".");
-    std::string tmpl = (dir / ("." + path.filename().string() + ".tmp.XXXXXX")).string();
+    std::string leaf(1, '.');
+    leaf += path.filename().string();
+    leaf += ".tmp.XXXXXX";
+    std::string tmpl = (dir / leaf).string();
     const int fd = ::mkstemp(tmpl.data());
     if (fd < 0)
         throw io_error(cpet::detail::concat(path.string(), ": cannot create a temporary file in ", dir.string(), ": ",

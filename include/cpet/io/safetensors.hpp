@@ -412,7 +412,10 @@ inline std::string safetensors_header(const std::vector<tensor_data>& tensors,
         h += "\"__metadata__\":{";
         bool f2 = true;
         for (const auto& [k, v] : metadata) {
-            h += (f2 ? "" : ",") + detail::json_string(k) + ":" + detail::json_string(v);
+            if (!f2) h += ',';
+            h += detail::json_string(k);
+            h += ':';
+            h += detail::json_string(v);
             f2 = false;
         }
         h += "}";
@@ -421,10 +424,20 @@ inline std::string safetensors_header(const std::vector<tensor_data>& tensors,
     std::uint64_t at = 0;
     for (auto i : order) {
         const auto& t = tensors[i];
-        h += (first ? "" : ",") + detail::json_string(t.name) + ":{\"dtype\":\"" + std::string(dtype_name(t.type)) +
-             "\",\"shape\":[";
-        for (std::size_t k = 0; k < t.shape.size(); ++k) h += (k ? "," : "") + std::to_string(t.shape[k]);
-        h += "],\"data_offsets\":[" + std::to_string(at) + "," + std::to_string(at + t.bytes.size()) + "]}";
+        if (!first) h += ',';
+        h += detail::json_string(t.name);
+        h += ":{\"dtype\":\"";
+        h += dtype_name(t.type);
+        h += "\",\"shape\":[";
+        for (std::size_t k = 0; k < t.shape.size(); ++k) {
+            if (k) h += ',';
+            h += std::to_string(t.shape[k]);
+        }
+        h += "],\"data_offsets\":[";
+        h += std::to_string(at);
+        h += ',';
+        h += std::to_string(at + t.bytes.size());
+        h += "]}";
         at += t.bytes.size();
         first = false;
     }
