@@ -84,3 +84,31 @@ TEST_CASE("rope: empty input, bad head_dim and shapes") {
     CHECK_THROWS_WITH_AS(kernels::rope(x, 2, 9, 0), doctest::Contains("head_dim"), shape_error);
     CHECK_THROWS_WITH_AS(kernels::rope(x, 2, 8, 0), doctest::Contains("rope: x"), shape_error);
 }
+
+TEST_CASE("rope's unchecked body with an odd head_dim rotates whole pairs and writes nothing outside a head") {
+    // The checked entry refuses an odd head_dim; the tagged body the layers call must still stay inside each head
+    // (the interleaved pairing used to write the next head's first value, and past the row for the last head).
+    const index_t heads = 2, rows = 3;
+    for (index_t dim : {3, 17, 33}) {
+        for (auto style : {rope_style::half, rope_style::interleaved}) {
+            CAPTURE(dim);
+            CAPTURE(int(style));
+            const index_t width = heads * dim;
+            testing::for_each_isa([&](arch::isa) {
+                Matrix<float> buf = testing::random_matrix(rows, width + 1, unsigned(dim));  // + a sentinel column
+                for (index_t r = 0; r < rows; ++r) buf(r, width) = 1234.5f;
+                MatrixView<float> x(buf.data(), rows, width, width + 1);
+                MatD in(rows, width);
+                for (index_t r = 0; r < rows; ++r)
+                    for (index_t c = 0; c < width; ++c) in(r, c) = buf(r, c);
+                const MatD ref = rope_ref(in, heads, dim, 3, 10000.0, style);  // leaves each head's last value
+                arch::dispatch([&](auto tag) { kernels::rope(tag, x, heads, dim, 3, 10000.f, style); });
+                for (index_t r = 0; r < rows; ++r) CHECK(buf(r, width) == 1234.5f);
+                CHECK(testing::rel_error(x, ref) <= tol);
+            });
+        }
+    }
+    Matrix<float> x(1, 6);
+    CHECK_THROWS_WITH_AS(kernels::rope(x, 2, 3, 0), doctest::Contains("head_dim must be positive and even, got 3"),
+                         shape_error);
+}

@@ -76,7 +76,7 @@ TEST_CASE("BitFit bad input and accounting") {
     nn::workspace ws;
     m.norm_delta[0].assign(5, 0.f);
     CHECK_THROWS_WITH_AS(layer.forward(x, std::vector<index_t>{7}, y, ws, m),
-                         doctest::Contains("norm hook (norm1): expected 64 values, got 5"), shape_error);
+                         doctest::Contains("bitfit β delta of norm1 has 5 values, this layer needs 64"), shape_error);
 }
 
 TEST_CASE("BitFit on RMSNorm layers: no β to tune, the norm part is absent or refused") {
@@ -96,7 +96,7 @@ TEST_CASE("BitFit on RMSNorm layers: no β to tune, the norm part is absent or r
     Matrix<float> y(7, s.d_model);
     nn::workspace ws;
     CHECK_THROWS_WITH_AS(layer.forward(x, std::vector<index_t>{7}, y, ws, m),
-                         doctest::Contains("tunes the β of norm2 (PET norm hook), but the layer's norms are RMSNorm"),
+                         doctest::Contains("tunes the β of norm2 (bitfit), but the layer's norms are RMSNorm"),
                          shape_error);
     const Stack<C> stack(std::vector<TransformerLayer<C>>{layer});
     auto caches = stack.make_cache(1, 8);

@@ -11,7 +11,7 @@
 #include <cstddef>
 
 #include "cpet/core/matrix.hpp"
-#include "cpet/kernels/gemm_f32.hpp"
+#include "cpet/kernels/epilogue.hpp"
 
 namespace cpet::compress {
 

@@ -31,24 +31,9 @@
 #include "cpet/core/matrix.hpp"
 #include "cpet/core/parallel.hpp"
 #include "cpet/kernels/activations.hpp"
+#include "cpet/kernels/epilogue.hpp"
 
 namespace cpet::kernels {
-
-/// What the GEMM applies to each output tile before it is stored, in this order:
-/// y = act(acc + bias + lowrank_scale · U·Bᵀ) + residual.
-struct epilogue {
-    const float* bias = nullptr;  ///< [N] or null
-    activation act = activation::none;
-    const float* residual = nullptr;  ///< [M, N] with row stride ld_residual, or null; may alias y
-    index_t ld_residual = 0;
-    // Low-rank term (unmerged LoRA / recovery): U [M, rank] (row stride ld_u), B [N, rank] (row stride ld_b).
-    const float* lowrank_u = nullptr;
-    index_t ld_u = 0;
-    const float* lowrank_b = nullptr;
-    index_t ld_b = 0;
-    index_t rank = 0;
-    float lowrank_scale = 1.f;
-};
 
 /// W [N, K] packed for the microkernels. The layout does not depend on the ISA, so one packed weight serves
 /// every path (and a test may force each path on the same object). See the top of this file for the layout.

@@ -3,6 +3,7 @@
 
 #include "cpet/kernels/activations.hpp"
 #include "cpet/kernels/attention.hpp"
+#include "cpet/kernels/epilogue.hpp"
 #include "cpet/kernels/gemm_f32.hpp"
 #include "cpet/kernels/gemm_s8.hpp"
 #include "cpet/kernels/gemm_sparse.hpp"

@@ -94,7 +94,9 @@ void rotate_interleaved(float* v, index_t head_dim, const float* c2, const float
                 .store_unaligned(v + i);
         }
     }
-    for (; i < head_dim; i += 2) {
+    // whole pairs only: with an odd head_dim (refused by the checked entry and by the layers) the last value has no
+    // partner, and v[i + 1] would be the next head's first value, or past the row for the last head
+    for (; i + 1 < head_dim; i += 2) {
         const float x0 = v[i], x1 = v[i + 1];
         v[i] = x0 * c2[i] + x1 * s2[i];
         v[i + 1] = x1 * c2[i + 1] + x0 * s2[i + 1];
@@ -103,6 +105,8 @@ void rotate_interleaved(float* v, index_t head_dim, const float* c2, const float
 
 }  // namespace detail::rope
 
+/// The unchecked body on one path. An odd head_dim (which the checked entry refuses) leaves each head's last value
+/// unrotated in both styles and never touches a value outside its head.
 template <class Arch>
 void rope(Arch, MatrixView<float> x, index_t n_heads, index_t head_dim, index_t pos0, float base, rope_style style) {
     const index_t half = head_dim / 2, rows = x.rows();

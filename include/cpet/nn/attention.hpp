@@ -67,8 +67,11 @@ public:
     }
 
     /// out [M, d] = o(attention(h)) (+ residual [M, d] with row stride ld_res when non-null; it may alias out).
-    /// With a cache, sequence b's new tokens sit at positions cache.length(b) + t and are appended to it.
-    /// Unchecked: the layer checked shapes, lengths and cache room.
+    /// With a cache, sequence b's new tokens sit at positions cache.tokens(b) + t; their keys and values (and a
+    /// starting sequence's prefix rows) are written into the cache's free rows, which the caller then commits
+    /// (TransformerLayer::commit): the cache's lengths do not change here, so a call that fails later (in this
+    /// layer or a later one of a stack) leaves every cache as it was. Unchecked: the layer checked shapes,
+    /// lengths and cache room.
     template <class Arch, class Modules>
     void forward(Arch tag, ConstMatrixView<float> h, const batch_layout& L, MatrixView<float> out,
                  const float* residual, index_t ld_res, workspace& ws, const Modules& m, kv_cache* cache) const {
@@ -95,14 +98,14 @@ public:
         auto a = ws.get(workspace::attn, M, qd);
         parallel_for(index_t(0), B, [&](index_t b) {
             const index_t len = L.length(b);
-            if (cache && P > 0 && cache->length(b) == 0) {
+            const bool starts = cache && P > 0 && cache->length(b) == 0;
+            if (starts) {  // the prefix goes to the front of the cache (committed with the tokens)
                 auto K = cache->keys(b), V = cache->values(b);
                 copy_rows(prefix->k, K.middle_rows(0, P));
                 copy_rows(prefix->v, V.middle_rows(0, P));
-                cache->set_prefix(b, P);
             }
-            const index_t pos0 = cache ? cache->tokens(b) : 0;       // position of the first new token
-            const index_t row0 = cache ? cache->length(b) : 0;       // its row in the cache
+            const index_t pos0 = cache ? cache->tokens(b) : 0;                     // position of the first new token
+            const index_t row0 = cache ? (starts ? P : cache->length(b)) : 0;     // its row in the cache
             auto qb = q.middle_rows(b * S, S);
             auto kb = k.middle_rows(b * S, len);
             auto vb = v.middle_rows(b * S, len);
@@ -139,8 +142,6 @@ public:
             args.q_pos0 = cache ? row0 : P;  // keys before the first query: prefix rows and cached tokens
             kernels::attention(tag, args);
         });
-        if (cache)
-            for (index_t b = 0; b < B; ++b) cache->advance(b, L.length(b));
 
         kernels::epilogue ep;
         ep.residual = residual;

@@ -79,8 +79,6 @@ public:
                  const task_type& task) const {
         const auto L = check_call(x, lengths, y, "TransformerLayer::forward");
         check_task(task, "TransformerLayer::forward");
-        const index_t P = attn_.prefix_rows(task);
-        (void)P;
         arch::dispatch([&](auto tag) { forward_on(tag, x, L, y, ws, task, nullptr); });
     }
     void forward(ConstMatrixView<float> x, std::span<const index_t> lengths, MatrixView<float> y, workspace& ws) const
@@ -99,8 +97,10 @@ public:
     {
         const auto L = check_call(x, new_lengths, y, "TransformerLayer::decode");
         check_task(task, "TransformerLayer::decode");
-        check_cache(cache, L, "TransformerLayer::decode", attn_.prefix_rows(task));
+        const index_t P = attn_.prefix_rows(task);
+        check_cache(cache, L, "TransformerLayer::decode", P);
         arch::dispatch([&](auto tag) { forward_on(tag, x, L, y, ws, task, &cache); });
+        commit(cache, L, P);  // only once the whole layer ran: an exception above leaves the cache as it was
     }
     void decode(ConstMatrixView<float> x, std::span<const index_t> new_lengths, MatrixView<float> y, kv_cache& cache,
                 workspace& ws) const
@@ -125,8 +125,23 @@ public:
         }
         return batch_layout::of(x.rows(), lengths, who);
     }
-    /// Checks the task's norm hook (BitFit's Δβ): only a LayerNorm has a β, and Δβ has d_model values.
-    void check_task(const task_type& m, const char* who) const {
+    /// Checks once, before anything runs, that the task's modules fit this layer: every module's shapes
+    /// (check_fits against pet_dims()), the prefix rows, and the norm hook (BitFit's Δβ: only a LayerNorm has a β).
+    /// `virtual_tokens_allowed`: only the first layer of a Stack may carry prompt-tuning tokens (the stack puts
+    /// them before each sequence); a single layer's forward or decode, or a later stack layer, refuses them
+    /// rather than silently ignoring them.
+    void check_task(const task_type& m, const char* who, bool virtual_tokens_allowed = false) const {
+        if constexpr (pet::FitsCheck<task_type>) m.check_fits(pet_dims(), who);
+        (void)attn_.prefix_rows(m);
+        if constexpr (pet::InputHook<task_type>) {
+            const ConstMatrixView<float> vt = m.virtual_tokens();
+            require<shape_error>(virtual_tokens_allowed || vt.rows() == 0, who, ": the task carries ", vt.rows(),
+                                 " virtual tokens (PET input hook, prompt tuning) where none can be applied: a model "
+                                 "front end puts them before the sequence (nn::Stack does, from layer 0's modules; "
+                                 "for a single layer use pet::prepend_virtual_tokens), later layers take none");
+            if (vt.rows() > 0)
+                check_shape(vt, -1, shape_.d_model, cpet::detail::concat(who, ": PET input hook (virtual tokens)").c_str());
+        }
         if constexpr (pet::NormHook<task_type>) {
             for (int i = 0; i < pet::norm_site_count; ++i) {
                 const auto n = pet::norm_site(i);
@@ -161,6 +176,16 @@ public:
                                      " (a sequence keeps the task it started with; clear or truncate it to 0)");
                 cache.check_room(b, L.length(b));
             }
+        }
+    }
+
+    /// Makes the rows a call wrote into `cache` part of it: a sequence that started takes its prefix, then every
+    /// sequence its new tokens. Separate from forward_on so a Stack commits all its layers' caches only after
+    /// the last layer ran, and a failed call changes no cache.
+    static void commit(kv_cache& cache, const batch_layout& L, index_t prefix) {
+        for (index_t b = 0; b < L.batch; ++b) {
+            if (prefix > 0 && cache.length(b) == 0) cache.set_prefix(b, prefix);
+            cache.advance(b, L.length(b));
         }
     }
 
@@ -230,6 +255,10 @@ private:
 
     static const layer_shape& checked(const dense_layer_weights& w, const layer_shape& s) {
         check_weights(w, s, kind_of<C>);
+        // RoPE rotates pairs of a head's values: an odd head_dim leaves one value without a partner (and the
+        // interleaved pairing would reach into the next head, or past the row for the last one)
+        require<shape_error>(!C::rope || s.head_dim % 2 == 0, "TransformerLayer: head_dim must be even with RoPE, got ",
+                             s.head_dim);
         return s;
     }
     /// y = norm(x), with β + Δβ when the task's norm hook tunes this norm's β (summed into scratch: O(d)).

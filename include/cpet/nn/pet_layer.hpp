@@ -21,6 +21,11 @@
 
 namespace cpet::nn {
 
+/// Whether LoRA merges exactly into format F: only dense fp32 weights (a quantized or sparse weight would have
+/// to be recompressed, losing part of the update). Specialise for a new exact format.
+template <class F>
+inline constexpr bool lora_mergeable = std::is_same_v<F, compress::dense_f32>;
+
 /// The same layer configuration with another PET policy (e.g. pet::none for a merged layer).
 template <class C, class P>
 struct with_pet;
@@ -116,7 +121,7 @@ index_t parameter_count(const TransformerLayer<C>& layer) {
 template <class P = pet::none, class C, class Modules>
 TransformerLayer<with_pet_t<C, P>> merge_lora(const TransformerLayer<C>& layer, const Modules& m, int sign = +1) {
     using F = typename C::compression::format;
-    require<format_error>(pet::lora_mergeable<F>, "merge_lora: the layer's weights are compressed (compression "
+    require<format_error>(lora_mergeable<F>, "merge_lora: the layer's weights are compressed (compression "
                           "policy \"", C::compression::name(), "\"), not dense; merging a LoRA into them is lossy. "
                           "Keep the LoRA unmerged (it runs fused), or call merge_lora_and_recompress, which "
                           "reports the error it introduces");

@@ -51,10 +51,7 @@ public:
         require<shape_error>(tasks.size() == layers_.size(), "Stack::forward: ", tasks.size(),
                              " PET task modules for ", layers_.size(), " layers");
         const auto L = check(x, lengths, y, "Stack::forward");
-        for (std::size_t i = 0; i < layers_.size(); ++i) {
-            layers_[i].check_task(tasks[i], "Stack::forward");
-            layers_[i].attention().prefix_rows(tasks[i]);
-        }
+        for (std::size_t i = 0; i < layers_.size(); ++i) layers_[i].check_task(tasks[i], "Stack::forward", i == 0);
         auto task_at = [&](std::size_t i) -> const task_type& { return tasks[i]; };
         if constexpr (pet::InputHook<task_type>) {
             if (!layers_.empty()) {
@@ -131,7 +128,9 @@ private:
         static const task_type none{};
         return none;
     }
-    /// One dispatch for the whole stack; layer 0 reads x, the others update y in place.
+    /// One dispatch for the whole stack; layer 0 reads x, the others update y in place. The caches are committed
+    /// after the last layer ran, all together: a failure in any layer leaves every layer's cache as it was, so
+    /// they never get out of step.
     template <class TaskAt>
     void run(ConstMatrixView<float> x, const batch_layout& L, MatrixView<float> y, workspace& ws, TaskAt&& task_at,
              kv_cache* caches) const {
@@ -144,6 +143,9 @@ private:
                 layers_[i].forward_on(tag, i == 0 ? x : ConstMatrixView<float>(y), L, y, ws, task_at(i),
                                       caches ? caches + i : nullptr);
         });
+        if (caches)
+            for (std::size_t i = 0; i < layers_.size(); ++i)
+                layer_type::commit(caches[i], L, layers_[i].attention().prefix_rows(task_at(i)));
     }
     /// Sequence b starts in this call: no tokens cached yet (an attention-hook prefix may be) and new tokens.
     static bool starting(const kv_cache& c, const batch_layout& L, index_t b) {
@@ -173,7 +175,7 @@ private:
         }
         const auto Le = batch_layout::of(B * Se, lens, "Stack::decode (with virtual tokens)");
         for (std::size_t i = 0; i < layers_.size(); ++i) {
-            layers_[i].check_task(tasks[i], "Stack::decode");
+            layers_[i].check_task(tasks[i], "Stack::decode", i == 0);
             layers_[i].check_cache(caches[i], Le, "Stack::decode", layers_[i].attention().prefix_rows(tasks[i]));
         }
         auto xe = ws.get(workspace::prompt, B * Se, d);
@@ -231,7 +233,7 @@ private:
         require<shape_error>(caches.size() == layers_.size(), "Stack::decode: ", caches.size(), " kv_caches for ",
                              layers_.size(), " layers");
         for (std::size_t i = 0; i < layers_.size(); ++i) {
-            layers_[i].check_task(tasks[i], "Stack::decode");
+            layers_[i].check_task(tasks[i], "Stack::decode", i == 0);
             layers_[i].check_cache(caches[i], L, "Stack::decode", layers_[i].attention().prefix_rows(tasks[i]));
         }
         return L;

@@ -66,6 +66,22 @@ struct adapter_policy {
             O.rowwise() += sc_ * Eigen::Map<const Eigen::RowVectorXf>(b_up[i].data(), out.cols());
         }
 
+        /// Throws shape_error unless every adapter is W_d [r, d_model], W_u [d_model, r] with b_d [r], b_u [d_model].
+        void check_fits(const layer_dims& d, const char* who) const {
+            for (auto w : {pet::sublayer::attention, pet::sublayer::ffn}) {
+                const auto i = std::size_t(w);
+                if (down[i].empty()) continue;
+                const index_t r = down[i].rows();
+                require<shape_error>(down[i].cols() == d.d_model && up[i].rows() == d.d_model && up[i].cols() == r &&
+                                         index_t(b_down[i].size()) == r && index_t(b_up[i].size()) == d.d_model,
+                                     who, ": ", name(), " (", sublayer_name(w), ") expects W_down [r, ", d.d_model,
+                                     "], W_up [", d.d_model, ", r], b_down [r], b_up [", d.d_model, "] for this layer, "
+                                     "the module holds W_down ", shape_str(down[i].rows(), down[i].cols()), ", W_up ",
+                                     shape_str(up[i].rows(), up[i].cols()), ", b_down [", b_down[i].size(), "], b_up [",
+                                     b_up[i].size(), "]");
+            }
+        }
+
         /// Sets the adapter after sublayer w (W_d [r, d], W_u [d, r], b_d [r], b_u [d]; empty biases mean zero).
         void set(pet::sublayer w, ConstMatrixView<float> d, ConstMatrixView<float> u, std::span<const float> bd = {},
                  std::span<const float> bu = {}) {

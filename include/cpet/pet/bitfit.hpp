@@ -44,6 +44,28 @@ struct bitfit {
             if (v.empty()) return std::nullopt;
             return std::span<const float>(v);
         }
+        /// Throws shape_error unless every Δb has its linear's out width in layer `d` and every Δβ d_model values
+        /// (a Δβ on a layer without β is refused too: RMSNorm has none).
+        void check_fits(const layer_dims& d, const char* who) const {
+            for (int i = 0; i < target_count; ++i) {
+                const target t = target(i);
+                const auto& v = delta[std::size_t(i)];
+                if (v.empty()) continue;
+                require<shape_error>(d.has(t), who, ": bitfit tunes the bias of ", target_name(t),
+                                     ", which this layer does not have");
+                require<shape_error>(index_t(v.size()) == d.out(t), who, ": bitfit bias delta of ", target_name(t),
+                                     " has ", v.size(), " values, this layer needs ", d.out(t));
+            }
+            for (int i = 0; i < norm_site_count; ++i) {
+                const auto& v = norm_delta[std::size_t(i)];
+                if (v.empty()) continue;
+                require<shape_error>(d.norm_bias, who, ": the task tunes the β of ", norm_site_name(norm_site(i)),
+                                     " (bitfit), but the layer's norms are RMSNorm, which have no β");
+                require<shape_error>(index_t(v.size()) == d.d_model, who, ": bitfit β delta of ",
+                                     norm_site_name(norm_site(i)), " has ", v.size(), " values, this layer needs ",
+                                     d.d_model, " (d_model)");
+            }
+        }
         void set(target t, std::span<const float> v) {
             dims.check_targets(target_set{t}, name());
             require<shape_error>(index_t(v.size()) == dims.out(t), "bitfit: bias delta of ", target_name(t), " has ",

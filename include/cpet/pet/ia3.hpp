@@ -34,6 +34,20 @@ struct ia3 {
             if (v.empty()) return std::nullopt;
             return std::span<const float>(v);
         }
+        /// Throws shape_error unless every vector has the width of its target in layer `d` (a format_error for a
+        /// target IA3 cannot rescale).
+        void check_fits(const layer_dims& d, const char* who) const {
+            for (int i = 0; i < target_count; ++i) {
+                const target t = target(i);
+                const auto& v = l[std::size_t(i)];
+                if (v.empty()) continue;
+                require<format_error>(supported.contains(t), who, ": ia3 rescales target ", target_name(t),
+                                      ", which IA3 does not support (q, k, v outputs and the input of down)");
+                const index_t w = t == target::down ? d.in(t) : d.out(t);
+                require<shape_error>(index_t(v.size()) == w, who, ": ia3 vector of ", target_name(t), " has ",
+                                     v.size(), " values, this layer needs ", w);
+            }
+        }
         /// The width of target t's vector: the output of q/k/v, the input of down.
         index_t width(target t) const noexcept { return t == target::down ? dims.in(t) : dims.out(t); }
         void set(target t, std::span<const float> v) {

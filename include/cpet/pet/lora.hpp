@@ -5,15 +5,14 @@
 // modules are values. Unmerged execution is one thin GEMM U = x·Aᵀ [M, r] per target, with s·U·Bᵀ added inside
 // the base kernel's output tile (the low-rank epilogue), so no second pass over y. Merging (W' = W + s·B·A) is
 // exact only for dense weights (dense_f32, and the smaller dense weights structured pruning produces):
-// pet::merge_weight here works on dense matrices, nn::merge_lora on whole layers and refuses other formats.
+// pet::merge_weight here works on dense matrices, nn::merge_lora on whole layers and refuses other formats
+// (nn::lora_mergeable: which formats merge is a question about formats, so it lives above both rooms).
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
-#include "cpet/compress/dense.hpp"
-#include "cpet/compress/format.hpp"
 #include "cpet/core/eigen.hpp"
 #include "cpet/pet/lowrank.hpp"
 #include "cpet/pet/policy.hpp"
@@ -60,6 +59,8 @@ struct lora_policy {
             return lowrank_from_parts(*this, t, x, s);
         }
 
+        void check_fits(const layer_dims& d, const char* who) const { f.check_fits(d, who, name()); }
+
         // ---- data ----
         target_set targets() const noexcept { return f.targets(); }
         ConstMatrixView<float> A(target t) const noexcept { return f.A[std::size_t(t)]; }
@@ -95,11 +96,6 @@ using lora = lora_policy<lora_scaling::standard>;
 using rslora = lora_policy<lora_scaling::rank_stabilized>;
 
 static_assert(check_pet_policy<lora>() && hooks_of<lora>::linear && LowrankParts<lora::modules>);
-
-/// Whether LoRA merges exactly into format F: only dense fp32 weights (a quantized or sparse weight would have
-/// to be recompressed, losing part of the update). Specialise for a new exact format.
-template <class F>
-inline constexpr bool lora_mergeable = std::is_same_v<F, compress::dense_f32>;
 
 /// W ± s·B·A for the LoRA of target t (computed in double, rounded once): sign +1 merges, -1 unmerges.
 /// W is [out, in] of that target; returns W unchanged when t is not adapted.

@@ -64,6 +64,22 @@ struct lowrank_factors {
         A[std::size_t(t)] = Matrix<float>(a);
         B[std::size_t(t)] = Matrix<float>(b);
     }
+    /// Throws shape_error unless every adapted target exists in `d` and its A is [r, in], B [out, r] there (a
+    /// module built for another layer would make the kernels read past x, A or B).
+    void check_fits(const layer_dims& d, const char* who, const char* method) const {
+        for (int i = 0; i < target_count; ++i) {
+            const target t = target(i);
+            if (!adapted(t)) continue;
+            require<shape_error>(d.has(t), who, ": ", method, ": target ", target_name(t),
+                                 " is adapted but the layer has no such linear (its FFN has no gate)");
+            const auto& a = A[std::size_t(i)];
+            const auto& b = B[std::size_t(i)];
+            require<shape_error>(a.cols() == d.in(t) && b.rows() == d.out(t) && b.cols() == a.rows(), who,
+                                 ": ", method, ": target ", target_name(t), " expects A [r, ", d.in(t), "] and B [", d.out(t),
+                                 ", r] for this layer, the module holds A ", shape_str(a.rows(), a.cols()), " and B ",
+                                 shape_str(b.rows(), b.cols()), " (built for another layer shape?)");
+        }
+    }
     /// Removes target t.
     void clear(target t) {
         A[std::size_t(t)] = Matrix<float>();

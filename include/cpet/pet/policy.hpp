@@ -55,7 +55,7 @@
 
 #include "cpet/core/buffer.hpp"
 #include "cpet/core/matrix.hpp"
-#include "cpet/kernels/gemm_f32.hpp"
+#include "cpet/kernels/epilogue.hpp"
 
 namespace cpet::pet {
 
@@ -308,6 +308,13 @@ template <class M>
 concept NormHook = requires(const M& m, norm_site n) {
     { m.norm_bias_delta(n) } -> std::same_as<std::optional<std::span<const float>>>;
 };
+
+/// Modules that can say whether they fit a layer: `check_fits(dims, who)` throws shape_error (prefixed by `who`,
+/// naming the module part, the expected and the actual size) unless every stored matrix and vector has the width
+/// the layer's linears, norms and attention have. The layer calls it once at the entry of a call (a task bound to
+/// a backbone is checked there, never in the hot loops, which trust the shapes).
+template <class M>
+concept FitsCheck = requires(const M& m, const layer_dims& d, const char* who) { m.check_fits(d, who); };
 
 /// The parts of a linear hook that a stack concatenates along the rank: `rank(t)` (0: not adapted),
 /// `project(t, x, u, scratch)` writing U [M, rank(t)] into u (a view with its own stride), `up(t)` B [out, rank]

@@ -40,6 +40,14 @@ struct prefix_policy {
             return prefix_kv{k, v};
         }
         index_t length() const noexcept { return k.rows(); }
+        /// Throws shape_error unless k and v are both [L, kv_dim] of the layer.
+        void check_fits(const layer_dims& d, const char* who) const {
+            if (k.empty() && v.empty()) return;
+            require<shape_error>(k.cols() == d.kv_dim && v.rows() == k.rows() && v.cols() == d.kv_dim, who, ": ",
+                                 name(), " expects k and v [L, ", d.kv_dim, "] (n_kv_heads·head_dim) for this layer, "
+                                 "the module holds k ", shape_str(k.rows(), k.cols()), " and v ",
+                                 shape_str(v.rows(), v.cols()));
+        }
         /// Sets the rows (k and v [L, kv_dim], copied).
         void set(ConstMatrixView<float> keys, ConstMatrixView<float> values) {
             check_shape(keys, -1, -1, "prefix: keys");

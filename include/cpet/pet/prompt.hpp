@@ -26,6 +26,12 @@ struct prompt_tuning {
         Matrix<float> tokens;  ///< [P, d_model]; empty: none (every layer but the first)
 
         ConstMatrixView<float> virtual_tokens() const noexcept { return tokens; }
+        /// Throws shape_error unless the tokens are [P, d_model] of the layer.
+        void check_fits(const layer_dims& d, const char* who) const {
+            require<shape_error>(tokens.empty() || tokens.cols() == d.d_model, who, ": prompt_tuning expects tokens "
+                                 "[P, ", d.d_model, "] (d_model) for this layer, the module holds ",
+                                 shape_str(tokens.rows(), tokens.cols()));
+        }
         void set(ConstMatrixView<float> t) {
             check_shape(t, -1, -1, "prompt_tuning: tokens");
             tokens = Matrix<float>(t);

@@ -16,11 +16,12 @@
 #include <Eigen/SVD>
 #include <algorithm>
 #include <cmath>
+#include <concepts>
+#include <cstddef>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
 
-#include "cpet/compress/calibration.hpp"
 #include "cpet/core/eigen.hpp"
 #include "cpet/kernels/activations.hpp"
 #include "cpet/pet/lowrank.hpp"
@@ -40,13 +41,23 @@ struct residual_factors {
     double captured = 0;       ///< fraction of ‖·‖_F² the rank-r part captures (Σ_{i<r} σ_i² / Σ σ_i²)
 };
 
+/// Statistics of a linear's input that make the SVD activation-aware: per-channel Σ x_j² (`sum_sq`) over
+/// `samples` rows. compress::calibration is one; pet/ takes any such type so it need not include compress/.
+template <class S>
+concept ChannelStats = requires(const S& s) {
+    { s.sum_sq[0] } -> std::convertible_to<double>;
+    { s.sum_sq.size() } -> std::convertible_to<std::size_t>;
+    { s.samples } -> std::convertible_to<double>;
+};
+
 /// Truncated SVD (Eigen BDCSVD in double) of W − Ŵ, activation-aware when `stats` holds sum_sq for every input
 /// channel. The singular values are split evenly (B = U·√Σ, A = √Σ·Vᵀ·diag(d)⁻¹) so neither factor is tiny.
 /// A template only so that BDCSVD (~15 s of compile time) is instantiated in the translation units that call it,
 /// not in every one that includes this header.
-template <class Real = double>
+template <class Real = double, class Stats = const void>
+    requires(std::is_void_v<Stats> || ChannelStats<Stats>)
 residual_factors svd_residual(ConstMatrixView<float> w, ConstMatrixView<float> w_hat, index_t rank,
-                              const compress::calibration* stats = nullptr) {
+                              const Stats* stats = nullptr) {
     static_assert(std::is_floating_point_v<Real>, "svd_residual<Real>: Real is the SVD's precision");
     check_shape(w_hat, w.rows(), w.cols(), "recovery SVD init: compressed weight");
     const index_t out = w.rows(), in = w.cols();
@@ -56,14 +67,18 @@ residual_factors svd_residual(ConstMatrixView<float> w, ConstMatrixView<float> w
     using VD = Eigen::Matrix<Real, Eigen::Dynamic, 1>;
     MD e = as_eigen(w).template cast<Real>() - as_eigen(w_hat).template cast<Real>();
     VD d = VD::Ones(in);
-    if (stats && stats->samples > 0 && stats->channels() > 0) {
-        require<shape_error>(stats->channels() == in, "recovery SVD init: calibration has ", stats->channels(),
-                             " channels, the weight has ", in, " inputs");
-        for (index_t j = 0; j < in; ++j) d(j) = Real(std::sqrt(stats->sum_sq[std::size_t(j)] / double(stats->samples)));
-        // a channel that never fired still gets a little weight (and a finite inverse)
-        const Real floor = std::max<Real>(d.maxCoeff() * Real(1e-6), Real(1e-30));
-        for (index_t j = 0; j < in; ++j) d(j) = std::max(d(j), floor);
-        e = e * d.asDiagonal();
+    if constexpr (!std::is_void_v<Stats>) {
+        const index_t channels = stats ? index_t(stats->sum_sq.size()) : 0;
+        if (stats && stats->samples > 0 && channels > 0) {
+            require<shape_error>(channels == in, "recovery SVD init: calibration has ", channels,
+                                 " channels, the weight has ", in, " inputs");
+            for (index_t j = 0; j < in; ++j)
+                d(j) = Real(std::sqrt(double(stats->sum_sq[std::size_t(j)]) / double(stats->samples)));
+            // a channel that never fired still gets a little weight (and a finite inverse)
+            const Real floor = std::max<Real>(d.maxCoeff() * Real(1e-6), Real(1e-30));
+            for (index_t j = 0; j < in; ++j) d(j) = std::max(d(j), floor);
+            e = e * d.asDiagonal();
+        }
     }
     residual_factors f;
     f.residual_norm = double(e.norm());
@@ -111,6 +126,8 @@ struct recovery_policy {
         std::optional<lowrank_args> lowrank(target t, ConstMatrixView<float> x, scratch& sc) const {
             return lowrank_from_parts(*this, t, x, sc);
         }
+
+        void check_fits(const layer_dims& d, const char* who) const { f.check_fits(d, who, name()); }
 
         target_set targets() const noexcept { return f.targets(); }
         ConstMatrixView<float> A(target t) const noexcept { return f.A[std::size_t(t)]; }

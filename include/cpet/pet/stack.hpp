@@ -184,6 +184,14 @@ public:
             return v;
         }
 
+        /// Every member that can check itself against the layer does; then the concatenated low-rank terms must
+        /// agree on each target's output width (they do when each member fits).
+        void check_fits(const layer_dims& d, const char* who) const {
+            each([&](const auto& m) {
+                if constexpr (FitsCheck<std::decay_t<decltype(m)>>) m.check_fits(d, who);
+            });
+        }
+
         /// Members' groups, prefixed by the member's name ("lora.q.lora_A").
         std::vector<parameter_group> parameters() const {
             std::vector<parameter_group> out;
