@@ -1,6 +1,6 @@
 // bench/bench_sparse.cpp — sparse GEMMs y = x·Ŵᵀ (W [N, K]) against the dense fp32 GEMM in the same binary:
-// N:M 2:4 (fp32 and int8 values; N = K = 2048, 4096 and the BERT-base FFN shapes 3072×768, 768×3072 at
-// M = 128, 256) and unstructured SELL-16 at 50–95 % sparsity (to find where it beats dense).
+// N:M 2:4 (fp32 and int8 values; N = K = 2048 at M = 1, 8, 128, 256; N = K = 4096 at every power of two M = 1..512;
+// the BERT-base FFN shapes 3072×768, 768×3072 at M = 128, 256) and unstructured SELL-16 at 50–95 % sparsity (to find where it beats dense).
 //
 // Names: <family>/<impl>/<M>x<N>x<K>/t<threads>: gemm_sparse/cpet_2of4, gemm_sparse/cpet_2of4_int8,
 // gemm_sparse/cpet_unstructured_s<percent>, gemm_f32/cpet (kernels::gemm_f32 on packed_weights_f32). Every run
@@ -91,8 +91,9 @@ const bool registered = [] {
         const std::string ts = "/t" + std::to_string(t);
         // 2:4 vs dense at N = K ∈ {2048, 4096} (decode and prefill) and the BERT-base FFN shapes (prefill)
         std::vector<shape> shapes;
-        for (index_t nk : {2048, 4096})
-            for (index_t m : {1, 8, 128, 256}) shapes.push_back({m, nk, nk});
+        for (index_t m : {1, 8, 128, 256}) shapes.push_back({m, 2048, 2048});
+        // every power of two from 1 to 512 at 4096² (the aim is ≥ 1.5× dense at every M)
+        for (index_t m : {1, 2, 4, 8, 16, 32, 64, 128, 256, 512}) shapes.push_back({m, 4096, 4096});
         for (index_t m : {128, 256}) {
             shapes.push_back({m, 3072, 768});
             shapes.push_back({m, 768, 3072});

@@ -86,7 +86,8 @@ void check_one(const Packed& s, index_t m, unsigned seed) {
 }  // namespace
 
 TEST_CASE("N:M fp32 and int8 kernels match the dense reference on every path and awkward shape") {
-    // M >= kernels::sparse_detail::nm_lanes_m_threshold (32) takes the x-rows-in-lanes kernel on SIMD paths
+    // M >= kernels::sparse_detail::nm_lanes_m_threshold<Arch> (32 on AVX-512, 8 on AVX2) takes the x-rows-in-lanes
+    // kernel on SIMD paths: 1 and 7 run the other kernel on both, 8, 9 and 33 the lanes kernel on AVX2
     const std::vector<index_t> ms{1, 7, 8, 9, 33, 47, 48, 65, 128};
     const std::vector<index_t> ns{1, 7, 33, 127};
     for (nm_pattern pat : {nm_pattern{2, 4}, nm_pattern{1, 4}, nm_pattern{4, 8}, nm_pattern{1, 2}, nm_pattern{3, 16}}) {

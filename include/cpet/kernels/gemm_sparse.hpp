@@ -13,10 +13,10 @@
 //   int8: the same with 16 int8 values per slot (sign-extended and converted), the per-row scale applied once.
 //   SELL: per slot one load of 16 values, one of 16 uint16 columns (widened), and per row of x one gather of
 //         x[col] (vgatherdps) and one FMA. Gathers are slow, so this pays only at high sparsity (bench_sparse).
-// At M ≥ 32 the permute (port 5, shared with the FMAs) would pair with every FMA and cap the N:M kernel at half the
-// FMA peak, so N:M switches to x rows in lanes (nm_lanes_m below: x transposed per call, one broadcast of each kept
-// value and up to 8 FMAs with contiguous x vectors; half the FMAs of dense at ~1.4 FMA/cycle in L1, bound by loads),
-// and SELL likewise from M ≥ 48 (sell_lanes_m: the whole K of 64 rows of x transposed into L2, no gathers).
+// At larger M the permute (port 5, shared with the FMAs) would pair with every FMA and cap the N:M kernel at half
+// the FMA peak, so N:M switches to x rows in lanes (nm_lanes_m below, from M = nm_lanes_m_threshold<Arch>: 32 on
+// AVX-512, 8 on AVX2; x transposed per call, one broadcast of each kept value and up to 8 FMAs with contiguous x
+// vectors; half the FMAs of dense at ~1.4 FMA/cycle in L1, bound by loads), and SELL likewise from M ≥ 48 (sell_lanes_m: the whole K of 64 rows of x transposed into L2, no gathers).
 // Why not decompress-to-L1 + the dense microkernel: that keeps every FMA of the dense GEMM (it only saves weight
 // bytes, which do not bound large M), so it cannot beat dense there.
 // Threads split the panels (parallel_for / parallel_region, contiguous chunks) when a call has enough work; M is
@@ -345,12 +345,19 @@ inline constexpr std::size_t nm_t_chunk_bytes = std::size_t(CPET_SPARSE_CHUNK_KB
 template <class Arch>
 inline constexpr int nm_t_mv = fbatch<Arch>::size >= 16 ? 8 : 4;
 
-/// M from which gemm_nm takes the x-rows-in-lanes kernel (measured at 2048²: they tie at M = 24, the lanes kernel is
-/// 1.25× faster at 32 and 1.8× at 64).
-#ifndef CPET_SPARSE_LANES_M
-#define CPET_SPARSE_LANES_M 32
-#endif
+/// M from which gemm_nm takes the x-rows-in-lanes kernel, per ISA, measured (CPET_SPARSE_LANES_M overrides both):
+///   AVX-512 (Xeon, 2048²): they tie at M = 24, the lanes kernel is 1.25× faster at 32 and 1.8× at 64.
+///   AVX2 (Zen, 4096², CPU time): the output-rows-in-lanes kernel holds only MR = 2 rows of x (each x block takes
+///   two ymm), so it re-reads and re-decodes the weights every 2 rows: at M = 8 it took 7.97 ms against 6.77 ms for
+///   the lanes kernel, at M = 16 15.2 ms against 8.4 ms; at M = 2 and 4 it is still the faster (2.7 / 4.6 ms
+///   against 6.5 ms, the lanes kernel's per-weight decode being a fixed cost).
+#ifdef CPET_SPARSE_LANES_M
+template <class Arch>
 inline constexpr index_t nm_lanes_m_threshold = CPET_SPARSE_LANES_M;
+#else
+template <class Arch>
+inline constexpr index_t nm_lanes_m_threshold = fbatch<Arch>::size >= 16 ? 32 : 8;
+#endif
 /// The same for SELL-16 (sell_lanes_m; measured with the earlier 4-vector N:M kernel, which it still resembles).
 inline constexpr index_t sell_lanes_m_threshold = 48;
 
@@ -691,7 +698,7 @@ void gemm_nm(Arch tag, ConstMatrixView<float> x, const nm_weights& w, MatrixView
     const index_t M = x.rows();
     if (M == 0) return;
     if constexpr (arch::is_simd_v<Arch>) {
-        if (M >= sparse_detail::nm_lanes_m_threshold) {
+        if (M >= sparse_detail::nm_lanes_m_threshold<Arch>) {
             const index_t panels = w.panels();
             const int threads = sparse_detail::worth_threads(double(M) * double(w.n) * double(w.slots()))
                                     ? static_cast<int>(std::min<index_t>(panels, max_threads()))
