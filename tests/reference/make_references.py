@@ -14,6 +14,11 @@ committed, so the C++ tests need no Python:
              BertTokenizerFast (Rust), which must agree; cpet's WordPiece is checked token for token against them.
   bert       tiny-bert/ (save_pretrained of a seeded 2-layer BertForSequenceClassification, 3 labels) and
              tiny_bert_reference.safetensors (padded ids with token types, last hidden states, logits).
+  peft       peft_<name>/ (PEFT save_pretrained: adapter_config.json + adapter_model.safetensors) for LoRA (BERT with
+             rank_pattern / alpha_pattern, LLaMA rsLoRA with a regex target), IA3 and prefix tuning on both tiny
+             models, adapter weights randomised; peft_<name>_reference.safetensors holds the adapted outputs.
+  --check-cpet-adapter DIR...  loads adapters cpet wrote (tests/io/test_peft.cpp writes them when
+             CPET_WRITE_ADAPTERS=dir is set) in PEFT and compares PEFT's outputs with cpet's.
   llama      tiny-llama/ (save_pretrained of a seeded 2-layer LlamaForCausalLM with GQA and RoPE, ~450 KB) and
              tiny_llama_reference.safetensors (its input ids and logits).
 """
@@ -181,11 +186,120 @@ def make_bert():
     print(f"wrote {d} and {path} ({os.path.getsize(path)} bytes)")
 
 
+def _randomize_peft(model, seed):
+    """PEFT initialises LoRA B to zero and IA3 vectors to one (the adapter adds nothing): randomise them so the
+    reference outputs depend on every adapter tensor."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n or "lora_A" in n:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+            elif "ia3_l" in n:
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+            elif "prompt_encoder" in n or "prompt_embeddings" in n:
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+
+
+def make_peft():
+    """PEFT adapters on the tiny BERT and tiny LLaMA (peft_<name>/ as save_pretrained writes them) and the outputs
+    of the adapted models (peft_<name>_reference.safetensors)."""
+    import torch
+    from peft import IA3Config, LoraConfig, PrefixTuningConfig, get_peft_model
+    from safetensors.torch import save_file
+    from transformers import BertModel, LlamaForCausalLM
+
+    bert_ref = safe_load(os.path.join(HERE, "tiny_bert_reference.safetensors"))
+    llama_ref = safe_load(os.path.join(HERE, "tiny_llama_reference.safetensors"))
+    cases = {
+        "bert_lora": ("bert", LoraConfig(r=4, lora_alpha=8, target_modules=["query", "key", "value",
+                                                                             "attention.output.dense",
+                                                                             "intermediate.dense"],
+                                         rank_pattern={"key": 2}, alpha_pattern={"value": 3.0})),
+        "llama_lora": ("llama", LoraConfig(r=4, lora_alpha=6, use_rslora=True,
+                                           target_modules=r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+                                           rank_pattern={"layers.1.mlp.down_proj": 2})),
+        "llama_ia3": ("llama", IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                         feedforward_modules=["down_proj"])),
+        "bert_ia3": ("bert", IA3Config(target_modules=r".*\.(key|value)|.*layer\.\d+\.output\.dense",
+                                       feedforward_modules=r".*layer\.\d+\.output\.dense")),
+        "bert_prefix": ("bert", PrefixTuningConfig(num_virtual_tokens=3, task_type="FEATURE_EXTRACTION")),
+        "llama_prefix": ("llama", PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM")),
+    }
+    for i, (name, (family, cfg)) in enumerate(cases.items()):
+        torch.manual_seed(0)
+        if family == "bert":
+            base = BertModel.from_pretrained(os.path.join(HERE, "tiny-bert"), add_pooling_layer=False).eval()
+        else:
+            base = LlamaForCausalLM.from_pretrained(os.path.join(HERE, "tiny-llama")).eval()
+        model = get_peft_model(base, cfg)
+        _randomize_peft(model, 10 + i)
+        model.eval()
+        d = os.path.join(HERE, f"peft_{name}")
+        model.save_pretrained(d)
+        for extra in ("README.md",):
+            if os.path.exists(os.path.join(d, extra)):
+                os.remove(os.path.join(d, extra))
+        with torch.no_grad():
+            if family == "bert":
+                ids, types, lengths = bert_ref["ids"].long(), bert_ref["type_ids"].long(), bert_ref["lengths"]
+                mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
+                out = model(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+                out = out * mask.unsqueeze(-1)
+                save_file({"hidden": out.contiguous()}, os.path.join(HERE, f"peft_{name}_reference.safetensors"))
+            else:
+                out = model(input_ids=llama_ref["ids"].long()).logits
+                save_file({"logits": out.contiguous()}, os.path.join(HERE, f"peft_{name}_reference.safetensors"))
+        print(f"wrote {d} ({sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))} bytes)")
+
+
+def check_cpet_adapter(d):
+    """Loads an adapter cpet wrote (with cpet's own outputs beside it, cpet_outputs.safetensors) in PEFT and
+    compares: the proof that cpet's adapter files are PEFT's."""
+    import torch
+    from peft import PeftModel
+    from transformers import BertModel, LlamaForCausalLM
+
+    cfg = json.load(open(os.path.join(d, "adapter_config.json")))
+    outs = safe_load(os.path.join(d, "cpet_outputs.safetensors"))
+    if "hidden" in outs:
+        base = BertModel.from_pretrained(os.path.join(HERE, "tiny-bert"), add_pooling_layer=False).eval()
+        ref = safe_load(os.path.join(HERE, "tiny_bert_reference.safetensors"))
+        model = PeftModel.from_pretrained(base, d).eval()
+        ids, types, lengths = ref["ids"].long(), ref["type_ids"].long(), ref["lengths"]
+        mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
+        with torch.no_grad():
+            got = model(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state * mask.unsqueeze(-1)
+        want = outs["hidden"]
+    else:
+        base = LlamaForCausalLM.from_pretrained(os.path.join(HERE, "tiny-llama")).eval()
+        ref = safe_load(os.path.join(HERE, "tiny_llama_reference.safetensors"))
+        model = PeftModel.from_pretrained(base, d).eval()
+        with torch.no_grad():
+            got = model(input_ids=ref["ids"].long()).logits
+        want = outs["logits"]
+    want = want.reshape(got.shape)  # cpet writes [B·S, d]
+    err = ((got - want).norm() / want.norm()).item()
+    print(f"{d}: {cfg['peft_type']} adapter written by cpet, loaded by PEFT: relative difference {err:.3e}")
+    if err > 1e-4:
+        sys.exit(f"{d}: PEFT's output differs from cpet's (relative {err:.3e})")
+
+
+def safe_load(path):
+    from safetensors.torch import load_file
+    return load_file(path)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--minilm")
-    ap.add_argument("--only", default="minilm,wordpiece,llama,bert")
+    ap.add_argument("--only", default="minilm,wordpiece,llama,bert,peft")
+    ap.add_argument("--check-cpet-adapter", nargs="*", default=[])
     a = ap.parse_args()
+    if a.check_cpet_adapter:
+        for d in a.check_cpet_adapter:
+            check_cpet_adapter(d)
+        return
     parts = a.only.split(",")
     if "minilm" in parts or "wordpiece" in parts:
         md = find_minilm(a.minilm)
@@ -197,6 +311,8 @@ def main():
         make_llama()
     if "bert" in parts:
         make_bert()
+    if "peft" in parts:
+        make_peft()
 
 
 if __name__ == "__main__":

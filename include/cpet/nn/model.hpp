@@ -47,6 +47,9 @@ struct token_batch {
     std::vector<std::int32_t> type_ids;
     std::vector<index_t> lengths;
     index_t seq_len = 0;
+    /// Position of each sequence's first token in the learned position table (0; P for PEFT's prefix tuning on
+    /// BERT, which puts the real tokens after the P virtual ones). RoPE layers ignore it.
+    index_t position_offset = 0;
 
     index_t batch() const noexcept { return static_cast<index_t>(lengths.size()); }
     index_t rows() const noexcept { return batch() * seq_len; }
@@ -99,9 +102,11 @@ public:
     /// Checks every real token's id and type id and each sequence's length against the tables.
     void check(const token_batch& t, const batch_layout& L, const char* who) const {
         for (index_t b = 0; b < L.batch; ++b) {
-            require<shape_error>(max_positions() < 0 || L.length(b) <= max_positions(), who, ": sequence ", b, " has ",
-                                 L.length(b), " tokens, the position table holds ", max_positions(),
-                                 " (truncate the input)");
+            require<shape_error>(t.position_offset >= 0, who, ": position_offset ", t.position_offset, " is negative");
+            require<shape_error>(max_positions() < 0 || t.position_offset + L.length(b) <= max_positions(), who,
+                                 ": sequence ", b, " has ", L.length(b), " tokens",
+                                 t.position_offset ? " after a position offset" : "", ", the position table holds ",
+                                 max_positions(), " (truncate the input)");
             for (index_t i = 0; i < L.length(b); ++i) {
                 const auto r = std::size_t(b * L.seq_len + i);
                 require<shape_error>(t.ids[r] >= 0 && t.ids[r] < vocab(), who, ": token id ", t.ids[r], " of sequence ",
@@ -129,7 +134,7 @@ public:
                 const float* wr = w_.word.row(t.ids[std::size_t(r)]);
                 for (index_t c = 0; c < d; ++c) xr[c] = wr[c];
                 if (!w_.position.empty()) {
-                    const float* pr = w_.position.row(i);
+                    const float* pr = w_.position.row(t.position_offset + i);
                     for (index_t c = 0; c < d; ++c) xr[c] += pr[c];
                 }
                 if (!w_.token_type.empty()) {
