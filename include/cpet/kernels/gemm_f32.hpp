@@ -358,39 +358,49 @@ inline void gemv_tile(index_t kc, const float* x, index_t ldx, const float* b, i
         }
 }
 
-template <class Arch, index_t NV, index_t R = 1>
+template <class Arch, index_t NV, index_t R, index_t RMAX>
 inline void gemv_tile_rows(index_t rows, index_t kc, const float* x, index_t ldx, const float* b, index_t kc2,
                            const float* u, index_t ldu, const float* b2, float* out) noexcept {
-    if constexpr (R >= tiling<Arch>::mr || R >= 8) {
+    if constexpr (R >= RMAX) {
         gemv_tile<Arch, R, NV>(kc, x, ldx, b, kc2, u, ldu, b2, out);
     } else {
         if (rows == R) gemv_tile<Arch, R, NV>(kc, x, ldx, b, kc2, u, ldu, b2, out);
-        else gemv_tile_rows<Arch, NV, R + 1>(rows, kc, x, ldx, b, kc2, u, ldu, b2, out);
+        else gemv_tile_rows<Arch, NV, R + 1, RMAX>(rows, kc, x, ldx, b, kc2, u, ldu, b2, out);
     }
 }
 
+/// Rows of x per pass over a panel when one pass covers the whole panel (nr columns = nr / W vectors): as many as
+/// the registers hold (acc ROWS·V + V loads + 1 broadcast ≤ registers), at most 8. AVX2: V = 4, so 2 rows.
+template <class Arch>
+inline constexpr index_t gemv_full_rows =
+    std::min<index_t>(8, (tiling<Arch>::registers - nr / tiling<Arch>::w - 1) / (nr / tiling<Arch>::w));
+
+/// Where a panel is wider than the microkernel's column tile (AVX2: 32 columns against 16), passing over it one
+/// column tile at a time reads every other cache line of each 128-byte K row and comes back for the rest: on Zen
+/// that streamed 12 GB/s where one pass over whole rows streams at the core's read bandwidth. So the GEMV walks
+/// whole panels, gemv_full_rows<Arch> rows of x at a time (M ≤ 8 re-reads the panel from L2, not DRAM); where a
+/// panel is one column tile (AVX-512) the two are the same.
 template <class Arch>
 void gemv_simd(ConstMatrixView<float> x, const packed_weights_f32& w, MatrixView<float> y, const epilogue& ep,
                const float* lr, int threads) {
-    using T = tiling<Arch>;
+    constexpr index_t NV = nr / tiling<Arch>::w;  // vectors per panel row
+    constexpr index_t group = gemv_full_rows<Arch>;
+    static_assert(group >= 1, "gemv: a whole panel row must fit in the registers");
     const index_t M = x.rows(), N = w.rows(), K = w.cols(), rank = ep.rank;
-    const index_t group = std::min<index_t>(T::mr, 8);  // rows per pass over a panel
     parallel_region(threads, [&](int t, int nt) {
         const auto [p0, p1] = split(w.panels(), t, nt);
         alignas(64) float tile[8 * nr];
-        for (index_t p = p0; p < p1; ++p)
-            for (index_t ct = 0; ct < T::col_tiles; ++ct) {
-                const index_t n0 = p * nr + ct * T::tn;
-                if (n0 >= N) break;
-                const index_t cols = std::min(T::tn, N - n0);
-                for (index_t m0 = 0; m0 < M; m0 += group) {
-                    const index_t rows = std::min(group, M - m0);
-                    gemv_tile_rows<Arch, T::nv>(rows, K, x.row(m0), x.stride(), w.panel(p) + ct * T::tn, rank,
-                                                rank ? ep.lowrank_u + m0 * ep.ld_u : nullptr, ep.ld_u,
-                                                rank ? lr + p * rank * nr + ct * T::tn : nullptr, tile);
-                    store_tile(Arch{}, tile, nr, rows, cols, m0, n0, y, ep);
-                }
+        for (index_t p = p0; p < p1; ++p) {
+            const index_t n0 = p * nr;
+            const index_t cols = std::min(nr, N - n0);
+            for (index_t m0 = 0; m0 < M; m0 += group) {
+                const index_t rows = std::min(group, M - m0);
+                gemv_tile_rows<Arch, NV, 1, group>(rows, K, x.row(m0), x.stride(), w.panel(p), rank,
+                                                   rank ? ep.lowrank_u + m0 * ep.ld_u : nullptr, ep.ld_u,
+                                                   rank ? lr + p * rank * nr : nullptr, tile);
+                store_tile(Arch{}, tile, nr, rows, cols, m0, n0, y, ep);
             }
+        }
     });
 }
 
