@@ -44,17 +44,22 @@ namespace cpet::io {
 
 namespace fs = std::filesystem;
 
+/// JSON text parsed; io_error naming `name` when it is not JSON.
+inline nlohmann::json parse_json(std::string_view text, const std::string& name) {
+    try {
+        return nlohmann::json::parse(text.begin(), text.end());
+    } catch (const nlohmann::json::exception& e) {
+        throw io_error(cpet::detail::concat(name, ": not valid JSON: ", e.what()));
+    }
+}
+
 /// A JSON file parsed; io_error naming the file when it cannot be read or is not JSON.
 inline nlohmann::json read_json(const fs::path& p) {
     std::ifstream in(p, std::ios::binary);
     if (!in) throw io_error(cpet::detail::concat(p.string(), ": cannot open for reading"));
     std::ostringstream ss;
     ss << in.rdbuf();
-    try {
-        return nlohmann::json::parse(ss.str());
-    } catch (const nlohmann::json::exception& e) {
-        throw io_error(cpet::detail::concat(p.string(), ": not valid JSON: ", e.what()));
-    }
+    return parse_json(ss.str(), p.string());
 }
 
 enum class model_family { bert, llama };
@@ -139,12 +144,10 @@ inline bool bool_field(const nlohmann::json& j, const char* key, const std::stri
 
 }  // namespace detail
 
-/// Reads `dir/config.json` (or the file itself) for a BERT or LLaMA checkpoint.
-inline hf_config read_hf_config(const fs::path& dir_or_file) {
-    const fs::path p = fs::is_directory(dir_or_file) ? dir_or_file / "config.json" : dir_or_file;
-    const auto j = read_json(p);
+/// The architecture of a parsed config.json (`file` names it in messages).
+inline hf_config parse_hf_config(const nlohmann::json& j, std::string file) {
     hf_config c;
-    c.file = p.string();
+    c.file = std::move(file);
     const std::string& f = c.file;
     if (!j.is_object()) throw io_error(cpet::detail::concat(f, ": expected a JSON object"));
     c.model_type = detail::str_field(j, "model_type", f);
@@ -210,14 +213,36 @@ inline hf_config read_hf_config(const fs::path& dir_or_file) {
         }
         c.rope_theta = float(theta);
     }
-    c.layer_shape().validate();
+    try {
+        c.layer_shape().validate();
+    } catch (const shape_error& e) {
+        throw io_error(cpet::detail::concat(f, ": ", e.what()));
+    }
+    require<io_error>(c.layers <= 4096 && c.hidden <= (1 << 20) && c.intermediate <= (1 << 22) && c.vocab_size <= (1 << 24) &&
+                          c.max_positions <= (1 << 24) && c.type_vocab <= 4096,
+                      f, ": sizes beyond what cpet accepts (layers ≤ 4096, hidden_size ≤ 2^20, intermediate_size ≤ 2^22, "
+                      "vocab_size and max_position_embeddings ≤ 2^24, type_vocab_size ≤ 4096)");
     return c;
+}
+
+/// Reads `dir/config.json` (or the file itself) for a BERT or LLaMA checkpoint.
+inline hf_config read_hf_config(const fs::path& dir_or_file) {
+    const fs::path p = fs::is_directory(dir_or_file) ? dir_or_file / "config.json" : dir_or_file;
+    return parse_hf_config(read_json(p), p.string());
 }
 
 /// The safetensors files of a checkpoint folder (one, or the shards of model.safetensors.index.json), looked up
 /// by tensor name.
 class checkpoint {
 public:
+    /// One already open file as a checkpoint (tests, fuzzing).
+    static checkpoint of(safetensors_file f) {
+        checkpoint c;
+        c.dir_ = f.file_name();
+        c.files_.push_back(std::make_unique<safetensors_file>(std::move(f)));
+        for (const auto& t : c.files_[0]->tensors()) c.where_.emplace(t.name(), 0);
+        return c;
+    }
     static checkpoint open(const fs::path& dir) {
         checkpoint c;
         c.dir_ = dir.string();

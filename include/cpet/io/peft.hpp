@@ -117,6 +117,9 @@ inline bool peft_selects(const nlohmann::json& cfg, const char* field, const std
     auto matches = [&](const nlohmann::json& spec, bool allow_layers) {
         if (spec.is_null()) return false;
         if (spec.is_string()) {
+            // libstdc++'s regex recurses per pattern element: a bound keeps a hostile config from exhausting the stack.
+            require<io_error>(spec.get_ref<const std::string&>().size() <= 512, file, ": \"", field,
+                              "\" regex is longer than 512 characters");
             try {
                 return std::regex_match(key, std::regex(spec.get<std::string>()));
             } catch (const std::regex_error& e) {
@@ -158,6 +161,7 @@ inline const nlohmann::json* pattern_value(const nlohmann::json& cfg, const char
     if (it == cfg.end() || it->is_null()) return nullptr;
     if (!it->is_object()) throw io_error(cpet::detail::concat(file, ": \"", field, "\" is not an object"));
     for (auto& [k, v] : it->items()) {
+        require<io_error>(k.size() <= 512, file, ": ", field, " key is longer than 512 characters");
         try {
             if (std::regex_match(key, std::regex("(.*\\.)?(" + k + ")"))) return &v;
         } catch (const std::regex_error& e) {
@@ -168,18 +172,18 @@ inline const nlohmann::json* pattern_value(const nlohmann::json& cfg, const char
     return nullptr;
 }
 
-inline nlohmann::json read_adapter_config(const fs::path& dir, const char* peft_type) {
-    const auto p = dir / "adapter_config.json";
-    auto cfg = read_json(p);
-    require<io_error>(cfg.is_object(), p.string(), ": expected a JSON object");
-    const auto type = cfg.value("peft_type", std::string());
-    require<io_error>(type == peft_type, p.string(), ": peft_type is \"", type, "\", expected \"", peft_type, "\"");
-    auto refuse_set = [&](const char* key, const char* why) {
+/// Checks the fields of an adapter_config.json that cpet refuses (see the file comment); `name` is its file name.
+inline void check_adapter_config(const nlohmann::json& cfg, const std::string& name, const char* peft_type) {
+    require<io_error>(cfg.is_object(), name, ": expected a JSON object");
+    const auto* tj = field(cfg, "peft_type");
+    const std::string type = tj && tj->is_string() ? tj->get<std::string>() : std::string("?");
+    require<io_error>(type == peft_type, name, ": peft_type is \"", type, "\", expected \"", peft_type, "\"");
+    auto refuse_set = [&cfg, &name](const char* key, const char* why) {
         auto it = cfg.find(key);
         if (it == cfg.end() || it->is_null()) return;
         if ((it->is_array() || it->is_object()) && it->empty()) return;
         if (it->is_boolean() && !it->get<bool>()) return;
-        throw io_error(cpet::detail::concat(p.string(), ": \"", key, "\" = ", it->dump(), " is not supported: ", why));
+        throw io_error(cpet::detail::concat(name, ": \"", key, "\" = ", it->dump(), " is not supported: ", why));
     };
     refuse_set("modules_to_save", "cpet loads only the adapter's own tensors, not replacement copies of base "
                                   "modules (a trained classifier head, say)");
@@ -189,8 +193,14 @@ inline nlohmann::json read_adapter_config(const fs::path& dir, const char* peft_
     refuse_set("lora_bias", "cpet's LoRA has no bias on lora_B");
     refuse_set("trainable_token_indices", "cpet does not train embedding rows");
     if (auto it = cfg.find("bias"); it != cfg.end() && !it->is_null())
-        require<io_error>(*it == "none", p.string(), ": \"bias\" = ", it->dump(),
+        require<io_error>(*it == "none", name, ": \"bias\" = ", it->dump(),
                           " is not supported: the adapter would carry trained backbone biases, cpet's backbone is frozen");
+}
+
+inline nlohmann::json read_adapter_config(const fs::path& dir, const char* peft_type) {
+    const auto p = dir / "adapter_config.json";
+    auto cfg = read_json(p);
+    check_adapter_config(cfg, p.string(), peft_type);
     return cfg;
 }
 
@@ -215,10 +225,12 @@ inline const char* strip(const std::string& name, const std::string& prefix, con
 /// Reads a PEFT LoRA adapter for `base` into one Policy::modules per layer (Policy: pet::lora or pet::rslora, as
 /// the file's use_rslora says; the other is refused naming the right one).
 template <class Policy = pet::lora>
-std::vector<typename Policy::modules> read_peft_lora(const fs::path& dir, const peft_base& base) {
-    const auto cfg = detail::read_adapter_config(dir, "LORA");
-    const std::string cf = (dir / "adapter_config.json").string();
-    const bool rs = cfg.value("use_rslora", false);
+std::vector<typename Policy::modules> read_peft_lora(const nlohmann::json& cfg, const std::string& cf,
+                                                     const safetensors_file& file, const peft_base& base) {
+    detail::check_adapter_config(cfg, cf, "LORA");
+    const auto* rsj = detail::field(cfg, "use_rslora");
+    require<io_error>(!rsj || rsj->is_boolean(), cf, ": \"use_rslora\" is ", rsj ? rsj->dump() : "", ", expected true/false");
+    const bool rs = rsj && rsj->get<bool>();
     constexpr bool policy_rs = Policy::scaling_kind == pet::lora_scaling::rank_stabilized;
     require<io_error>(rs == policy_rs, cf, ": use_rslora is ", rs ? "true" : "false", ": read it as ",
                       rs ? "pet::rslora" : "pet::lora", " (s = α/", rs ? "√r" : "r", ")");
@@ -228,8 +240,7 @@ std::vector<typename Policy::modules> read_peft_lora(const fs::path& dir, const 
     const auto* aj = detail::field(cfg, "lora_alpha");
     require<io_error>(aj && aj->is_number(), cf, ": \"lora_alpha\" must be a number");
     const float alpha = aj->get<float>();
-
-    const auto file = detail::open_adapter_weights(dir);
+    require<io_error>(std::isfinite(alpha) && alpha != 0.f, cf, ": \"lora_alpha\" must be finite and non-zero");
     const std::string& wf = file.file_name();
     struct pair {
         const tensor_view* a = nullptr;
@@ -274,7 +285,8 @@ std::vector<typename Policy::modules> read_peft_lora(const fs::path& dir, const 
         }
         float a_t = alpha;
         if (const nlohmann::json* v = detail::pattern_value(cfg, "alpha_pattern", p.module, cf)) {
-            require<io_error>(v->is_number(), cf, ": alpha_pattern value ", v->dump(), " for '", p.module, "' is not a number");
+            require<io_error>(v->is_number() && std::isfinite(v->get<float>()) && v->get<float>() != 0.f, cf,
+                              ": alpha_pattern value ", v->dump(), " for '", p.module, "' is not a finite non-zero number");
             a_t = v->get<float>();
         }
         const index_t in = base.dims.in(t), outd = base.dims.out(t);
@@ -299,6 +311,11 @@ std::vector<typename Policy::modules> read_peft_lora(const fs::path& dir, const 
         m.set(t, A, B);
     }
     return out;
+}
+template <class Policy = pet::lora>
+std::vector<typename Policy::modules> read_peft_lora(const fs::path& dir, const peft_base& base) {
+    const auto cfg = detail::read_adapter_config(dir, "LORA");
+    return read_peft_lora<Policy>(cfg, (dir / "adapter_config.json").string(), detail::open_adapter_weights(dir), base);
 }
 
 /// Writes modules (one per layer) as a PEFT LoRA adapter: adapter_config.json (full module names in
@@ -363,10 +380,9 @@ void write_peft_lora(const fs::path& dir, const std::vector<typename Policy::mod
 
 /// Reads a PEFT IA3 adapter: target modules scaled at their output ([out, 1]: q, k, v) or, when listed in
 /// feedforward_modules, at their input ([1, in]: down) — what cpet's IA3 rescales; any other is refused.
-inline std::vector<pet::ia3::modules> read_peft_ia3(const fs::path& dir, const peft_base& base) {
-    const auto cfg = detail::read_adapter_config(dir, "IA3");
-    const std::string cf = (dir / "adapter_config.json").string();
-    const auto file = detail::open_adapter_weights(dir);
+inline std::vector<pet::ia3::modules> read_peft_ia3(const nlohmann::json& cfg, const std::string& cf,
+                                                     const safetensors_file& file, const peft_base& base) {
+    detail::check_adapter_config(cfg, cf, "IA3");
     const std::string& wf = file.file_name();
     std::vector<pet::ia3::modules> out(std::size_t(base.layers));
     for (auto& m : out) m.dims = base.dims;
@@ -395,9 +411,15 @@ inline std::vector<pet::ia3::modules> read_peft_ia3(const fs::path& dir, const p
                                                    : (t.shape()[0] == std::uint64_t(w) && t.shape()[1] == 1));
         require<io_error>(shape_ok, wf, ": tensor '", t.name(), "' has shape ", t.shape_str(), ", expected ",
                           ff ? "[1, " : "[", w, ff ? "]" : ", 1]");
+        require<io_error>(is_float_dtype(t.type()), wf, ": tensor '", t.name(), "' has dtype ", dtype_name(t.type()),
+                          ", expected F32, F16 or BF16");
         out[std::size_t(ref->layer)].set(tg, t.to_f32());
     }
     return out;
+}
+inline std::vector<pet::ia3::modules> read_peft_ia3(const fs::path& dir, const peft_base& base) {
+    const auto cfg = detail::read_adapter_config(dir, "IA3");
+    return read_peft_ia3(cfg, (dir / "adapter_config.json").string(), detail::open_adapter_weights(dir), base);
 }
 
 /// A PEFT prefix-tuning adapter as per-layer key / value rows, and where PEFT puts the real tokens.
@@ -408,20 +430,20 @@ struct peft_prefix {
 
 /// Reads a PEFT prefix-tuning adapter (the final rows, prompt_embeddings [P, layers·2·kv_dim]). Refused for RoPE
 /// (LLaMA) models: PEFT rotates the real tokens from position P, cpet's attention from 0 (see the file comment).
-inline peft_prefix read_peft_prefix(const fs::path& dir, const peft_base& base) {
-    const auto cfg = detail::read_adapter_config(dir, "PREFIX_TUNING");
-    const std::string cf = (dir / "adapter_config.json").string();
+inline peft_prefix read_peft_prefix(const nlohmann::json& cfg, const std::string& cf, const safetensors_file& file,
+                                    const peft_base& base) {
+    detail::check_adapter_config(cfg, cf, "PREFIX_TUNING");
     require<io_error>(base.family == model_family::bert, cf, ": prefix tuning on a RoPE model: PEFT places the real "
                       "tokens at positions P..P+S-1 after the prefix, cpet's RoPE attention at 0..S-1, so the outputs "
                       "would differ (cpet needs a position offset in nn::Attention for this)");
     const index_t P = detail::int_field(cfg, "num_virtual_tokens", cf);
+    require<io_error>(P > 0, cf, ": num_virtual_tokens must be positive");
     const index_t L = detail::int_field(cfg, "num_layers", cf);
     const index_t D = detail::int_field(cfg, "token_dim", cf);
     const index_t subs = detail::int_field(cfg, "num_transformer_submodules", cf, 1);
     require<io_error>(subs == 1, cf, ": num_transformer_submodules ", subs, " (encoder-decoder) is not supported");
     require<io_error>(L == base.layers && D == base.dims.kv_dim, cf, ": num_layers ", L, " and token_dim ", D,
                       " do not fit the model (", base.layers, " layers, kv_dim ", base.dims.kv_dim, ")");
-    const auto file = detail::open_adapter_weights(dir);
     const auto& t = file.tensor("prompt_embeddings");
     require<io_error>(file.size() == 1, file.file_name(), ": expected the single tensor 'prompt_embeddings', found ",
                       file.size(), " tensors (a prefix_projection encoder saved in inference mode?)");
@@ -436,6 +458,10 @@ inline peft_prefix read_peft_prefix(const fs::path& dir, const peft_base& base) 
     for (index_t l = 0; l < L; ++l)
         out.layers[std::size_t(l)].set(all.view().block(0, 2 * l * D, P, D), all.view().block(0, (2 * l + 1) * D, P, D));
     return out;
+}
+inline peft_prefix read_peft_prefix(const fs::path& dir, const peft_base& base) {
+    const auto cfg = detail::read_adapter_config(dir, "PREFIX_TUNING");
+    return read_peft_prefix(cfg, (dir / "adapter_config.json").string(), detail::open_adapter_weights(dir), base);
 }
 
 }  // namespace cpet::io

@@ -252,7 +252,11 @@ private:
         };
         std::vector<entry> entries;
         entries.reserve(doc.size());
-        for (auto& [key, value] : doc.items()) {
+        for (auto item : doc.items()) {
+            // Named references, not a structured binding: lambdas below capture them (clang < 16 cannot capture
+            // structured bindings).
+            const std::string& key = item.key();
+            const nlohmann::json& value = item.value();
             if (key == "__metadata__") {
                 if (value.is_null()) continue;
                 if (!value.is_object())
