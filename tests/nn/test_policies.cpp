@@ -22,7 +22,13 @@ struct toy_lora {
         std::array<Matrix<float>, pet::target_count> A, B;  // A [r, in], B [out, r]; empty: not adapted
         float scale = 0.5f;
         mutable std::array<int, pet::target_count> calls{};
+        static constexpr pet::hook_set hooks{pet::hook::linear};
 
+        void check_fits(const pet::layer_dims& d, const char* who) const {
+            for (int i = 0; i < pet::target_count; ++i)
+                require<shape_error>(A[std::size_t(i)].empty() || A[std::size_t(i)].cols() == d.in(pet::target(i)), who,
+                                     ": toy_lora A does not fit");
+        }
         std::optional<pet::lowrank_args> lowrank(pet::target t, ConstMatrixView<float> x, pet::scratch& s) const {
             const auto i = std::size_t(t);
             ++calls[i];
@@ -40,7 +46,11 @@ struct toy_adapter {
     struct modules {
         std::array<Matrix<float>, 2> D, U;  // [d, r], [r, d] per sublayer
         mutable std::array<int, 2> calls{};
+        static constexpr pet::hook_set hooks{pet::hook::sublayer};
 
+        void check_fits(const pet::layer_dims& d, const char* who) const {
+            for (const auto& m : D) require<shape_error>(m.empty() || m.rows() == d.d_model, who, ": toy_adapter D does not fit");
+        }
         void sublayer(pet::sublayer w, ConstMatrixView<float> in, MatrixView<float> out, pet::scratch& s) const {
             const auto i = std::size_t(w);
             ++calls[i];
@@ -56,6 +66,10 @@ struct toy_prefix {
     static constexpr const char* name() noexcept { return "toy_prefix"; }
     struct modules {
         Matrix<float> k, v;
+        static constexpr pet::hook_set hooks{pet::hook::attention};
+        void check_fits(const pet::layer_dims& d, const char* who) const {
+            require<shape_error>(k.empty() || k.cols() == d.kv_dim, who, ": toy_prefix k does not fit");
+        }
         std::optional<pet::prefix_kv> prefix() const {
             if (k.empty()) return std::nullopt;
             return pet::prefix_kv{k, v};

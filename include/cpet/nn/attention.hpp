@@ -56,7 +56,7 @@ public:
     /// Checks what `forward` will need from a task's attention hook; returns the prefix length.
     template <class Modules>
     index_t prefix_rows(const Modules& m) const {
-        if constexpr (pet::AttentionHook<Modules>) {
+        if constexpr (pet::uses_hook<Modules, pet::hook::attention>) {
             if (auto p = m.prefix()) {
                 check_shape(p->k, -1, shape_.kv_dim(), "PET attention hook: prefix k");
                 check_shape(p->v, p->k.rows(), shape_.kv_dim(), "PET attention hook: prefix v");
@@ -86,7 +86,7 @@ public:
         detail::project(tag, v_, pet::target::v, h, v, {}, m, ps);
 
         std::optional<pet::prefix_kv> prefix;
-        if constexpr (pet::AttentionHook<Modules>) prefix = m.prefix();
+        if constexpr (pet::uses_hook<Modules, pet::hook::attention>) prefix = m.prefix();
         const index_t P = prefix ? prefix->k.rows() : 0;
         const index_t keys_max = P + S;
         MatrixView<float> kcat, vcat;

@@ -64,7 +64,7 @@ void project(Arch tag, const Linear<F>& lin, pet::target t, ConstMatrixView<floa
              kernels::epilogue ep, const Modules& m, pet::scratch& s) {
     const auto tn = pet::target_name(t);
     const index_t N = lin.out_features();
-    if constexpr (pet::LinearHook<Modules>) {
+    if constexpr (pet::uses_hook<Modules, pet::hook::linear>) {
         if (auto lr = m.lowrank(t, x, s)) {
             require<shape_error>(lr->u.rows() == x.rows() && lr->b.rows() == N && lr->u.cols() == lr->b.cols(),
                                  "PET linear hook (target ", tn, "): expected U [", x.rows(), ", r] and B [", N,
@@ -73,7 +73,7 @@ void project(Arch tag, const Linear<F>& lin, pet::target t, ConstMatrixView<floa
         }
     }
     bool done = false;
-    if constexpr (pet::BiasHook<Modules>) {
+    if constexpr (pet::uses_hook<Modules, pet::hook::bias>) {
         if (auto db = m.bias_delta(t)) {
             require<shape_error>(index_t(db->size()) == N, "PET bias hook (target ", tn, "): expected ", N,
                                  " values, got ", db->size());
@@ -86,7 +86,7 @@ void project(Arch tag, const Linear<F>& lin, pet::target t, ConstMatrixView<floa
         }
     }
     if (!done) lin.forward(tag, x, y, ep);
-    if constexpr (pet::ScaleHook<Modules>) {
+    if constexpr (pet::uses_hook<Modules, pet::hook::scale>) {
         if (t == pet::target::q || t == pet::target::k || t == pet::target::v)
             if (auto l = m.scale(t)) scale_columns(y, *l, tn);
     }

@@ -176,7 +176,10 @@ private:
 /// A PET policy whose only hook records each linear's input and adds nothing.
 struct calibration_probe {
     struct modules {
+        static constexpr pet::hook_set hooks{pet::hook::linear};
         calibration_sink* sink = nullptr;
+        /// The probe stores no parameters, so it fits every layer.
+        void check_fits(const pet::layer_dims&, const char*) const noexcept {}
         std::optional<pet::lowrank_args> lowrank(pet::target t, ConstMatrixView<float> x, pet::scratch&) const {
             if (sink) sink->record(t, x);
             return std::nullopt;

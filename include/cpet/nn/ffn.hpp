@@ -69,7 +69,7 @@ public:
             act.act = C::act;
             detail::project(tag, up_, pet::target::up, h, f1, act, m, ps);
         }
-        if constexpr (pet::ScaleHook<Modules>)
+        if constexpr (pet::uses_hook<Modules, pet::hook::scale>)
             if (auto l = m.scale(pet::target::down)) detail::scale_columns(f1, *l, "FFN hidden (input of down)");
         kernels::epilogue ep;
         ep.residual = residual;

@@ -133,7 +133,7 @@ public:
     void check_task(const task_type& m, const char* who, bool virtual_tokens_allowed = false) const {
         if constexpr (pet::FitsCheck<task_type>) m.check_fits(pet_dims(), who);
         (void)attn_.prefix_rows(m);
-        if constexpr (pet::InputHook<task_type>) {
+        if constexpr (pet::uses_hook<task_type, pet::hook::input>) {
             const ConstMatrixView<float> vt = m.virtual_tokens();
             require<shape_error>(virtual_tokens_allowed || vt.rows() == 0, who, ": the task carries ", vt.rows(),
                                  " virtual tokens (PET input hook, prompt tuning) where none can be applied: a model "
@@ -142,7 +142,7 @@ public:
             if (vt.rows() > 0)
                 check_shape(vt, -1, shape_.d_model, cpet::detail::concat(who, ": PET input hook (virtual tokens)").c_str());
         }
-        if constexpr (pet::NormHook<task_type>) {
+        if constexpr (pet::uses_hook<task_type, pet::hook::norm>) {
             for (int i = 0; i < pet::norm_site_count; ++i) {
                 const auto n = pet::norm_site(i);
                 if (auto db = m.norm_bias_delta(n)) {
@@ -208,22 +208,27 @@ public:
         ws.set_last_isa(arch::isa_of<Arch>());
         const index_t M = x.rows(), d = shape_.d_model;
         if (M == 0) return;
-        constexpr bool hook = pet::SublayerHook<task_type>;
+        const bool hook = pet::active_hook<pet::hook::sublayer>(m);
         auto& ps = ws.pet_scratch();
+        // the sublayer hook, compiled only where the modules declare it
+        auto sublayer = [&](pet::sublayer w, ConstMatrixView<float> in, MatrixView<float> out) {
+            if constexpr (pet::uses_hook<task_type, pet::hook::sublayer>) m.sublayer(w, in, out, ps);
+            else (void)w, (void)in, (void)out;
+        };
         auto h = ws.get(workspace::normed, M, d);
         if constexpr (C::placement == norm_placement::post) {
             auto t = ws.get(workspace::sub, M, d);
-            if constexpr (hook) {
+            if (hook) {
                 attn_.forward(tag, x, L, t, nullptr, 0, ws, m, cache);
-                m.sublayer(pet::sublayer::attention, x, t, ps);
+                sublayer(pet::sublayer::attention, x, t);
                 detail::add_inplace(t, x);
             } else {
                 attn_.forward(tag, x, L, t, x.data(), x.stride(), ws, m, cache);
             }
             norm(tag, norm1_, pet::norm_site::norm1, t, h, m, ps);
-            if constexpr (hook) {
+            if (hook) {
                 ffn_.forward(tag, h, t, nullptr, 0, ws, m);
-                m.sublayer(pet::sublayer::ffn, h, t, ps);
+                sublayer(pet::sublayer::ffn, h, t);
                 detail::add_inplace(t, h);
             } else {
                 ffn_.forward(tag, h, t, h.data(), h.stride(), ws, m);
@@ -231,14 +236,14 @@ public:
             norm(tag, norm2_, pet::norm_site::norm2, t, y, m, ps);
         } else {
             norm(tag, norm1_, pet::norm_site::norm1, x, h, m, ps);
-            if constexpr (hook) {
+            if (hook) {
                 auto t = ws.get(workspace::sub, M, d);
                 attn_.forward(tag, h, L, t, nullptr, 0, ws, m, cache);
-                m.sublayer(pet::sublayer::attention, h, t, ps);
+                sublayer(pet::sublayer::attention, h, t);
                 add_into(y, x, t);
                 norm(tag, norm2_, pet::norm_site::norm2, y, h, m, ps);
                 ffn_.forward(tag, h, t, nullptr, 0, ws, m);
-                m.sublayer(pet::sublayer::ffn, h, t, ps);
+                sublayer(pet::sublayer::ffn, h, t);
                 detail::add_inplace(y, t);
             } else {
                 attn_.forward(tag, h, L, y, x.data(), x.stride(), ws, m, cache);
@@ -265,7 +270,7 @@ private:
     template <class Arch>
     void norm(Arch tag, const Norm<C::norm>& n, pet::norm_site site, ConstMatrixView<float> x, MatrixView<float> y,
               const task_type& m, pet::scratch& ps) const {
-        if constexpr (pet::NormHook<task_type> && C::norm == norm_kind::layernorm) {
+        if constexpr (pet::uses_hook<task_type, pet::hook::norm> && C::norm == norm_kind::layernorm) {
             if (auto db = m.norm_bias_delta(site)) {  // size checked by check_task
                 const index_t d = n.features();
                 auto b = ps.matrix(pet::slot::norm_bias, 1, d);

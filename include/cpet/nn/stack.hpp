@@ -53,7 +53,7 @@ public:
         const auto L = check(x, lengths, y, "Stack::forward");
         for (std::size_t i = 0; i < layers_.size(); ++i) layers_[i].check_task(tasks[i], "Stack::forward", i == 0);
         auto task_at = [&](std::size_t i) -> const task_type& { return tasks[i]; };
-        if constexpr (pet::InputHook<task_type>) {
+        if constexpr (pet::uses_hook<task_type, pet::hook::input>) {
             if (!layers_.empty()) {
                 const ConstMatrixView<float> vt = tasks[0].virtual_tokens();
                 if (vt.rows() > 0) {
@@ -93,7 +93,7 @@ public:
         require<shape_error>(tasks.size() == layers_.size(), "Stack::decode: ", tasks.size(),
                              " PET task modules for ", layers_.size(), " layers");
         auto task_at = [&](std::size_t i) -> const task_type& { return tasks[i]; };
-        if constexpr (pet::InputHook<task_type>) {
+        if constexpr (pet::uses_hook<task_type, pet::hook::input>) {
             if (!layers_.empty()) {
                 const ConstMatrixView<float> vt = tasks[0].virtual_tokens();
                 if (vt.rows() > 0) {

@@ -30,6 +30,7 @@ struct bitfit {
     };
 
     struct modules {
+        static constexpr hook_set hooks{hook::bias, hook::norm};
         std::array<std::vector<float>, target_count> delta;  ///< Δb [out]; empty: bias not tuned
         std::array<std::vector<float>, norm_site_count> norm_delta;  ///< Δβ [d_model]; empty: β not tuned
         layer_dims dims;

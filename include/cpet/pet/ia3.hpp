@@ -26,6 +26,7 @@ struct ia3 {
     };
 
     struct modules {
+        static constexpr hook_set hooks{hook::scale};
         std::array<std::vector<float>, target_count> l;  ///< empty: target not rescaled
         layer_dims dims;
 

@@ -45,6 +45,7 @@ struct lora_policy {
 
     /// One layer's LoRA factors.
     struct modules {
+        static constexpr hook_set hooks{hook::linear};
         detail::lowrank_factors f;
         float alpha = 8.f;
 

@@ -6,7 +6,7 @@
 namespace cpet::pet {
 
 struct none {
-    struct modules {};  ///< nothing per layer
+    struct modules {};  ///< nothing per layer, no hooks declared
     static constexpr const char* name() noexcept { return "none"; }
 };
 

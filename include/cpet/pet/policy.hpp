@@ -2,8 +2,12 @@
 //
 // A PET policy `P` is a type; its trained parameters for one layer are DATA of type `P::modules`, kept apart from
 // the (const, shared) backbone, so one backbone serves many tasks: `layer.forward(x, lengths, y, ws, modules)`.
-// The layer looks at which hooks `P::modules` has and calls only those (`if constexpr (requires ...)`); a policy
-// with no hooks (pet::none) costs nothing. The hooks, all const members of `P::modules`:
+// `P::modules` DECLARES the hooks it uses (`static constexpr pet::hook_set hooks{pet::hook::linear, ...}`) and the
+// layer calls exactly those (`if constexpr (pet::uses_hook<M, pet::hook::linear>)`); a policy with no hooks
+// (pet::none) costs nothing. A declared hook whose member does not match the signature below, or a hook member
+// that is not declared, is a compile error naming the hook and its concept (check_modules), never a silent
+// no-op. A modules type that declares any hook also says whether it fits a layer (`check_fits`, FitsCheck),
+// which the layer asks once per call before anything runs. The hooks, all const members of `P::modules`:
 //
 //   linear hook (LoRA, recovery, IA3)      lowrank(target, x, scratch) -> std::optional<lowrank_args>
 //       For the linear `target` with input x [M, in], return U [M, r] (= x·Aᵀ, computed once into scratch), B
@@ -272,7 +276,82 @@ private:
     std::size_t allocations_ = 0;
 };
 
-// ---- hook concepts (on the per-layer modules type M) ----
+// ---- hook declarations ----
+
+/// The hook points a layer offers (see the top of this file).
+enum class hook : std::uint32_t {
+    linear = 1u << 0,     ///< lowrank(target, x, scratch)
+    sublayer = 1u << 1,   ///< sublayer(where, input, output, scratch)
+    attention = 1u << 2,  ///< prefix()
+    input = 1u << 3,      ///< virtual_tokens()
+    scale = 1u << 4,      ///< scale(target)
+    bias = 1u << 5,       ///< bias_delta(target)
+    norm = 1u << 6,       ///< norm_bias_delta(norm_site)
+};
+
+inline constexpr std::string_view hook_name(hook h) noexcept {
+    switch (h) {
+        case hook::linear: return "linear";
+        case hook::sublayer: return "sublayer";
+        case hook::attention: return "attention";
+        case hook::input: return "input";
+        case hook::scale: return "scale";
+        case hook::bias: return "bias";
+        default: return "norm";
+    }
+}
+
+/// The hooks a modules type declares: `static constexpr pet::hook_set hooks{pet::hook::linear}`.
+class hook_set {
+public:
+    constexpr hook_set() = default;
+    constexpr hook_set(std::initializer_list<hook> hs) noexcept {
+        for (auto h : hs) bits_ |= std::uint32_t(h);
+    }
+    constexpr bool contains(hook h) const noexcept { return (bits_ & std::uint32_t(h)) != 0; }
+    constexpr bool empty() const noexcept { return bits_ == 0; }
+    constexpr hook_set operator|(hook_set o) const noexcept {
+        hook_set s;
+        s.bits_ = bits_ | o.bits_;
+        return s;
+    }
+    constexpr bool operator==(const hook_set&) const = default;
+
+private:
+    std::uint32_t bits_ = 0;
+};
+
+/// What M declares (nothing when it has no `hooks` member).
+template <class M>
+constexpr hook_set declared_hooks() noexcept {
+    if constexpr (requires {
+                      { M::hooks } -> std::convertible_to<hook_set>;
+                  })
+        return M::hooks;
+    else
+        return {};
+}
+
+/// Whether a layer calls hook H of modules M: exactly when M declares it (check_modules makes sure it exists).
+template <class M, hook H>
+inline constexpr bool uses_hook = declared_hooks<M>().contains(H);
+
+/// Whether hook H of m takes part in this call: declared, and present where the modules say at run time which of
+/// their hooks are (`bool active(hook) const`, pet::task). The layer fuses the residual add into the GEMM when
+/// no sublayer hook is active, so a task without adapters keeps the fused path.
+template <hook H, class M>
+bool active_hook(const M& m) noexcept {
+    if constexpr (!uses_hook<M, H>) {
+        (void)m;
+        return false;
+    } else if constexpr (requires { m.active(H); }) {
+        return m.active(H);
+    } else {
+        return true;
+    }
+}
+
+// ---- hook concepts (on the per-layer modules type M): the signature each declared hook must have ----
 
 template <class M>
 concept LinearHook = requires(const M& m, target t, ConstMatrixView<float> x, scratch& s) {
@@ -337,6 +416,86 @@ std::optional<lowrank_args> lowrank_from_parts(const M& m, target t, ConstMatrix
     return lowrank_args{u, m.up(t), m.lowrank_scale(t)};
 }
 
+/// Whether M has a member named like a hook (whatever its signature: a near miss counts, so that an undeclared
+/// or misspelt-signature hook is reported instead of silently never being called). `scale` is asked with a
+/// target only, since other modules may have an unrelated scale() (the scaled parallel adapter's s).
+template <class M, hook H>
+constexpr bool has_hook_member() noexcept {
+    if constexpr (H == hook::linear) return requires { &M::lowrank; };
+    else if constexpr (H == hook::sublayer) return requires { &M::sublayer; };
+    else if constexpr (H == hook::attention) return requires { &M::prefix; };
+    else if constexpr (H == hook::input) return requires { &M::virtual_tokens; };
+    else if constexpr (H == hook::scale) return requires(const M& m, target t) { m.scale(t); };
+    else if constexpr (H == hook::bias) return requires { &M::bias_delta; };
+    else return requires { &M::norm_bias_delta; };
+}
+
+/// The concept of hook H.
+template <class M, hook H>
+constexpr bool implements_hook() noexcept {
+    if constexpr (H == hook::linear) return LinearHook<M>;
+    else if constexpr (H == hook::sublayer) return SublayerHook<M>;
+    else if constexpr (H == hook::attention) return AttentionHook<M>;
+    else if constexpr (H == hook::input) return InputHook<M>;
+    else if constexpr (H == hook::scale) return ScaleHook<M>;
+    else if constexpr (H == hook::bias) return BiasHook<M>;
+    else return NormHook<M>;
+}
+
+/// `static_assert(check_modules<M>())`: every declared hook is implemented with its signature, every hook member
+/// is declared, and a module with hooks can check itself against a layer. Each failure is one sentence naming
+/// the hook and its concept.
+template <class M>
+constexpr bool check_modules() {
+    constexpr hook_set d = declared_hooks<M>();
+    static_assert(!d.contains(hook::linear) || LinearHook<M>,
+                  "cpet PET modules: declares pet::hook::linear but has no `std::optional<pet::lowrank_args> "
+                  "lowrank(pet::target, ConstMatrixView<float> x, pet::scratch&) const` (concept pet::LinearHook)");
+    static_assert(!d.contains(hook::sublayer) || SublayerHook<M>,
+                  "cpet PET modules: declares pet::hook::sublayer but has no `void sublayer(pet::sublayer, "
+                  "ConstMatrixView<float> in, MatrixView<float> out, pet::scratch&) const` (concept pet::SublayerHook)");
+    static_assert(!d.contains(hook::attention) || AttentionHook<M>,
+                  "cpet PET modules: declares pet::hook::attention but has no `std::optional<pet::prefix_kv> prefix() "
+                  "const` (concept pet::AttentionHook)");
+    static_assert(!d.contains(hook::input) || InputHook<M>,
+                  "cpet PET modules: declares pet::hook::input but has no `ConstMatrixView<float> virtual_tokens() "
+                  "const` (concept pet::InputHook)");
+    static_assert(!d.contains(hook::scale) || ScaleHook<M>,
+                  "cpet PET modules: declares pet::hook::scale but has no `std::optional<std::span<const float>> "
+                  "scale(pet::target) const` (concept pet::ScaleHook)");
+    static_assert(!d.contains(hook::bias) || BiasHook<M>,
+                  "cpet PET modules: declares pet::hook::bias but has no `std::optional<std::span<const float>> "
+                  "bias_delta(pet::target) const` (concept pet::BiasHook)");
+    static_assert(!d.contains(hook::norm) || NormHook<M>,
+                  "cpet PET modules: declares pet::hook::norm but has no `std::optional<std::span<const float>> "
+                  "norm_bias_delta(pet::norm_site) const` (concept pet::NormHook)");
+    static_assert(d.contains(hook::linear) || !has_hook_member<M, hook::linear>(),
+                  "cpet PET modules: has a member `lowrank` but does not declare pet::hook::linear in `static "
+                  "constexpr pet::hook_set hooks` (the layer would never call it)");
+    static_assert(d.contains(hook::sublayer) || !has_hook_member<M, hook::sublayer>(),
+                  "cpet PET modules: has a member `sublayer` but does not declare pet::hook::sublayer in `static "
+                  "constexpr pet::hook_set hooks` (the layer would never call it)");
+    static_assert(d.contains(hook::attention) || !has_hook_member<M, hook::attention>(),
+                  "cpet PET modules: has a member `prefix` but does not declare pet::hook::attention in `static "
+                  "constexpr pet::hook_set hooks` (the layer would never call it)");
+    static_assert(d.contains(hook::input) || !has_hook_member<M, hook::input>(),
+                  "cpet PET modules: has a member `virtual_tokens` but does not declare pet::hook::input in `static "
+                  "constexpr pet::hook_set hooks` (the layer would never call it)");
+    static_assert(d.contains(hook::scale) || !has_hook_member<M, hook::scale>(),
+                  "cpet PET modules: has a member `scale(pet::target)` but does not declare pet::hook::scale in "
+                  "`static constexpr pet::hook_set hooks` (the layer would never call it)");
+    static_assert(d.contains(hook::bias) || !has_hook_member<M, hook::bias>(),
+                  "cpet PET modules: has a member `bias_delta` but does not declare pet::hook::bias in `static "
+                  "constexpr pet::hook_set hooks` (the layer would never call it)");
+    static_assert(d.contains(hook::norm) || !has_hook_member<M, hook::norm>(),
+                  "cpet PET modules: has a member `norm_bias_delta` but does not declare pet::hook::norm in `static "
+                  "constexpr pet::hook_set hooks` (the layer would never call it)");
+    static_assert(d.empty() || FitsCheck<M>,
+                  "cpet PET modules: declares hooks but has no `void check_fits(const pet::layer_dims&, const char* "
+                  "who) const` (concept pet::FitsCheck): a task is checked against the layer once, before it runs");
+    return true;
+}
+
 /// A PET policy: a name and the per-layer modules type (data, default-constructible so containers of them work).
 template <class P>
 concept PetPolicy = requires {
@@ -356,20 +515,22 @@ constexpr bool check_pet_policy() {
         static_assert(std::default_initializable<typename P::modules>,
                       "cpet PetPolicy: `modules` must be default-constructible");
         static_assert(std::movable<typename P::modules>, "cpet PetPolicy: `modules` must be movable");
+        static_assert(check_modules<typename P::modules>());
     }
     return PetPolicy<P>;
 }
 
-/// Which hooks a policy uses (for tests and reports).
+/// Which hooks a policy declares, hence uses (for tests and reports).
 template <PetPolicy P>
 struct hooks_of {
-    static constexpr bool linear = LinearHook<typename P::modules>;
-    static constexpr bool sublayer = SublayerHook<typename P::modules>;
-    static constexpr bool attention = AttentionHook<typename P::modules>;
-    static constexpr bool input = InputHook<typename P::modules>;
-    static constexpr bool scale = ScaleHook<typename P::modules>;
-    static constexpr bool bias = BiasHook<typename P::modules>;
-    static constexpr bool norm = NormHook<typename P::modules>;
+    using M = typename P::modules;
+    static constexpr bool linear = uses_hook<M, hook::linear>;
+    static constexpr bool sublayer = uses_hook<M, hook::sublayer>;
+    static constexpr bool attention = uses_hook<M, hook::attention>;
+    static constexpr bool input = uses_hook<M, hook::input>;
+    static constexpr bool scale = uses_hook<M, hook::scale>;
+    static constexpr bool bias = uses_hook<M, hook::bias>;
+    static constexpr bool norm = uses_hook<M, hook::norm>;
 };
 
 }  // namespace cpet::pet

@@ -33,6 +33,7 @@ struct prefix_policy {
     };
 
     struct modules {
+        static constexpr hook_set hooks{hook::attention};
         Matrix<float> k, v;  ///< [L, kv_dim]; empty: no prefix
 
         std::optional<prefix_kv> prefix() const {

@@ -23,6 +23,7 @@ struct prompt_tuning {
     };
 
     struct modules {
+        static constexpr hook_set hooks{hook::input};
         Matrix<float> tokens;  ///< [P, d_model]; empty: none (every layer but the first)
 
         ConstMatrixView<float> virtual_tokens() const noexcept { return tokens; }

@@ -112,6 +112,7 @@ struct recovery_policy {
     };
 
     struct modules {
+        static constexpr hook_set hooks{hook::linear};
         detail::lowrank_factors f;  ///< A = A1 [r, in], B = A2 [out, r]
         float s = 1.f;
 

@@ -39,36 +39,25 @@ struct stack {
     }
 
 private:
-    template <template <class> class Hook>
-    static constexpr int count = (int(Hook<typename Ps::modules>::value) + ...);
-    template <class M>
-    struct linear_t : std::bool_constant<LinearHook<M>> {};
-    template <class M>
-    struct sublayer_t : std::bool_constant<SublayerHook<M>> {};
-    template <class M>
-    struct attention_t : std::bool_constant<AttentionHook<M>> {};
-    template <class M>
-    struct input_t : std::bool_constant<InputHook<M>> {};
-    template <class M>
-    struct scale_t : std::bool_constant<ScaleHook<M>> {};
-    template <class M>
-    struct bias_t : std::bool_constant<BiasHook<M>> {};
-    template <class M>
-    struct norm_t : std::bool_constant<NormHook<M>> {};
+    /// How many members declare hook H.
+    template <hook H>
+    static constexpr int count = (int(uses_hook<typename Ps::modules, H>) + ...);
 
 public:
-    static constexpr bool any_linear = count<linear_t> > 0;
-    static constexpr bool any_sublayer = count<sublayer_t> > 0;
-    static_assert(count<attention_t> <= 1, "cpet pet::stack: at most one member may use the attention hook (prefix)");
-    static_assert(count<input_t> <= 1, "cpet pet::stack: at most one member may use the input hook (prompt)");
-    static_assert(count<scale_t> <= 1, "cpet pet::stack: at most one member may use the scale hook (IA3)");
-    static_assert(count<bias_t> <= 1, "cpet pet::stack: at most one member may use the bias hook (BitFit)");
-    static_assert(count<norm_t> <= 1, "cpet pet::stack: at most one member may use the norm hook (BitFit's β)");
-    static_assert(((!LinearHook<typename Ps::modules> || LowrankParts<typename Ps::modules>) && ...),
+    static constexpr bool any_linear = count<hook::linear> > 0;
+    static constexpr bool any_sublayer = count<hook::sublayer> > 0;
+    static_assert(count<hook::attention> <= 1, "cpet pet::stack: at most one member may use the attention hook (prefix)");
+    static_assert(count<hook::input> <= 1, "cpet pet::stack: at most one member may use the input hook (prompt)");
+    static_assert(count<hook::scale> <= 1, "cpet pet::stack: at most one member may use the scale hook (IA3)");
+    static_assert(count<hook::bias> <= 1, "cpet pet::stack: at most one member may use the bias hook (BitFit)");
+    static_assert(count<hook::norm> <= 1, "cpet pet::stack: at most one member may use the norm hook (BitFit's β)");
+    static_assert(((!uses_hook<typename Ps::modules, hook::linear> || LowrankParts<typename Ps::modules>) && ...),
                   "cpet pet::stack: a stacked linear-hook policy must expose LowrankParts (rank, project, up, "
                   "lowrank_scale) so its term can be concatenated along the rank into one fused term");
 
     struct modules {
+        /// Every hook some member declares.
+        static constexpr hook_set hooks = (declared_hooks<typename Ps::modules>() | ...);
         std::tuple<typename Ps::modules...> parts;
 
         modules() = default;
@@ -133,53 +122,53 @@ public:
             requires any_sublayer
         {
             each([&](const auto& m) {
-                if constexpr (SublayerHook<std::decay_t<decltype(m)>>) m.sublayer(w, in, out, s);
+                if constexpr (uses_hook<std::decay_t<decltype(m)>, hook::sublayer>) m.sublayer(w, in, out, s);
             });
         }
 
         // ---- the single-member hooks ----
         std::optional<prefix_kv> prefix() const
-            requires(count<attention_t> == 1)
+            requires(count<hook::attention> == 1)
         {
             std::optional<prefix_kv> p;
             each([&](const auto& m) {
-                if constexpr (AttentionHook<std::decay_t<decltype(m)>>) p = m.prefix();
+                if constexpr (uses_hook<std::decay_t<decltype(m)>, hook::attention>) p = m.prefix();
             });
             return p;
         }
         ConstMatrixView<float> virtual_tokens() const
-            requires(count<input_t> == 1)
+            requires(count<hook::input> == 1)
         {
             ConstMatrixView<float> v;
             each([&](const auto& m) {
-                if constexpr (InputHook<std::decay_t<decltype(m)>>) v = m.virtual_tokens();
+                if constexpr (uses_hook<std::decay_t<decltype(m)>, hook::input>) v = m.virtual_tokens();
             });
             return v;
         }
         std::optional<std::span<const float>> scale(target t) const
-            requires(count<scale_t> == 1)
+            requires(count<hook::scale> == 1)
         {
             std::optional<std::span<const float>> v;
             each([&](const auto& m) {
-                if constexpr (ScaleHook<std::decay_t<decltype(m)>>) v = m.scale(t);
+                if constexpr (uses_hook<std::decay_t<decltype(m)>, hook::scale>) v = m.scale(t);
             });
             return v;
         }
         std::optional<std::span<const float>> bias_delta(target t) const
-            requires(count<bias_t> == 1)
+            requires(count<hook::bias> == 1)
         {
             std::optional<std::span<const float>> v;
             each([&](const auto& m) {
-                if constexpr (BiasHook<std::decay_t<decltype(m)>>) v = m.bias_delta(t);
+                if constexpr (uses_hook<std::decay_t<decltype(m)>, hook::bias>) v = m.bias_delta(t);
             });
             return v;
         }
         std::optional<std::span<const float>> norm_bias_delta(norm_site n) const
-            requires(count<norm_t> == 1)
+            requires(count<hook::norm> == 1)
         {
             std::optional<std::span<const float>> v;
             each([&](const auto& m) {
-                if constexpr (NormHook<std::decay_t<decltype(m)>>) v = m.norm_bias_delta(n);
+                if constexpr (uses_hook<std::decay_t<decltype(m)>, hook::norm>) v = m.norm_bias_delta(n);
             });
             return v;
         }
