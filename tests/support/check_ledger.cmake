@@ -33,7 +33,7 @@ foreach(bin ${_binaries})
   endforeach()
 endforeach()
 
-file(STRINGS "${LEDGER}" _ran)
+file(STRINGS "${LEDGER}" _ran ENCODING UTF-8)
 list(LENGTH _ran _ran_count)
 
 set(_problems)
