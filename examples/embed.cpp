@@ -46,10 +46,14 @@ template <class P>
 nn::Model<config::bert<P>> compress_model(const nn::model_weights& w, const nn::token_batch& calib,
                                           const nn::compress_options& o) {
     using C = config::bert<P>;
-    nn::Embeddings emb(nn::embedding_weights{Matrix<float>(w.embeddings.word.view()),
-                                             Matrix<float>(w.embeddings.position.view()),
-                                             Matrix<float>(w.embeddings.token_type.view()), w.embeddings.norm_gamma,
-                                             w.embeddings.norm_beta, w.embeddings.norm_eps});
+    nn::embedding_weights ew;
+    ew.word = Matrix<float>(w.embeddings.word.view());
+    ew.position = Matrix<float>(w.embeddings.position.view());
+    ew.token_type = Matrix<float>(w.embeddings.token_type.view());
+    ew.norm_gamma = w.embeddings.norm_gamma;
+    ew.norm_beta = w.embeddings.norm_beta;
+    ew.norm_eps = w.embeddings.norm_eps;
+    nn::Embeddings emb(std::move(ew));
     nn::calibration_set cur;
     cur.x = Matrix<float>(calib.rows(), emb.d_model());
     cur.lengths = calib.lengths;

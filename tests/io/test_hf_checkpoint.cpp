@@ -121,6 +121,7 @@ TEST_CASE("hf checkpoint: tiny LlamaForCausalLM (GQA, RoPE, untied head) matches
     CHECK(cfg.heads == 4);
     CHECK(model.has_lm_head());
     CHECK_FALSE(model.lm_head_tied());
+    CHECK(model.embeddings().borrowed());  // the F32 table is read in place from the mapping, never copied
     const auto ref = io::safetensors_file::open(testing::reference_dir() / "tiny_llama_reference.safetensors");
     const auto t = batch_of(ref);
     nn::workspace ws;

@@ -292,25 +292,53 @@ public:
     const std::string& file_of(const std::string& name) const { return files_[where_.at(name)]->file_name(); }
     std::size_t size() const noexcept { return where_.size(); }
 
-    /// [rows, cols] in fp32; io_error naming the file and tensor when absent, not 2-D, of another shape or dtype.
-    Matrix<float> matrix(const std::string& name, index_t rows, index_t cols, const char* why = "config.json") const {
+    /// The checked tensor `name` of shape [rows, cols] and a floating dtype; io_error naming the file and the
+    /// tensor when it is absent, not 2-D, of another shape or of another dtype.
+    const tensor_view& matrix_tensor(const std::string& name, index_t rows, index_t cols, const char* why) const {
         const auto& t = tensor(name);
         require<io_error>(t.rank() == 2 && t.shape()[0] == std::uint64_t(rows) && t.shape()[1] == std::uint64_t(cols),
                           file_of(name), ": tensor '", name, "' has shape ", t.shape_str(), ", expected [", rows, ", ",
                           cols, "] (", why, ")");
         require<io_error>(is_float_dtype(t.type()), file_of(name), ": tensor '", name, "' has dtype ",
                           dtype_name(t.type()), ", expected F32, F16 or BF16");
-        Matrix<float> m(rows, cols);
-        t.to_f32(m.data());
+        return t;
+    }
+    /// [rows, cols] in fp32 (see matrix_tensor).
+    Matrix<float> matrix(const std::string& name, index_t rows, index_t cols, const char* why = "config.json") const {
+        Matrix<float> m;
+        matrix_into(name, rows, cols, m, why);
         return m;
     }
+    /// The same into `dst`, reusing its storage when it already has the shape (a loader reading N layers of one
+    /// shape then touches fresh memory once, not N times).
+    void matrix_into(const std::string& name, index_t rows, index_t cols, Matrix<float>& dst,
+                     const char* why = "config.json") const {
+        const auto& t = matrix_tensor(name, rows, cols, why);
+        if (dst.rows() != rows || dst.cols() != cols) dst = Matrix<float>(rows, cols);
+        t.to_f32(dst.data());
+    }
+    /// A zero-copy view of an F32 [rows, cols] tensor in the mapping (nothing when it is another dtype or
+    /// misaligned, then the caller copies).
+    std::optional<ConstMatrixView<float>> matrix_view(const std::string& name, index_t rows, index_t cols,
+                                                      const char* why = "config.json") const {
+        const auto& t = matrix_tensor(name, rows, cols, why);
+        if (t.type() != dtype::F32 || reinterpret_cast<std::uintptr_t>(t.bytes().data()) % alignof(float) != 0)
+            return std::nullopt;
+        return ConstMatrixView<float>(reinterpret_cast<const float*>(t.bytes().data()), rows, cols);
+    }
     std::vector<float> vector(const std::string& name, index_t n, const char* why = "config.json") const {
+        std::vector<float> v;
+        vector_into(name, n, v, why);
+        return v;
+    }
+    void vector_into(const std::string& name, index_t n, std::vector<float>& dst, const char* why = "config.json") const {
         const auto& t = tensor(name);
         require<io_error>(t.rank() == 1 && t.shape()[0] == std::uint64_t(n), file_of(name), ": tensor '", name,
                           "' has shape ", t.shape_str(), ", expected [", n, "] (", why, ")");
         require<io_error>(is_float_dtype(t.type()), file_of(name), ": tensor '", name, "' has dtype ",
                           dtype_name(t.type()), ", expected F32, F16 or BF16");
-        return t.to_f32();
+        dst.resize(std::size_t(n));
+        t.to_f32(dst.data());
     }
 
 private:
@@ -334,52 +362,74 @@ struct hf_names {
     }
 };
 
-/// Layer i's dense weights by name, every shape checked against the config.
-inline nn::dense_layer_weights read_layer_weights(const checkpoint& ck, const hf_config& c, const hf_names& n,
-                                                  index_t i) {
+/// Layer i's dense weights by name into `w` (its storage reused when the shapes already match), every shape
+/// checked against the config.
+inline void read_layer_weights_into(const checkpoint& ck, const hf_config& c, const hf_names& n, index_t i,
+                                    nn::dense_layer_weights& w) {
     const auto s = c.layer_shape();
     const index_t d = s.d_model;
     const std::string p = n.layer(i);
-    nn::dense_layer_weights w;
     if (c.family == model_family::bert) {
-        w.wq = ck.matrix(p + "attention.self.query.weight", s.q_dim(), d);
-        w.bq = ck.vector(p + "attention.self.query.bias", s.q_dim());
-        w.wk = ck.matrix(p + "attention.self.key.weight", s.kv_dim(), d);
-        w.bk = ck.vector(p + "attention.self.key.bias", s.kv_dim());
-        w.wv = ck.matrix(p + "attention.self.value.weight", s.kv_dim(), d);
-        w.bv = ck.vector(p + "attention.self.value.bias", s.kv_dim());
-        w.wo = ck.matrix(p + "attention.output.dense.weight", d, s.q_dim());
-        w.bo = ck.vector(p + "attention.output.dense.bias", d);
-        w.norm1_gamma = ck.vector(p + "attention.output.LayerNorm.weight", d);
-        w.norm1_beta = ck.vector(p + "attention.output.LayerNorm.bias", d);
-        w.w_up = ck.matrix(p + "intermediate.dense.weight", s.d_ff, d);
-        w.b_up = ck.vector(p + "intermediate.dense.bias", s.d_ff);
-        w.w_down = ck.matrix(p + "output.dense.weight", d, s.d_ff);
-        w.b_down = ck.vector(p + "output.dense.bias", d);
-        w.norm2_gamma = ck.vector(p + "output.LayerNorm.weight", d);
-        w.norm2_beta = ck.vector(p + "output.LayerNorm.bias", d);
+        ck.matrix_into(p + "attention.self.query.weight", s.q_dim(), d, w.wq);
+        ck.vector_into(p + "attention.self.query.bias", s.q_dim(), w.bq);
+        ck.matrix_into(p + "attention.self.key.weight", s.kv_dim(), d, w.wk);
+        ck.vector_into(p + "attention.self.key.bias", s.kv_dim(), w.bk);
+        ck.matrix_into(p + "attention.self.value.weight", s.kv_dim(), d, w.wv);
+        ck.vector_into(p + "attention.self.value.bias", s.kv_dim(), w.bv);
+        ck.matrix_into(p + "attention.output.dense.weight", d, s.q_dim(), w.wo);
+        ck.vector_into(p + "attention.output.dense.bias", d, w.bo);
+        ck.vector_into(p + "attention.output.LayerNorm.weight", d, w.norm1_gamma);
+        ck.vector_into(p + "attention.output.LayerNorm.bias", d, w.norm1_beta);
+        ck.matrix_into(p + "intermediate.dense.weight", s.d_ff, d, w.w_up);
+        ck.vector_into(p + "intermediate.dense.bias", s.d_ff, w.b_up);
+        ck.matrix_into(p + "output.dense.weight", d, s.d_ff, w.w_down);
+        ck.vector_into(p + "output.dense.bias", d, w.b_down);
+        ck.vector_into(p + "output.LayerNorm.weight", d, w.norm2_gamma);
+        ck.vector_into(p + "output.LayerNorm.bias", d, w.norm2_beta);
     } else {
-        w.wq = ck.matrix(p + "self_attn.q_proj.weight", s.q_dim(), d);
-        w.wk = ck.matrix(p + "self_attn.k_proj.weight", s.kv_dim(), d);
-        w.wv = ck.matrix(p + "self_attn.v_proj.weight", s.kv_dim(), d);
-        w.wo = ck.matrix(p + "self_attn.o_proj.weight", d, s.q_dim());
-        w.w_gate = ck.matrix(p + "mlp.gate_proj.weight", s.d_ff, d);
-        w.w_up = ck.matrix(p + "mlp.up_proj.weight", s.d_ff, d);
-        w.w_down = ck.matrix(p + "mlp.down_proj.weight", d, s.d_ff);
-        w.norm1_gamma = ck.vector(p + "input_layernorm.weight", d);
-        w.norm2_gamma = ck.vector(p + "post_attention_layernorm.weight", d);
+        ck.matrix_into(p + "self_attn.q_proj.weight", s.q_dim(), d, w.wq);
+        ck.matrix_into(p + "self_attn.k_proj.weight", s.kv_dim(), d, w.wk);
+        ck.matrix_into(p + "self_attn.v_proj.weight", s.kv_dim(), d, w.wv);
+        ck.matrix_into(p + "self_attn.o_proj.weight", d, s.q_dim(), w.wo);
+        ck.matrix_into(p + "mlp.gate_proj.weight", s.d_ff, d, w.w_gate);
+        ck.matrix_into(p + "mlp.up_proj.weight", s.d_ff, d, w.w_up);
+        ck.matrix_into(p + "mlp.down_proj.weight", d, s.d_ff, w.w_down);
+        ck.vector_into(p + "input_layernorm.weight", d, w.norm1_gamma);
+        ck.vector_into(p + "post_attention_layernorm.weight", d, w.norm2_gamma);
     }
+}
+
+/// Layer i's dense weights by name, every shape checked against the config.
+inline nn::dense_layer_weights read_layer_weights(const checkpoint& ck, const hf_config& c, const hf_names& n,
+                                                  index_t i) {
+    nn::dense_layer_weights w;
+    read_layer_weights_into(ck, c, n, i, w);
     return w;
 }
 
-/// Everything but the layers: embeddings, final norm, heads (model_weights with `layers` empty).
-inline nn::model_weights read_non_layer_weights(const checkpoint& ck, const hf_config& c, const hf_names& n) {
+/// The word table: a view into the mapping kept alive by `keep` when it is F32 and aligned, a copy otherwise.
+inline void read_word_table(const checkpoint& ck, const std::string& name, const hf_config& c, nn::embedding_weights& e,
+                            const std::shared_ptr<const checkpoint>& keep) {
+    if (keep) {
+        if (auto v = ck.matrix_view(name, c.vocab_size, c.hidden)) {
+            e.word_view = *v;
+            e.keep_alive = keep;
+            return;
+        }
+    }
+    e.word = ck.matrix(name, c.vocab_size, c.hidden);
+}
+
+/// Everything but the layers: embeddings, final norm, heads (model_weights with `layers` empty). With `keep` (the
+/// same checkpoint, shared), the word table is borrowed from the mapping rather than copied.
+inline nn::model_weights read_non_layer_weights(const checkpoint& ck, const hf_config& c, const hf_names& n,
+                                                const std::shared_ptr<const checkpoint>& keep = nullptr) {
     nn::model_weights w;
     w.shape = c.layer_shape();
     const index_t d = c.hidden;
     if (c.family == model_family::bert) {
         const std::string e = n.prefix + "embeddings.";
-        w.embeddings.word = ck.matrix(e + "word_embeddings.weight", c.vocab_size, d);
+        read_word_table(ck, e + "word_embeddings.weight", c, w.embeddings, keep);
         w.embeddings.position = ck.matrix(e + "position_embeddings.weight", c.max_positions, d);
         if (c.type_vocab > 0) w.embeddings.token_type = ck.matrix(e + "token_type_embeddings.weight", c.type_vocab, d);
         w.embeddings.norm_gamma = ck.vector(e + "LayerNorm.weight", d);
@@ -398,7 +448,7 @@ inline nn::model_weights read_non_layer_weights(const checkpoint& ck, const hf_c
             w.classifier_pool = nn::pooling::cls;
         }
     } else {
-        w.embeddings.word = ck.matrix("model.embed_tokens.weight", c.vocab_size, d);
+        read_word_table(ck, "model.embed_tokens.weight", c, w.embeddings, keep);
         w.final_norm_gamma = ck.vector("model.norm.weight", d);
         if (ck.contains("lm_head.weight")) {
             w.lm_head = ck.matrix("lm_head.weight", c.vocab_size, d);
@@ -453,15 +503,22 @@ template <nn::LayerConfig C>
 nn::Model<C> load_model(const fs::path& dir, hf_config* config_out = nullptr) {
     const auto c = read_hf_config(dir);
     check_layer_config<C>(c);
-    const auto ck = checkpoint::open(dir);
+    const auto shared = std::make_shared<const checkpoint>(checkpoint::open(dir));
+    const checkpoint& ck = *shared;
     const auto n = hf_names::detect(ck, c);
-    auto w = read_non_layer_weights(ck, c, n);
+    auto w = read_non_layer_weights(ck, c, n, shared);  // the word table stays in the mapping
     const auto s = c.layer_shape();
     std::vector<typename nn::Model<C>::layer_type> layers;
     layers.reserve(std::size_t(c.layers));
-    for (index_t i = 0; i < c.layers; ++i) layers.emplace_back(read_layer_weights(ck, c, n, i), s);
+    nn::dense_layer_weights scratch;  // one layer's fp32 weights, reused: fresh pages are touched once
+    for (index_t i = 0; i < c.layers; ++i) {
+        read_layer_weights_into(ck, c, n, i, scratch);
+        layers.emplace_back(scratch, s);
+    }
     std::optional<nn::Linear<compress::dense_f32>> lm_head;
-    if (w.lm_head_tied) lm_head.emplace(compress::dense_f32(w.embeddings.word.view()));
+    if (w.lm_head_tied)
+        lm_head.emplace(compress::dense_f32(w.embeddings.word.empty() ? w.embeddings.word_view
+                                                                      : ConstMatrixView<float>(w.embeddings.word.view())));
     else if (!w.lm_head.empty()) lm_head.emplace(compress::dense_f32(w.lm_head.view()));
     std::optional<nn::classification_head> cls;
     if (!w.classifier_w.empty()) {

@@ -20,6 +20,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <span>
 #include <string>
@@ -64,7 +65,12 @@ struct token_batch {
 
 /// The embedding tables as a checkpoint holds them (BERT: all of them; LLaMA: `word` only).
 struct embedding_weights {
-    Matrix<float> word;        ///< [vocab, d]
+    Matrix<float> word;        ///< [vocab, d] (or empty, with word_view set)
+    /// Zero-copy alternative to `word`: a view into storage kept alive by `keep_alive` (a loader hands out the
+    /// memory-mapped checkpoint's table: the largest tensor of a small model is then never copied, and only the
+    /// rows actually looked up are paged in).
+    ConstMatrixView<float> word_view;
+    std::shared_ptr<const void> keep_alive;
     Matrix<float> position;    ///< [max_positions, d], empty when positions come from RoPE
     Matrix<float> token_type;  ///< [type_vocab, d] or empty
     std::vector<float> norm_gamma, norm_beta;  ///< the LayerNorm after the sum ([d] each), empty for none
@@ -75,8 +81,10 @@ class Embeddings {
 public:
     Embeddings() = default;
     explicit Embeddings(embedding_weights w) : w_(std::move(w)) {
-        const index_t d = w_.word.cols();
-        require<shape_error>(w_.word.rows() > 0 && d > 0, "Embeddings: word table is ", shape_str(w_.word.rows(), d),
+        word_ = w_.word.empty() ? w_.word_view : ConstMatrixView<float>(w_.word.view());
+        check_shape(word_, -1, -1, "Embeddings: word table");
+        const index_t d = word_.cols();
+        require<shape_error>(word_.rows() > 0 && d > 0, "Embeddings: word table is ", shape_str(word_.rows(), d),
                              ", expected a non-empty [vocab, d]");
         if (!w_.position.empty()) check_shape(w_.position.view(), -1, d, "Embeddings: position table");
         if (!w_.token_type.empty()) check_shape(w_.token_type.view(), -1, d, "Embeddings: token_type table");
@@ -88,14 +96,16 @@ public:
         if (!w_.norm_gamma.empty()) norm_ = Norm<norm_kind::layernorm>(w_.norm_gamma, w_.norm_beta, w_.norm_eps);
     }
 
-    index_t vocab() const noexcept { return w_.word.rows(); }
-    index_t d_model() const noexcept { return w_.word.cols(); }
+    index_t vocab() const noexcept { return word_.rows(); }
+    index_t d_model() const noexcept { return word_.cols(); }
     /// Longest sequence the position table covers (unbounded, -1, without one).
     index_t max_positions() const noexcept { return w_.position.empty() ? -1 : w_.position.rows(); }
     index_t type_vocab() const noexcept { return w_.token_type.rows(); }
-    const Matrix<float>& word() const noexcept { return w_.word; }
+    ConstMatrixView<float> word() const noexcept { return word_; }
+    /// Whether the word table is a view into storage the embeddings do not own (a mapped checkpoint).
+    bool borrowed() const noexcept { return w_.word.empty(); }
     std::size_t bytes() const noexcept {
-        return w_.word.bytes() + w_.position.bytes() + w_.token_type.bytes() +
+        return std::size_t(word_.size()) * sizeof(float) + w_.position.bytes() + w_.token_type.bytes() +
                (w_.norm_gamma.size() + w_.norm_beta.size()) * sizeof(float);
     }
 
@@ -131,7 +141,7 @@ public:
                     for (index_t c = 0; c < d; ++c) xr[c] = 0.f;
                     continue;
                 }
-                const float* wr = w_.word.row(t.ids[std::size_t(r)]);
+                const float* wr = word_.row(t.ids[std::size_t(r)]);
                 for (index_t c = 0; c < d; ++c) xr[c] = wr[c];
                 if (!w_.position.empty()) {
                     const float* pr = w_.position.row(t.position_offset + i);
@@ -149,6 +159,7 @@ public:
 
 private:
     embedding_weights w_;
+    ConstMatrixView<float> word_;
     std::optional<Norm<norm_kind::layernorm>> norm_;
 };
 
@@ -306,7 +317,9 @@ public:
 private:
     static embedding_weights copy(const embedding_weights& e) {
         embedding_weights c;
-        c.word = Matrix<float>(e.word.view());
+        c.word = e.word.empty() ? Matrix<float>() : Matrix<float>(e.word.view());
+        c.word_view = e.word_view;
+        c.keep_alive = e.keep_alive;
         c.position = Matrix<float>(e.position.view());
         c.token_type = Matrix<float>(e.token_type.view());
         c.norm_gamma = e.norm_gamma;
@@ -315,7 +328,9 @@ private:
         return c;
     }
     static std::optional<Linear<compress::dense_f32>> make_lm_head(const model_weights& w) {
-        if (w.lm_head_tied) return Linear<compress::dense_f32>(compress::dense_f32(w.embeddings.word.view()));
+        if (w.lm_head_tied)
+            return Linear<compress::dense_f32>(compress::dense_f32(
+                w.embeddings.word.empty() ? w.embeddings.word_view : ConstMatrixView<float>(w.embeddings.word.view())));
         if (w.lm_head.empty()) return std::nullopt;
         return Linear<compress::dense_f32>(compress::dense_f32(w.lm_head.view()));
     }
