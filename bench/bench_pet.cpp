@@ -160,7 +160,7 @@ void bm_layer(benchmark::State& st, Make make) {
 
 template <class Comp>
 void register_backbone() {
-    const std::string bb = Comp::name();
+    const std::string bb(Comp::name());
     auto reg = [](const std::string& name, auto fn) {
         benchmark::RegisterBenchmark(("pet_overhead/" + name + "/t1").c_str(), fn)
             ->Unit(benchmark::kMillisecond)
