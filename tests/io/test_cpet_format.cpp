@@ -10,6 +10,7 @@
 #include <fstream>
 #include <random>
 
+#include "cpet/compress/prune.hpp"
 #include "cpet/io/cpet_format.hpp"
 #include "io/io_testing.hpp"
 
@@ -159,6 +160,15 @@ void weights_round_trip(const Matrix<float>& w) {
     REQUIRE(g.bytes() == f.bytes());
     if constexpr (std::is_same_v<F, compress::dense_f32>) {
         CHECK(std::memcmp(g.packed().panel(0), f.packed().panel(0), f.packed().bytes()) == 0);
+    } else if constexpr (std::is_same_v<F, compress::nm_sparse_f32>) {
+        const auto& a = f.packed();
+        const auto& b = g.packed();
+        REQUIRE(a.slots() == b.slots());
+        for (index_t r = 0; r < a.rows(); ++r)
+            for (index_t t = 0; t < a.slots(); ++t) {
+                CHECK(a.kept_index(r, t) == b.kept_index(r, t));
+                CHECK(a.kept_value(r, t) == b.kept_value(r, t));
+            }
     } else {
         const auto& a = f.weights();
         const auto& b = g.weights();
@@ -183,7 +193,7 @@ void weights_round_trip(const Matrix<float>& w) {
                              doctest::Contains("is stored as dense_f32, expected quantized:int8:per_channel"), io_error);
     else
         CHECK_THROWS_WITH_AS((void)rd.get<compress::dense_f32>("layers.0.q"),
-                             doctest::Contains("is stored as quantized:"), io_error);
+                             doctest::Contains("is stored as "), io_error);
     fs::remove(p);
 }
 
@@ -199,4 +209,38 @@ TEST_CASE("cpet weight files: dense and quantized formats repack to the same byt
     weights_round_trip<compress::int4_g128>(w);
     weights_round_trip<compress::quantized<compress::int4, compress::per_group<64>, compress::asymmetric, compress::rtn>>(w);
     weights_round_trip<compress::w8a8>(w);
+    weights_round_trip<compress::nm_sparse<2, 4>>(w);
+}
+
+TEST_CASE("cpet weight files: kept-index maps, and N:M weights with a corrupt index are refused") {
+    const auto p = scratch("idx.safetensors");
+    io::weights_writer wr;
+    const std::vector<index_t> kept{0, 2, 3, 7};
+    wr.add_indices("layers.0.kept_heads", kept);
+    Matrix<float> w(16, 32);
+    for (index_t i = 0; i < w.size(); ++i) w.data()[i] = float(i % 7) - 3.f;
+    wr.add("layers.0.up", compress::nm_sparse<2, 4>::compress(w, nullptr));
+    wr.save(p);
+    const io::weights_reader rd(p);
+    CHECK(rd.indices("layers.0.kept_heads") == kept);
+    CHECK_THROWS_WITH_AS((void)rd.indices("layers.0.up"), doctest::Contains("no indices 'layers.0.up'"), io_error);
+    // Two kept slots of one group pointing at the same column: the mask no longer has N per group.
+    const auto f = io::safetensors_file::open(p);
+    std::vector<io::tensor_data> ts;
+    std::vector<std::byte> idx;
+    for (const auto& t : f.tensors()) {
+        if (t.name() == "layers.0.up.nm_index") {
+            idx.assign(t.bytes().begin(), t.bytes().end());
+            idx[1] = idx[0];
+            ts.push_back({t.name(), t.type(), t.shape(), idx});
+        } else {
+            ts.push_back({t.name(), t.type(), t.shape(), t.bytes()});
+        }
+    }
+    const auto q = scratch("idx_bad.safetensors");
+    io::save_safetensors(q, ts, f.metadata());
+    CHECK_THROWS_WITH_AS((void)io::weights_reader(q).get<compress::nm_sparse_f32>("layers.0.up"),
+                         doctest::Contains("weight 'layers.0.up'"), io_error);
+    fs::remove(p);
+    fs::remove(q);
 }

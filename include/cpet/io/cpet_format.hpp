@@ -7,23 +7,28 @@
 //   task files:    cpet.method  the PET policy's name (lora, rslora, recovery, recovery_linear, adapter,
 //                               parallel_adapter, scaled_parallel_adapter, ia3, bitfit, prefix_tuning, p_tuning_v2,
 //                               prompt_tuning); cpet.activation for adapters; cpet.layers  N
-//   weight files:  cpet.weight.<name>  the format's name (dense_f32, or quantized:<bits>:<granularity>:<group>:<sym>:<act>)
+//   weight files:  cpet.weight.<name>  the format's name (dense_f32, nm_sparse:N:M:f32, indices, or
+//                                      quantized:<bits>:<granularity>:<sym>:<act>)
 // Tensors, all little-endian, names ASCII:
 //   task   layers.<i>.<field>   one per non-empty field of layer i's modules, e.g. layers.0.q.lora_A [r, in] F32,
 //                               layers.0.q.lora_B [out, r], layers.0.alpha [] F32 (scalars are 0-d tensors, so they
 //                               round-trip bit for bit), layers.3.attention.down, layers.1.k.ia3_l, layers.0.prefix_k
 //   weights <name>.dense [out, in] F32                          dense_f32 (repacked on load: packing is deterministic)
+//           <name>.nm_values [out, slots] F32, <name>.nm_index [out, slots] U8   N:M sparse with fp32 values
+//                                                      (cpet.weight.<name> = nm_sparse:N:M:f32; repacked from the mask)
+//           <name> [n] I64                                       indices (kept heads / neurons of a pruned layer)
 //           <name>.codes [out, in] I8, <name>.scales [out, groups] F32, <name>.zeros [out, groups] F32 (asymmetric
 //           only), <name>.act_scale [in] F32 (SmoothQuant only)  quantized_format<…> (repacked through from_codes)
 // Reading checks every field against the layer it is for (the modules' own check_fits) and refuses tensors it
 // does not know: a file is either read completely or not at all.
 //
-// Not here yet: whole compressed backbones (layers of a compressed type rebuilt from their stored formats, pruned
+// Not here yet: N:M with int8 values and unstructured sparse weights (refused / no layout), and whole compressed backbones (layers of a compressed type rebuilt from their stored formats, pruned
 // shapes with kept-index maps). TransformerLayer can only be built by compressing dense weights today; a
 // constructor from built Linear<Format> parts is what loading one bit-exact needs (see the io report).
 #pragma once
 
 #include <array>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <map>
@@ -34,6 +39,7 @@
 #include <vector>
 
 #include "cpet/compress/dense.hpp"
+#include "cpet/compress/prune.hpp"
 #include "cpet/compress/quantized.hpp"
 #include "cpet/core/error.hpp"
 #include "cpet/core/matrix.hpp"
@@ -251,6 +257,8 @@ template <class Format>
 std::string format_name() {
     if constexpr (std::is_same_v<Format, compress::dense_f32>) {
         return "dense_f32";
+    } else if constexpr (std::is_same_v<Format, compress::nm_sparse_f32>) {
+        return "nm_sparse";  // + ":N:M:f32" in the file
     } else if constexpr (is_quantized_format<Format>::value) {
         using B = typename Format::bits_type;
         using G = typename Format::granularity_type;
@@ -275,6 +283,22 @@ public:
         if constexpr (std::is_same_v<Format, compress::dense_f32>) {
             auto& d = keep(w.to_dense());
             tensors_.push_back(detail::f32_tensor(name + ".dense", {n, k}, d.data(), std::size_t(d.size())));
+        } else if constexpr (std::is_same_v<Format, compress::nm_sparse_f32>) {
+            const auto& p = w.packed();
+            require<io_error>(p.value_type() == compress::sparse_values::f32, "weights_writer: weight '", name,
+                              "': N:M weights with int8 values are not in cpet weights layout v1 (only fp32 values)");
+            meta_["cpet.weight." + name] = cpet::detail::concat("nm_sparse:", p.n_keep(), ":", p.m_group(), ":f32");
+            const index_t slots = p.slots();
+            Matrix<float> v(index_t(n), slots);
+            auto& idx = bytes_.emplace_back(std::size_t(index_t(n) * slots));
+            for (index_t r = 0; r < index_t(n); ++r)
+                for (index_t t = 0; t < slots; ++t) {
+                    v(r, t) = p.kept_value(r, t);
+                    idx[std::size_t(r * slots + t)] = std::byte(std::uint8_t(p.kept_index(r, t)));
+                }
+            auto& vk = keep(std::move(v));
+            tensors_.push_back(detail::f32_tensor(name + ".nm_values", {n, std::uint64_t(slots)}, vk.data(), std::size_t(vk.size())));
+            tensors_.push_back({name + ".nm_index", dtype::U8, {n, std::uint64_t(slots)}, idx});
         } else {
             const auto& q = w.weights();
             auto& codes = bytes_.emplace_back(std::size_t(n * k));
@@ -298,6 +322,17 @@ public:
             if (const float* a = w.act_scale(); a && Format::smoothed)
                 tensors_.push_back(detail::f32_tensor(name + ".act_scale", {k}, a, std::size_t(k)));
         }
+    }
+    /// Indices (a pruned layer's kept heads / KV heads / neurons) under `name`, as I64.
+    void add_indices(const std::string& name, std::span<const index_t> idx) {
+        require<io_error>(names_.insert(name).second, "weights_writer: '", name, "' added twice");
+        meta_["cpet.weight." + name] = "indices";
+        auto& b = bytes_.emplace_back(idx.size() * sizeof(std::int64_t));
+        for (std::size_t i = 0; i < idx.size(); ++i) {
+            const std::int64_t v = idx[i];
+            std::memcpy(b.data() + i * 8, &v, 8);
+        }
+        tensors_.push_back({name, dtype::I64, {idx.size()}, b});
     }
     void save(const std::filesystem::path& path) const {
         auto md = meta_;
@@ -327,9 +362,41 @@ public:
         const std::string& fn = f_.file_name();
         auto it = f_.metadata().find("cpet.weight." + name);
         require<io_error>(it != f_.metadata().end(), fn, ": no weight '", name, "'");
-        require<io_error>(it->second == detail::format_name<Format>(), fn, ": weight '", name, "' is stored as ",
-                          it->second, ", expected ", detail::format_name<Format>());
-        if constexpr (std::is_same_v<Format, compress::dense_f32>) {
+        const std::string expect = detail::format_name<Format>();
+        const bool nm = std::is_same_v<Format, compress::nm_sparse_f32>;
+        require<io_error>(nm ? it->second.rfind("nm_sparse:", 0) == 0 : it->second == expect, fn, ": weight '", name,
+                          "' is stored as ", it->second, ", expected ", expect);
+        if constexpr (std::is_same_v<Format, compress::nm_sparse_f32>) {
+            int N = 0, M = 0;
+            char tail[8] = {};
+            require<io_error>(std::sscanf(it->second.c_str(), "nm_sparse:%d:%d:%7s", &N, &M, tail) == 3 &&
+                                  std::string(tail) == "f32" && N > 0 && M > N && M <= 64,
+                              fn, ": weight '", name, "': format '", it->second, "' is not nm_sparse:N:M:f32");
+            const auto& v = matrix(name + ".nm_values", dtype::F32, -1, -1);
+            const index_t n = index_t(v.shape()[0]), slots = index_t(v.shape()[1]);
+            require<io_error>(n > 0 && slots > 0 && slots % N == 0, fn, ": weight '", name, "': ", slots,
+                              " kept slots per row is not a positive multiple of N = ", N);
+            const auto& ix = matrix(name + ".nm_index", dtype::U8, n, slots);
+            const index_t k = slots / N * M;
+            Matrix<float> dense(n, k);
+            std::vector<std::uint8_t> mask(std::size_t(n * k), 0);
+            const auto vals = v.to_f32();
+            const auto idx = ix.as<std::uint8_t>();
+            for (index_t r = 0; r < n; ++r)
+                for (index_t t = 0; t < slots; ++t) {
+                    const int j = idx[std::size_t(r * slots + t)];
+                    require<io_error>(j < M, fn, ": weight '", name, "': in-group index ", j, " at row ", r,
+                                      " is not below M = ", M);
+                    const index_t c = t / N * M + j;
+                    dense(r, c) = vals[std::size_t(r * slots + t)];
+                    mask[std::size_t(r * k + c)] = 1;
+                }
+            try {
+                return Format(compress::nm_sparse_weights::from_mask(dense, mask.data(), N, M));
+            } catch (const cpet::error& e) {
+                throw io_error(cpet::detail::concat(fn, ": weight '", name, "': ", e.what()));
+            }
+        } else if constexpr (std::is_same_v<Format, compress::dense_f32>) {
             const auto& t = matrix(name + ".dense", dtype::F32, -1, -1);
             Matrix<float> d(index_t(t.shape()[0]), index_t(t.shape()[1]));
             t.to_f32(d.data());
@@ -369,6 +436,21 @@ public:
                 throw io_error(cpet::detail::concat(fn, ": weight '", name, "': ", e.what()));
             }
         }
+    }
+    /// Indices written by add_indices.
+    std::vector<index_t> indices(const std::string& name) const {
+        auto it = f_.metadata().find("cpet.weight." + name);
+        require<io_error>(it != f_.metadata().end() && it->second == "indices", f_.file_name(), ": no indices '", name, "'");
+        const auto& t = f_.tensor(name);
+        require<io_error>(t.type() == dtype::I64 && t.rank() == 1, f_.file_name(), ": tensor '", name, "' is ",
+                          dtype_name(t.type()), " ", t.shape_str(), ", expected I64 [n]");
+        std::vector<index_t> out(t.numel());
+        for (std::size_t i = 0; i < out.size(); ++i) {
+            std::int64_t v;
+            std::memcpy(&v, t.bytes().data() + i * 8, 8);
+            out[i] = index_t(v);
+        }
+        return out;
     }
     const safetensors_file& file() const noexcept { return f_; }
 
