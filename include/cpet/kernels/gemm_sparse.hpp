@@ -7,15 +7,16 @@
 //   N:M:  x is copied per call into rows padded to a multiple of 16 floats; a block of 16 consecutive x values
 //         (16/M whole groups) sits in one register (AVX-512) or two (AVX2). For each kept slot the lanes' in-group
 //         indices are one shift + mask of the index words (shared by all MR rows of x), plus the group's offset in
-//         the block, and x[k0 + idx] of every lane is one in-register permute (vpermps; AVX2: two vpermps + blend),
-//         then one FMA with the 16 kept values. 2:4 moves (4 B + 2 bits)/2 per dense weight: decode is bound by the
+//         the block, and x[k0 + idx] of every lane is one in-register permute (vpermps; AVX2: two vpermps + blend,
+//         or, for groups of M ≤ 8, blocks of 8 x values in one ymm and one vpermps, 4 rows of x a tile), then one
+//         FMA with the 16 kept values. 2:4 moves (4 B + 2 bits)/2 per dense weight: decode is bound by the
 //         weight stream, ~1.9× less than dense.
 //   int8: the same with 16 int8 values per slot (sign-extended and converted), the per-row scale applied once.
 //   SELL: per slot one load of 16 values, one of 16 uint16 columns (widened), and per row of x one gather of
 //         x[col] (vgatherdps) and one FMA. Gathers are slow, so this pays only at high sparsity (bench_sparse).
 // At larger M the permute (port 5, shared with the FMAs) would pair with every FMA and cap the N:M kernel at half
 // the FMA peak, so N:M switches to x rows in lanes (nm_lanes_m below, from M = nm_lanes_m_threshold<Arch>: 32 on
-// AVX-512, 8 on AVX2; x transposed per call, one broadcast of each kept value and up to 8 FMAs with contiguous x
+// AVX-512, 16 on AVX2; x transposed per call, one broadcast of each kept value and up to 8 FMAs with contiguous x
 // vectors; half the FMAs of dense at ~1.4 FMA/cycle in L1, bound by loads), and SELL likewise from M ≥ 48 (sell_lanes_m: the whole K of 64 rows of x transposed into L2, no gathers).
 // Why not decompress-to-L1 + the dense microkernel: that keeps every FMA of the dense GEMM (it only saves weight
 // bytes, which do not bound large M), so it cannot beat dense there.
@@ -161,6 +162,12 @@ struct isa_ops<xsimd::fma3<xsimd::avx2>> {
         return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c)));
     }
     static F gather(const float* base, const I& idx) noexcept { return _mm256_i32gather_ps(base, idx, 4); }
+    /// 8 consecutive x in one register, for groups of M ≤ 8: lane l ← x[idx_l] (idx in [0, 8)) is one vpermps.
+    struct block8 {
+        __m256 v;
+    };
+    static block8 load_block8(const float* x) noexcept { return {_mm256_loadu_ps(x)}; }
+    static F pick8(const block8& b, const I& idx) noexcept { return _mm256_permutevar8x32_ps(b.v, idx); }
     static void broadcast_pair(const float* v, F& w0, F& w1) noexcept {
         w0 = F(v[0]);
         w1 = F(v[1]);
@@ -224,8 +231,17 @@ inline void nm_panel(arch::scalar tag, const nm_weights& w, const float* x, inde
     }
 }
 
-/// SIMD tile: panel p × MR rows of x. Lanes are output rows (V registers of L lanes cover the 16 rows).
-template <int MR, bool Q, class Arch>
+/// Whether Arch has an 8-wide x block (isa_ops::block8: one register and a one-instruction pick).
+template <class Arch>
+inline constexpr bool has_block8 = requires(const typename isa_ops<Arch>::block8& b, const ibatch<Arch>& i) {
+    isa_ops<Arch>::pick8(b, i);
+};
+
+/// SIMD tile: panel p × MR rows of x. Lanes are output rows (V registers of L lanes cover the 16 rows). BW is the
+/// width of the x block one register set holds: 16 (isa_ops::block: one zmm, or two ymm picked by two vpermps and
+/// a blend) or 8 (isa_ops::block8 on AVX2, for groups of M ≤ 8: one ymm and one vpermps, so a row of x costs a
+/// third of the registers and a quarter of the pick instructions, and MR = 4 rows fit instead of 2).
+template <int MR, bool Q, int BW, class Arch>
 void nm_tile(const nm_weights& w, const float* x, index_t ldx, index_t p, index_t m0, MatrixView<float> y,
              const epilogue& ep) {
     using F = fbatch<Arch>;
@@ -235,7 +251,7 @@ void nm_tile(const nm_weights& w, const float* x, index_t ldx, index_t p, index_
     constexpr int V = static_cast<int>(sparse_panel_rows) / L;
     const index_t slots = w.slots();
     const index_t keep = w.keep, group = w.group;
-    const index_t gpb = 16 / group;  // groups per x block of 16
+    const index_t gpb = BW / group;  // groups per x block
     const index_t G = w.k / group;
     const int bits = w.bits;
     const I mask(static_cast<std::int32_t>((1u << bits) - 1));
@@ -250,8 +266,13 @@ void nm_tile(const nm_weights& w, const float* x, index_t ldx, index_t p, index_
     index_t pos = w.vpw;  // index within the current word; reload when it reaches vpw
     index_t t = 0;
     for (index_t g0 = 0; g0 < G; g0 += gpb) {
-        typename ops::block xb[MR];
-        for (int m = 0; m < MR; ++m) xb[m] = ops::load_block(x + (m0 + m) * ldx + g0 * group);
+        using block = std::conditional_t<BW == 8, typename ops::block8, typename ops::block>;
+        block xb[MR];
+        for (int m = 0; m < MR; ++m) {
+            const float* xs = x + (m0 + m) * ldx + g0 * group;
+            if constexpr (BW == 8) xb[m] = ops::load_block8(xs);
+            else xb[m] = ops::load_block(xs);
+        }
         const index_t gend = std::min(G, g0 + gpb);
         for (index_t g = g0; g < gend; ++g) {
             const I offset(static_cast<std::int32_t>((g - g0) * group));
@@ -268,7 +289,10 @@ void nm_tile(const nm_weights& w, const float* x, index_t ldx, index_t p, index_
                     const I idx = ((word[v] >> static_cast<int>(pos * bits)) & mask) + offset;
                     const F wv = Q ? ops::load_q8(qv + t * sparse_panel_rows + v * L)
                                    : F::load_aligned(vals + t * sparse_panel_rows + v * L);
-                    for (int m = 0; m < MR; ++m) acc[m][v] = xsimd::fma(ops::pick(xb[m], idx), wv, acc[m][v]);
+                    for (int m = 0; m < MR; ++m) {
+                        if constexpr (BW == 8) acc[m][v] = xsimd::fma(ops::pick8(xb[m], idx), wv, acc[m][v]);
+                        else acc[m][v] = xsimd::fma(ops::pick(xb[m], idx), wv, acc[m][v]);
+                    }
                 }
             }
         }
@@ -285,29 +309,40 @@ void nm_tile(const nm_weights& w, const float* x, index_t ldx, index_t p, index_
     store(Arch{}, c, MR, p, w.n, m0, y, ep);
 }
 
-template <class Arch>
-inline constexpr int sparse_mr = fbatch<Arch>::size >= 16 ? 8 : 2;
+/// Rows of x per tile: 8 on AVX-512; on AVX2 2 with 16-wide x blocks, 4 with 8-wide ones (registers: MR·V
+/// accumulators + MR blocks + V index words + 2 temporaries ≤ 16).
+template <class Arch, int BW>
+inline constexpr int sparse_mr = fbatch<Arch>::size >= 16 ? 8 : (BW == 8 ? 4 : 2);
 
-template <int MR, bool Q, class Arch>
+template <int MR, bool Q, int BW, class Arch>
 void nm_rows(const nm_weights& w, const float* x, index_t ldx, index_t p, index_t m0, index_t rem,
              MatrixView<float> y, const epilogue& ep) {
     if constexpr (MR > 1) {
-        if (rem < MR) return nm_rows<MR - 1, Q, Arch>(w, x, ldx, p, m0, rem, y, ep);
+        if (rem < MR) return nm_rows<MR - 1, Q, BW, Arch>(w, x, ldx, p, m0, rem, y, ep);
     }
-    nm_tile<MR, Q, Arch>(w, x, ldx, p, m0, y, ep);
+    nm_tile<MR, Q, BW, Arch>(w, x, ldx, p, m0, y, ep);
+}
+
+template <int BW, class Arch>
+void nm_panel_bw(const nm_weights& w, const float* x, index_t ldx, index_t p, index_t m0, index_t mr,
+                 MatrixView<float> y, const epilogue& ep) {
+    constexpr int MR = sparse_mr<Arch, BW>;
+    for (index_t m = m0; m < m0 + mr; m += MR) {
+        const index_t rem = std::min<index_t>(MR, m0 + mr - m);
+        if (w.int8())
+            nm_rows<MR, true, BW, Arch>(w, x, ldx, p, m, rem, y, ep);
+        else
+            nm_rows<MR, false, BW, Arch>(w, x, ldx, p, m, rem, y, ep);
+    }
 }
 
 template <class Arch>
 void nm_panel(Arch, const nm_weights& w, const float* x, index_t ldx, index_t p, index_t m0, index_t mr,
               MatrixView<float> y, const epilogue& ep) {
-    constexpr int MR = sparse_mr<Arch>;
-    for (index_t m = m0; m < m0 + mr; m += MR) {
-        const index_t rem = std::min<index_t>(MR, m0 + mr - m);
-        if (w.int8())
-            nm_rows<MR, true, Arch>(w, x, ldx, p, m, rem, y, ep);
-        else
-            nm_rows<MR, false, Arch>(w, x, ldx, p, m, rem, y, ep);
+    if constexpr (has_block8<Arch>) {
+        if (w.group <= 8) return nm_panel_bw<8, Arch>(w, x, ldx, p, m0, mr, y, ep);
     }
+    nm_panel_bw<16, Arch>(w, x, ldx, p, m0, mr, y, ep);
 }
 
 // ---- N:M, large M: x rows in lanes ---------------------------------------------------------------------------
@@ -347,16 +382,15 @@ inline constexpr int nm_t_mv = fbatch<Arch>::size >= 16 ? 8 : 4;
 
 /// M from which gemm_nm takes the x-rows-in-lanes kernel, per ISA, measured (CPET_SPARSE_LANES_M overrides both):
 ///   AVX-512 (Xeon, 2048²): they tie at M = 24, the lanes kernel is 1.25× faster at 32 and 1.8× at 64.
-///   AVX2 (Zen, 4096², CPU time): the output-rows-in-lanes kernel holds only MR = 2 rows of x (each x block takes
-///   two ymm), so it re-reads and re-decodes the weights every 2 rows: at M = 8 it took 7.97 ms against 6.77 ms for
-///   the lanes kernel, at M = 16 15.2 ms against 8.4 ms; at M = 2 and 4 it is still the faster (2.7 / 4.6 ms
-///   against 6.5 ms, the lanes kernel's per-weight decode being a fixed cost).
+///   AVX2 (Zen, 4096², 2:4, one thread, CPU time on a shared machine): with 8-wide x blocks (MR = 4) the
+///   output-rows-in-lanes kernel takes 2.4-3.5 ms at M = 4, 4.5-4.8 ms at M = 8 and 8.6 ms at M = 16, against
+///   6.5, 6.8 and 8.4 ms for the lanes kernel (whose per-weight decode is a fixed cost): they tie at 16.
 #ifdef CPET_SPARSE_LANES_M
 template <class Arch>
 inline constexpr index_t nm_lanes_m_threshold = CPET_SPARSE_LANES_M;
 #else
 template <class Arch>
-inline constexpr index_t nm_lanes_m_threshold = fbatch<Arch>::size >= 16 ? 32 : 8;
+inline constexpr index_t nm_lanes_m_threshold = fbatch<Arch>::size >= 16 ? 32 : 16;
 #endif
 /// The same for SELL-16 (sell_lanes_m; measured with the earlier 4-vector N:M kernel, which it still resembles).
 inline constexpr index_t sell_lanes_m_threshold = 48;
@@ -610,7 +644,7 @@ void sell_rows(const sell_weights& w, ConstMatrixView<float> x, index_t p, index
 template <class Arch>
 void sell_panel(Arch, const sell_weights& w, ConstMatrixView<float> x, index_t p, index_t m0, index_t mr,
                 MatrixView<float> y, const epilogue& ep) {
-    constexpr int MR = sparse_mr<Arch>;
+    constexpr int MR = sparse_mr<Arch, 16>;
     for (index_t m = m0; m < m0 + mr; m += MR)
         sell_rows<MR, Arch>(w, x, p, m, std::min<index_t>(MR, m0 + mr - m), y, ep);
 }
