@@ -1,5 +1,5 @@
 // cpet/io/peft.hpp — HuggingFace PEFT adapters: adapter_config.json + adapter_model.safetensors, read into cpet's
-// per-layer PET modules (LoRA / rsLoRA, IA3, prefix tuning) and, for LoRA, written back so PEFT loads them.
+// per-layer PET modules (LoRA / rsLoRA, IA3, prefix tuning) and, for LoRA and IA3, written back so PEFT loads them.
 //
 // Keys (PEFT strips the adapter name): base_model.model.<module>.lora_A.weight [r, in], .lora_B.weight [out, r];
 // <module>.ia3_l [out, 1] (or [1, in] for a feed-forward module, which IA3 scales at its input); prefix tuning has
@@ -420,6 +420,42 @@ inline std::vector<pet::ia3::modules> read_peft_ia3(const nlohmann::json& cfg, c
 inline std::vector<pet::ia3::modules> read_peft_ia3(const fs::path& dir, const peft_base& base) {
     const auto cfg = detail::read_adapter_config(dir, "IA3");
     return read_peft_ia3(cfg, (dir / "adapter_config.json").string(), detail::open_adapter_weights(dir), base);
+}
+
+/// Writes IA3 modules (one per layer) as a PEFT IA3 adapter: q/k/v vectors as [out, 1] output scales, down's as a
+/// feed-forward module's [1, in] input scale; full module names in target_modules / feedforward_modules.
+inline void write_peft_ia3(const fs::path& dir, const std::vector<pet::ia3::modules>& layers, const peft_base& base,
+                           const std::string& base_model_name = "") {
+    require<io_error>(index_t(layers.size()) == base.layers, "write_peft_ia3: ", layers.size(),
+                      " layers of modules for a ", base.layers, "-layer model");
+    fs::create_directories(dir);
+    std::vector<tensor_data> tensors;
+    nlohmann::json targets = nlohmann::json::array(), ff = nlohmann::json::array();
+    for (index_t i = 0; i < base.layers; ++i) {
+        const auto& m = layers[std::size_t(i)];
+        m.check_fits(base.dims, "write_peft_ia3");
+        for (int ti = 0; ti < pet::target_count; ++ti) {
+            const auto t = pet::target(ti);
+            const auto& v = m.l[std::size_t(ti)];
+            if (v.empty()) continue;
+            const auto module = peft_module_name(base, i, t);
+            targets.push_back(module);
+            const bool is_ff = t == pet::target::down;
+            if (is_ff) ff.push_back(module);
+            tensors.push_back({"base_model.model." + module + ".ia3_l", dtype::F32,
+                               is_ff ? std::vector<std::uint64_t>{1, v.size()} : std::vector<std::uint64_t>{v.size(), 1},
+                               std::as_bytes(std::span<const float>(v))});
+        }
+    }
+    require<io_error>(!tensors.empty(), "write_peft_ia3: no layer has an IA3 vector");
+    const nlohmann::json cfg = {
+        {"peft_type", "IA3"},           {"task_type", nullptr},        {"base_model_name_or_path", base_model_name},
+        {"target_modules", targets},    {"feedforward_modules", ff},  {"fan_in_fan_out", false},
+        {"modules_to_save", nullptr},   {"init_ia3_weights", true},    {"inference_mode", true},
+    };
+    save_safetensors(dir / "adapter_model.safetensors", tensors, {{"format", "pt"}});
+    const std::string text = cfg.dump(2);
+    atomic_write(dir / "adapter_config.json", text.size(), [&](auto&& sink) { sink(text.data(), text.size()); });
 }
 
 /// A PEFT prefix-tuning adapter as per-layer key / value rows, and where PEFT puts the real tokens.
