@@ -46,6 +46,23 @@ TEST_CASE("wordpiece: every reference string gives HF's ids, untruncated and tru
     CHECK(n >= 70);
 }
 
+TEST_CASE("wordpiece: sentence pairs give HF's ids and token types, cut longest-first to 24") {
+    const auto& tok = tokenizer();
+    const auto ref = reference();
+    int n = 0;
+    for (const auto& c : ref["pairs"]) {
+        const auto a = c["a"].get<std::string>(), b = c["b"].get<std::string>();
+        CAPTURE(a);
+        CAPTURE(b);
+        const auto [ids, types] = tok.encode_pair(a, b, 24);
+        CHECK(ids == c["ids_max24"].get<std::vector<std::int32_t>>());
+        CHECK(types == c["type_ids_max24"].get<std::vector<std::int32_t>>());
+        ++n;
+    }
+    CHECK(n >= 20);
+    CHECK_THROWS_WITH_AS((void)tok.encode_pair("a", "b", 2), doctest::Contains("no room"), shape_error);
+}
+
 TEST_CASE("wordpiece: pieces, batches and bad input") {
     const auto& tok = tokenizer();
     CHECK(tok.tokenize("Unaffable!") == std::vector<std::string>{"una", "##ffa", "##ble", "!"});

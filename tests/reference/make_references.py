@@ -117,10 +117,16 @@ def make_wordpiece(model_dir):
         if a != b or full != fast(s)["input_ids"]:
             print(f"note: slow and fast HF tokenizers disagree on {s!r}: {a} vs {b}; keeping the slow one")
         cases.append({"text": s, "ids_max32": a, "ids": full})
+    pairs = []
+    texts = SENTENCES + WORDPIECE_EXTRA
+    for i in range(0, len(texts) - 1, 3):
+        a, b = texts[i], texts[i + 1]
+        enc = slow(a, b, truncation="longest_first", max_length=24)
+        pairs.append({"a": a, "b": b, "ids_max24": enc["input_ids"], "type_ids_max24": enc["token_type_ids"]})
     path = os.path.join(HERE, "wordpiece_reference.json")
     with open(path, "w", encoding="utf-8") as f:
         json.dump({"vocab": "all-MiniLM-L6-v2 vocab.txt (bert-base-uncased)", "do_lower_case": True,
-                   "cases": cases}, f, ensure_ascii=False, indent=0)
+                   "cases": cases, "pairs": pairs}, f, ensure_ascii=False, indent=0)
     print(f"wrote {path} ({os.path.getsize(path)} bytes)")
 
 

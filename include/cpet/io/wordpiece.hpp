@@ -293,6 +293,40 @@ public:
         ids.push_back(sep_);
         return ids;
     }
+    /// A sentence pair: [CLS] a [SEP] b [SEP] with token types 0 … 0 1 … 1, at most max_length ids, cut as
+    /// tokenizers' "longest_first" cuts (the shorter side keeps what it can up to half the budget, the longer
+    /// side the rest).
+    std::pair<std::vector<std::int32_t>, std::vector<std::int32_t>> encode_pair(std::string_view a, std::string_view b,
+                                                                                index_t max_length = -1) const {
+        if (max_length < 0) max_length = o_.max_length;
+        require<shape_error>(max_length >= 3, "wordpiece_tokenizer::encode_pair: max_length ", max_length,
+                             " leaves no room for [CLS] and two [SEP]");
+        auto ta = tokenize_ids(a), tb = tokenize_ids(b);
+        const std::size_t budget = std::size_t(max_length - 3);
+        if (ta.size() + tb.size() > budget) {
+            std::size_t n1 = ta.size(), n2 = tb.size();
+            const bool swap = n1 > n2;
+            if (swap) std::swap(n1, n2);
+            n2 = n1 > budget ? n1 : std::max(n1, budget - n1);
+            if (n1 + n2 > budget) {
+                n1 = budget / 2;
+                n2 = n1 + budget % 2;
+            }
+            if (swap) std::swap(n1, n2);
+            ta.resize(std::min(ta.size(), n1));
+            tb.resize(std::min(tb.size(), n2));
+        }
+        std::vector<std::int32_t> ids, types;
+        ids.reserve(ta.size() + tb.size() + 3);
+        ids.push_back(cls_);
+        ids.insert(ids.end(), ta.begin(), ta.end());
+        ids.push_back(sep_);
+        types.assign(ids.size(), 0);
+        ids.insert(ids.end(), tb.begin(), tb.end());
+        ids.push_back(sep_);
+        types.resize(ids.size(), 1);
+        return {std::move(ids), std::move(types)};
+    }
     /// Encodes each text and pads them with [PAD] to the longest (right padding, as HF), for nn::Model.
     nn::token_batch encode_batch(std::span<const std::string> texts, index_t max_length = -1) const {
         nn::token_batch b;
