@@ -139,6 +139,36 @@ TEST_CASE("hf checkpoint: tiny LlamaForCausalLM (GQA, RoPE, untied head) matches
     CHECK(e > 0);
 }
 
+TEST_CASE("hf checkpoint: BF16 and F16 checkpoints load (converted to fp32) and stay close to the F32 logits") {
+    const auto src = testing::reference_dir() / "tiny-llama";
+    const auto ref = io::safetensors_file::open(testing::reference_dir() / "tiny_llama_reference.safetensors");
+    const auto lref = ref.tensor("logits").to_f32();
+    for (const auto dt : {io::dtype::BF16, io::dtype::F16}) {
+        CAPTURE(std::string(io::dtype_name(dt)));
+        const auto d = scratch_copy(src, std::string(io::dtype_name(dt)));
+        std::vector<std::vector<std::uint16_t>> store;
+        std::vector<io::tensor_data> ts;
+        {
+            const auto f = io::safetensors_file::open(src / "model.safetensors");
+            for (const auto& t : f.tensors()) {
+                const auto v = t.to_f32();
+                auto& h = store.emplace_back(v.size());
+                for (std::size_t i = 0; i < v.size(); ++i) h[i] = dt == io::dtype::BF16 ? io::f32_to_bf16(v[i]) : io::f32_to_f16(v[i]);
+                ts.push_back({t.name(), dt, t.shape(), std::as_bytes(std::span<const std::uint16_t>(h))});
+            }
+        }
+        io::save_safetensors(d / "model.safetensors", ts);
+        const auto m = io::load_model<config::llama<>>(d);
+        CHECK_FALSE(m.embeddings().borrowed());  // not F32: copied and converted
+        nn::workspace ws;
+        const auto l = m.logits(batch_of(ref), ws);
+        const double e = rel_error(l.data(), lref.data(), lref.size());
+        CHECK(e > 0);
+        CHECK(e < (dt == io::dtype::BF16 ? 3e-2 : 3e-3));  // 8 vs 11 significant bits in every weight
+        fs::remove_all(d);
+    }
+}
+
 TEST_CASE("hf checkpoint: a broken checkpoint is refused naming the file, the tensor and the rule") {
     const auto src = testing::reference_dir() / "tiny-llama";
     SUBCASE("missing tensor") {
