@@ -23,6 +23,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     llama.layers = 2;
     llama.prefix = "model.";
     llama.dims = pet::layer_dims{64, 64, 32, 96, true, false, false};
+    llama.rope = true;
+    llama.head_dim = 16;
     for (const auto* base : {&bert, &llama}) {
         cpet::fuzz::guarded([&] {
             const auto cfg = io::parse_json(text, "adapter_config.json");

@@ -182,9 +182,24 @@ TEST_CASE("peft prefix tuning on BERT: PEFT's hidden states with the real tokens
     t.position_offset = 0;  // cpet's own convention (positions from 0) is not PEFT's
     CHECK(rel_error(model.hidden_states(t, ws, p.layers), ref) > 1e-3);
 
+}
+
+TEST_CASE("peft prefix tuning on LLaMA (RoPE, GQA): PEFT's logits, its position shift folded into the prefix keys") {
     const auto lm = io::load_model<config::llama<compress::dense, pet::prefix_tuning>>(ref_dir() / "tiny-llama");
-    CHECK_THROWS_WITH_AS(io::read_peft_prefix(ref_dir() / "peft_llama_prefix", io::peft_base::of(lm)),
-                         doctest::Contains("prefix tuning on a RoPE model"), io_error);
+    const auto p = io::read_peft_prefix(ref_dir() / "peft_llama_prefix", io::peft_base::of(lm));
+    CHECK(p.position_offset == 0);  // re-based keys: nothing left for the caller to shift
+    CHECK(p.layers[0].length() == 3);
+    nn::workspace ws;
+    const auto ref = reference("llama_prefix", "logits");
+    CHECK(rel_error(lm.logits(llama_batch(), ws, p.layers), ref) < 1e-5);
+    // The rows exactly as PEFT stored them (cpet's positions from 0, no re-basing) give other logits.
+    auto raw = p;
+    const auto f = io::safetensors_file::open(ref_dir() / "peft_llama_prefix" / "adapter_model.safetensors");
+    const auto all = f.tensor("prompt_embeddings").to_f32();
+    for (index_t l = 0; l < 2; ++l)
+        for (index_t r = 0; r < 3; ++r)
+            for (index_t c = 0; c < 32; ++c) raw.layers[std::size_t(l)].k(r, c) = all[std::size_t(r * 128 + 2 * l * 32 + c)];
+    CHECK(rel_error(lm.logits(llama_batch(), ws, raw.layers), ref) > 1e-4);
 }
 
 TEST_CASE("peft: unsupported or malformed adapters are refused naming the file, the tensor and the rule") {

@@ -20,9 +20,9 @@
 // α/r_t (or α/√r_t), so B_t is multiplied by s_t(file) / s_t(cpet) — the product s·B·A is the file's exactly.
 //
 // Prefix tuning and positions: PEFT runs the real tokens at positions P..P+S−1 after the P virtual tokens (BERT's
-// learned positions via past_key_values_length, LLaMA's RoPE via shifted position_ids). read_peft_prefix returns
-// P as `position_offset`; for BERT nn::token_batch::position_offset applies it. cpet's RoPE attention starts the
-// real tokens at 0 (nn/attention.hpp), so a RoPE prefix adapter is refused until the attention takes an offset.
+// learned positions via past_key_values_length, LLaMA's RoPE via shifted position_ids). For BERT read_peft_prefix
+// returns P as `position_offset` (nn::token_batch::position_offset applies it); for RoPE models it re-bases the
+// prefix keys instead (R_{−P} k, see read_peft_prefix), which is exact because RoPE scores depend on differences.
 #pragma once
 
 #include <nlohmann/json.hpp>
@@ -55,6 +55,9 @@ struct peft_base {
     index_t layers = 0;
     pet::layer_dims dims;
     std::string prefix;  ///< module-name prefix of the layers: "" (BertModel), "bert." (BERT task models), "model."
+    bool rope = false;       ///< the layers rotate q and k (LLaMA): a prefix adapter's keys are re-based (see below)
+    index_t head_dim = 0;    ///< with rope: per-head width and θ base of the rotation
+    float rope_base = 10000.f;
 
     template <nn::LayerConfig C>
     static peft_base of(const nn::Model<C>& m, std::string bert_prefix = "") {
@@ -64,6 +67,11 @@ struct peft_base {
         require<io_error>(b.layers > 0, "peft: the model has no layers");
         b.dims = m.stack().layer(0).pet_dims();
         b.prefix = b.family == model_family::llama ? "model." : std::move(bert_prefix);
+        b.rope = C::rope;
+        b.head_dim = m.stack().layer(0).shape().head_dim;
+        b.rope_base = m.stack().layer(0).shape().rope_base;
+        require<io_error>(!C::rope || m.stack().layer(0).shape().rope == kernels::rope_style::half,
+                          "peft: the model's RoPE pairs interleaved halves; HF LLaMA (and its adapters) use rotate_half");
         return b;
     }
 };
@@ -464,14 +472,38 @@ struct peft_prefix {
     index_t position_offset = 0;  ///< PEFT's: the real tokens sit at positions P..P+S−1
 };
 
-/// Reads a PEFT prefix-tuning adapter (the final rows, prompt_embeddings [P, layers·2·kv_dim]). Refused for RoPE
-/// (LLaMA) models: PEFT rotates the real tokens from position P, cpet's attention from 0 (see the file comment).
+namespace detail {
+
+/// Rotates each head of every row of k [P, n·hd] by RoPE at position `pos` (rotate_half pairing, angles in double).
+inline void rotate_rows(MatrixView<float> k, index_t hd, double base, double pos) {
+    const index_t half = hd / 2;
+    for (index_t r = 0; r < k.rows(); ++r)
+        for (index_t h = 0; h < k.cols() / hd; ++h) {
+            float* x = k.row(r) + h * hd;
+            for (index_t i = 0; i < half; ++i) {
+                const double a = pos * std::pow(base, -2.0 * double(i) / double(hd));
+                const double c = std::cos(a), s = std::sin(a), x1 = x[i], x2 = x[i + half];
+                x[i] = float(x1 * c - x2 * s);
+                x[i + half] = float(x2 * c + x1 * s);
+            }
+        }
+}
+
+}  // namespace detail
+
+/// Reads a PEFT prefix-tuning adapter (the final rows, prompt_embeddings [P, layers·2·kv_dim]).
+///
+/// Positions. PEFT runs the real tokens at P..P+S−1; cpet's attention rotates them from 0 and never rotates prefix
+/// rows. For BERT the learned positions take `position_offset` (nn::token_batch::position_offset). For RoPE models
+/// the offset is folded into the prefix keys instead: a query at position p + P meets an unrotated prefix key k in
+/// PEFT, (R_{p+P} q)·k = (R_p q)·(R_{−P} k), and scores between real tokens depend on position differences only, so
+/// storing k' = R_{−P} k makes cpet's attention (queries at p) compute PEFT's exactly; position_offset is then 0.
 inline peft_prefix read_peft_prefix(const nlohmann::json& cfg, const std::string& cf, const safetensors_file& file,
                                     const peft_base& base) {
     detail::check_adapter_config(cfg, cf, "PREFIX_TUNING");
-    require<io_error>(base.family == model_family::bert, cf, ": prefix tuning on a RoPE model: PEFT places the real "
-                      "tokens at positions P..P+S-1 after the prefix, cpet's RoPE attention at 0..S-1, so the outputs "
-                      "would differ (cpet needs a position offset in nn::Attention for this)");
+    require<io_error>(!base.rope || (base.head_dim > 0 && base.head_dim % 2 == 0 && base.dims.kv_dim % base.head_dim == 0),
+                      cf, ": the model's head_dim ", base.head_dim, " does not split kv_dim ", base.dims.kv_dim,
+                      " into rotary heads");
     const index_t P = detail::int_field(cfg, "num_virtual_tokens", cf);
     require<io_error>(P > 0, cf, ": num_virtual_tokens must be positive");
     const index_t L = detail::int_field(cfg, "num_layers", cf);
@@ -489,10 +521,13 @@ inline peft_prefix read_peft_prefix(const nlohmann::json& cfg, const std::string
     Matrix<float> all(P, L * 2 * D);
     t.to_f32(all.data());
     peft_prefix out;
-    out.position_offset = P;
+    out.position_offset = base.rope ? 0 : P;
     out.layers.resize(std::size_t(L));
-    for (index_t l = 0; l < L; ++l)
-        out.layers[std::size_t(l)].set(all.view().block(0, 2 * l * D, P, D), all.view().block(0, (2 * l + 1) * D, P, D));
+    for (index_t l = 0; l < L; ++l) {
+        Matrix<float> k(all.view().block(0, 2 * l * D, P, D));
+        if (base.rope) detail::rotate_rows(k, base.head_dim, double(base.rope_base), -double(P));
+        out.layers[std::size_t(l)].set(k, all.view().block(0, (2 * l + 1) * D, P, D));
+    }
     return out;
 }
 inline peft_prefix read_peft_prefix(const fs::path& dir, const peft_base& base) {
