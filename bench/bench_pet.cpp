@@ -138,7 +138,7 @@ cpet::nn::layer_shape bert_base() {
 template <class Comp, class P, class Make>
 void bm_layer(benchmark::State& st, Make make) {
     single_thread();
-    using C = cpet::config::bert<Comp, P>;
+    using C = cpet::config::bert<Comp>;
     const auto s = bert_base();
     const auto& layer = cached<cpet::TransformerLayer<C>>(std::string(Comp::name()) + "/" + P::name(), [&] {
         return cpet::TransformerLayer<C>(cpet::nn::random_layer_weights(s, 5, cpet::nn::kind_of<C>), s);

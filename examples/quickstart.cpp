@@ -125,7 +125,7 @@ int main() {
     {
         nn::layer_shape s;
         s.d_model = 768, s.n_heads = 12, s.n_kv_heads = 12, s.head_dim = 64, s.d_ff = 3072, s.eps = 1e-12f;
-        using Bert = TransformerLayer<config::bert<>>;  // = config::bert<compress::dense, pet::none>
+        using Bert = TransformerLayer<config::bert<>>;  // = config::bert<compress::dense>
         const auto w = nn::random_layer_weights(s, /*seed=*/1, nn::kind_of<config::bert<>>);
         const Bert layer(w, s);
 

@@ -132,11 +132,11 @@ struct layer_errors {
 };
 
 /// Runs TransformerLayer<Cfg<Policy>> and the two dense oracles on a padded batch, on every ISA; worst errors.
-template <template <class, class> class Cfg, class Policy>
+template <template <class> class Cfg, class Policy>
 layer_errors run_layer(const nn::layer_shape& s, unsigned seed, const nn::layer_calibration* cal = nullptr,
                        const Matrix<float>* input = nullptr) {
-    using Q = Cfg<Policy, pet::none>;
-    using D = Cfg<compress::dense, pet::none>;
+    using Q = Cfg<Policy>;
+    using D = Cfg<compress::dense>;
     const auto w = nn::random_layer_weights(s, seed, nn::kind_of<Q>);
     const TransformerLayer<Q> layer(w, s, cal);
     const TransformerLayer<D> oracle(dequantised<Policy>(w, cal), s);

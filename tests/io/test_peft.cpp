@@ -80,8 +80,8 @@ void edit_config(const fs::path& d, const std::function<void(nlohmann::json&)>& 
     std::ofstream(d / "adapter_config.json") << j.dump(2);
 }
 
-using bert_lora_model = nn::Model<config::bert<compress::dense, pet::lora>>;
-using llama_lora_model = nn::Model<config::llama<compress::dense, pet::rslora>>;
+using bert_lora_model = nn::Model<config::bert<compress::dense>>;
+using llama_lora_model = nn::Model<config::llama<compress::dense>>;
 
 /// Writes the adapter and cpet's own outputs with it where CPET_WRITE_ADAPTERS points, for the Python check.
 void export_for_peft(const char* name, const auto& modules, const io::peft_base& base, const Matrix<float>& out,
@@ -103,7 +103,7 @@ void export_for_peft(const char* name, const auto& modules, const io::peft_base&
 }  // namespace
 
 TEST_CASE("peft LoRA on BERT (rank_pattern, alpha_pattern): PEFT's hidden states; cpet's file reads back bit-exact") {
-    const auto model = io::load_model<config::bert<compress::dense, pet::lora>>(ref_dir() / "tiny-bert");
+    const auto model = io::load_model<config::bert<compress::dense>>(ref_dir() / "tiny-bert");
     const auto base = io::peft_base::of(model);
     const auto tasks = io::read_peft_lora<pet::lora>(ref_dir() / "peft_bert_lora", base);
     REQUIRE(tasks.size() == 2);
@@ -138,7 +138,7 @@ TEST_CASE("peft LoRA on BERT (rank_pattern, alpha_pattern): PEFT's hidden states
 }
 
 TEST_CASE("peft rsLoRA on LLaMA (regex target_modules, all seven linears, rank_pattern): PEFT's logits") {
-    const auto model = io::load_model<config::llama<compress::dense, pet::rslora>>(ref_dir() / "tiny-llama");
+    const auto model = io::load_model<config::llama<compress::dense>>(ref_dir() / "tiny-llama");
     const auto base = io::peft_base::of(model);
     const auto tasks = io::read_peft_lora<pet::rslora>(ref_dir() / "peft_llama_lora", base);
     CHECK(tasks[0].targets() == pet::target_set::all());
@@ -155,13 +155,13 @@ TEST_CASE("peft rsLoRA on LLaMA (regex target_modules, all seven linears, rank_p
 
 TEST_CASE("peft IA3 on LLaMA and BERT (k, v outputs; down input as a feed-forward module): PEFT's outputs") {
     {
-        const auto model = io::load_model<config::llama<compress::dense, pet::ia3>>(ref_dir() / "tiny-llama");
+        const auto model = io::load_model<config::llama<compress::dense>>(ref_dir() / "tiny-llama");
         const auto tasks = io::read_peft_ia3(ref_dir() / "peft_llama_ia3", io::peft_base::of(model));
         nn::workspace ws;
         CHECK(rel_error(model.logits(llama_batch(), ws, tasks), reference("llama_ia3", "logits")) < 1e-5);
     }
     {
-        const auto model = io::load_model<config::bert<compress::dense, pet::ia3>>(ref_dir() / "tiny-bert");
+        const auto model = io::load_model<config::bert<compress::dense>>(ref_dir() / "tiny-bert");
         const auto tasks = io::read_peft_ia3(ref_dir() / "peft_bert_ia3", io::peft_base::of(model));
         nn::workspace ws;
         CHECK(rel_error(model.hidden_states(bert_batch(), ws, tasks), reference("bert_ia3", "hidden")) < 1e-5);
@@ -169,7 +169,7 @@ TEST_CASE("peft IA3 on LLaMA and BERT (k, v outputs; down input as a feed-forwar
 }
 
 TEST_CASE("peft prefix tuning on BERT: PEFT's hidden states with the real tokens after the prefix positions") {
-    const auto model = io::load_model<config::bert<compress::dense, pet::prefix_tuning>>(ref_dir() / "tiny-bert");
+    const auto model = io::load_model<config::bert<compress::dense>>(ref_dir() / "tiny-bert");
     const auto base = io::peft_base::of(model);
     const auto p = io::read_peft_prefix(ref_dir() / "peft_bert_prefix", base);
     CHECK(p.position_offset == 3);
@@ -185,7 +185,7 @@ TEST_CASE("peft prefix tuning on BERT: PEFT's hidden states with the real tokens
 }
 
 TEST_CASE("peft prefix tuning on LLaMA (RoPE, GQA): PEFT's logits, its position shift folded into the prefix keys") {
-    const auto lm = io::load_model<config::llama<compress::dense, pet::prefix_tuning>>(ref_dir() / "tiny-llama");
+    const auto lm = io::load_model<config::llama<compress::dense>>(ref_dir() / "tiny-llama");
     const auto p = io::read_peft_prefix(ref_dir() / "peft_llama_prefix", io::peft_base::of(lm));
     CHECK(p.position_offset == 0);  // re-based keys: nothing left for the caller to shift
     CHECK(p.layers[0].length() == 3);
@@ -203,7 +203,7 @@ TEST_CASE("peft prefix tuning on LLaMA (RoPE, GQA): PEFT's logits, its position 
 }
 
 TEST_CASE("peft: unsupported or malformed adapters are refused naming the file, the tensor and the rule") {
-    const auto model = io::load_model<config::bert<compress::dense, pet::lora>>(ref_dir() / "tiny-bert");
+    const auto model = io::load_model<config::bert<compress::dense>>(ref_dir() / "tiny-bert");
     const auto base = io::peft_base::of(model);
     auto refused = [&](const fs::path& d, const char* says) {
         CHECK_THROWS_WITH_AS(io::read_peft_lora<pet::lora>(d, base), doctest::Contains(says), io_error);
@@ -276,7 +276,7 @@ TEST_CASE("peft: unsupported or malformed adapters are refused naming the file, 
         io::save_safetensors(di / "adapter_model.safetensors", ts);
     }
     edit_config(di, [](auto& j) { j["target_modules"] = ".*"; });
-    const auto ia3_model = io::load_model<config::bert<compress::dense, pet::ia3>>(ref_dir() / "tiny-bert");
+    const auto ia3_model = io::load_model<config::bert<compress::dense>>(ref_dir() / "tiny-bert");
     CHECK_THROWS_WITH_AS(io::read_peft_ia3(di, io::peft_base::of(ia3_model)),
                          doctest::Contains("IA3 on 'encoder.layer.0.attention.output.dense'"), io_error);
     fs::remove_all(di);

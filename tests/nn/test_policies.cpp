@@ -150,8 +150,8 @@ static_assert(!pet::PetPolicy<not_a_policy>);
 static_assert(pet::PetPolicy<toy_lora> && pet::hooks_of<toy_lora>::linear && !pet::hooks_of<toy_lora>::sublayer);
 static_assert(pet::PetPolicy<toy_adapter> && pet::hooks_of<toy_adapter>::sublayer && !pet::hooks_of<toy_adapter>::linear);
 static_assert(pet::PetPolicy<toy_prefix> && pet::hooks_of<toy_prefix>::attention);
-static_assert(nn::LayerConfig<config::bert<>> && nn::LayerConfig<config::llama<compress::dense, toy_lora>>);
-static_assert(!TransformerLayer<config::bert<>>::needs_task && TransformerLayer<config::bert<compress::dense, toy_lora>>::needs_task);
+static_assert(nn::LayerConfig<config::bert<>> && nn::LayerConfig<config::llama<compress::dense>>);
+static_assert(nn::LayerConfig<config::bert<compress::int8_per_channel>>);
 
 TEST_CASE("pet::target names") {
     CHECK(pet::target_name(pet::target::q) == "q");
@@ -160,8 +160,10 @@ TEST_CASE("pet::target names") {
     CHECK(pet::sublayer_name(pet::sublayer::ffn) == "ffn");
 }
 
-TEST_CASE_TEMPLATE("a linear-hook policy adds its low-rank term inside the base GEMMs", C,
-                   config::bert<compress::dense, toy_lora>, config::llama<compress::dense, toy_lora>) {
+TEST_CASE_TEMPLATE("a linear-hook policy adds its low-rank term inside the base GEMMs", T,
+                   testing::with<config::bert<compress::dense>, toy_lora>, testing::with<config::llama<compress::dense>, toy_lora>) {
+    using C = typename T::config;
+    using P = typename T::pet;
     constexpr bool is_llama = C::ffn == nn::ffn_kind::swiglu;
     const auto s = is_llama ? llama_shape() : bert_shape();
     const auto w = nn::random_layer_weights(s, 81, nn::kind_of<C>);
@@ -193,8 +195,10 @@ TEST_CASE_TEMPLATE("a linear-hook policy adds its low-rank term inside the base 
     });
 }
 
-TEST_CASE_TEMPLATE("a sublayer-hook policy transforms both sublayer outputs before the residual", C,
-                   config::bert<compress::dense, toy_adapter>, config::llama<compress::dense, toy_adapter>) {
+TEST_CASE_TEMPLATE("a sublayer-hook policy transforms both sublayer outputs before the residual", T,
+                   testing::with<config::bert<compress::dense>, toy_adapter>, testing::with<config::llama<compress::dense>, toy_adapter>) {
+    using C = typename T::config;
+    using P = typename T::pet;
     constexpr bool is_llama = C::ffn == nn::ffn_kind::swiglu;
     const auto s = is_llama ? llama_shape() : bert_shape();
     std::vector<nn::dense_layer_weights> w;
@@ -236,7 +240,7 @@ TEST_CASE_TEMPLATE("a sublayer-hook policy transforms both sublayer outputs befo
 }
 
 TEST_CASE("an attention-hook policy (prefix) adds keys every query sees, also when decoding") {
-    using C = config::llama<compress::dense, toy_prefix>;
+    using C = config::llama<compress::dense>;
     const auto s = llama_shape();
     const auto w = nn::random_layer_weights(s, 140, nn::kind_of<C>);
     const TransformerLayer<C> layer(w, s);
@@ -275,7 +279,7 @@ TEST_CASE("an attention-hook policy (prefix) adds keys every query sees, also wh
 }
 
 TEST_CASE("a linear hook returning the wrong shapes is rejected with the target's name") {
-    using C = config::bert<compress::dense, toy_lora>;
+    using C = config::bert<compress::dense>;
     const auto s = bert_shape();
     const TransformerLayer<C> layer(nn::random_layer_weights(s, 150, nn::kind_of<C>), s);
     toy_lora::modules task;

@@ -16,7 +16,7 @@ namespace {
 // One configuration for every case (each configuration is a full layer compiled for every ISA): members the test
 // does not set are empty and do nothing.
 using task_stack = pet::stack<pet::lora, pet::recovery, pet::ia3, pet::parallel_adapter, pet::prompt_tuning>;
-using C = config::llama<compress::dense, task_stack>;
+using C = config::llama<compress::dense>;
 using modules = task_stack::modules;
 
 nn::layer_shape wider_attention() {  // the same d_model, kv_dim and d_ff, wider q (and input of o)

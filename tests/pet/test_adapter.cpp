@@ -40,14 +40,14 @@ TEST_CASE_TEMPLATE("adapters (sequential, parallel, scaled parallel) match the E
             CHECK(testing::valid_error(y, plain, lengths) > 1e-3);
         });
     };
-    check(config::bert<compress::dense, P>{}, true, true);
-    check(config::llama<compress::dense, P>{}, true, true);
-    check(config::bert<testing::rounded<4>, P>{}, false, true);
-    check(config::gpt2<compress::dense, P>{}, true, false);
+    check(config::bert<compress::dense>{}, true, true);
+    check(config::llama<compress::dense>{}, true, true);
+    check(config::bert<testing::rounded<4>>{}, false, true);
+    check(config::gpt2<compress::dense>{}, true, false);
 }
 
 TEST_CASE("fresh adapters are the identity; bad input") {
-    using C = config::bert<compress::dense, pet::scaled_parallel_adapter>;
+    using C = config::bert<compress::dense>;
     const auto s = testing::bert_shape();
     const auto w = nn::random_layer_weights(s, 220, nn::kind_of<C>);
     const TransformerLayer<C> layer(w, s);

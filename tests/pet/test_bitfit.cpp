@@ -13,9 +13,11 @@ namespace {
 const std::vector<index_t> lengths{7, 1, 5};
 }
 
-TEST_CASE_TEMPLATE("BitFit bias and LayerNorm β deltas match the Eigen reference", C, config::bert<compress::dense, pet::bitfit>,
-                   config::llama<compress::dense, pet::bitfit>, config::bert<testing::rounded<4>, pet::bitfit>,
-                   config::gpt2<compress::int8_per_channel, pet::bitfit>) {
+TEST_CASE_TEMPLATE("BitFit bias and LayerNorm β deltas match the Eigen reference", T, testing::with<config::bert<compress::dense>, pet::bitfit>,
+                   testing::with<config::llama<compress::dense>, pet::bitfit>, testing::with<config::bert<testing::rounded<4>>, pet::bitfit>,
+                   testing::with<config::gpt2<compress::int8_per_channel>, pet::bitfit>) {
+    using C = typename T::config;
+    using P = typename T::pet;
     const auto s = testing::shape_for<C>();
     const TransformerLayer<C> layer(nn::random_layer_weights(s, 400, nn::kind_of<C>), s);
     const auto task = testing::random_bitfit(layer.pet_dims(), 401);
@@ -52,7 +54,7 @@ TEST_CASE_TEMPLATE("BitFit bias and LayerNorm β deltas match the Eigen referenc
 
 TEST_CASE("BitFit bad input and accounting") {
     const auto s = testing::bert_shape();
-    const TransformerLayer<config::bert<compress::dense, pet::bitfit>> layer(
+    const TransformerLayer<config::bert<compress::dense>> layer(
         nn::random_layer_weights(s, 410, nn::kind_of<config::bert<>>), s);
     CHECK_THROWS_WITH_AS(pet::bitfit::make(layer.pet_dims(), {.targets = {pet::target::gate}}),
                          doctest::Contains("gate does not exist"), shape_error);
@@ -80,7 +82,7 @@ TEST_CASE("BitFit bad input and accounting") {
 }
 
 TEST_CASE("BitFit on RMSNorm layers: no β to tune, the norm part is absent or refused") {
-    using C = config::llama<compress::dense, pet::bitfit>;
+    using C = config::llama<compress::dense>;
     const auto s = testing::llama_shape();
     const TransformerLayer<C> layer(nn::random_layer_weights(s, 420, nn::kind_of<C>), s);
     const auto d = layer.pet_dims();

@@ -12,9 +12,11 @@ const std::vector<index_t> lengths{7, 1, 5};
 }
 
 
-TEST_CASE_TEMPLATE("IA3 rescaling matches the Eigen reference (k, v before RoPE; FFN hidden before down)", C,
-                   config::bert<compress::dense, pet::ia3>, config::llama<compress::dense, pet::ia3>,
-                   config::llama<testing::rounded<4>, pet::ia3>) {
+TEST_CASE_TEMPLATE("IA3 rescaling matches the Eigen reference (k, v before RoPE; FFN hidden before down)", T,
+                   testing::with<config::bert<compress::dense>, pet::ia3>, testing::with<config::llama<compress::dense>, pet::ia3>,
+                   testing::with<config::llama<testing::rounded<4>>, pet::ia3>) {
+    using C = typename T::config;
+    using P = typename T::pet;
     const auto s = testing::shape_for<C>();
     const TransformerLayer<C> layer(nn::random_layer_weights(s, 300, nn::kind_of<C>), s);
     for (auto ts : {pet::target_set{pet::target::k, pet::target::v, pet::target::down},
@@ -39,7 +41,7 @@ TEST_CASE_TEMPLATE("IA3 rescaling matches the Eigen reference (k, v before RoPE;
 
 TEST_CASE("IA3 bad input and accounting") {
     const auto s = testing::llama_shape();
-    const TransformerLayer<config::llama<compress::dense, pet::ia3>> layer(
+    const TransformerLayer<config::llama<compress::dense>> layer(
         nn::random_layer_weights(s, 310, nn::kind_of<config::llama<>>), s);
     CHECK_THROWS_WITH_AS(pet::ia3::make(layer.pet_dims(), {.targets = {pet::target::o}}),
                          doctest::Contains("target o is not supported"), format_error);

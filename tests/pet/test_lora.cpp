@@ -39,10 +39,11 @@ const std::vector<index_t> lengths{7, 1, 5};
 
 }  // namespace
 
-TEST_CASE_TEMPLATE("LoRA (fused, unmerged) matches the Eigen reference on every target and ISA", C,
-                   config::bert<compress::dense, pet::lora>, config::llama<compress::dense, pet::lora>,
-                   config::gpt2<compress::dense, pet::rslora>, config::bert<testing::rounded<4>, pet::lora>) {
-    using P = typename C::pet;
+TEST_CASE_TEMPLATE("LoRA (fused, unmerged) matches the Eigen reference on every target and ISA", T,
+                   testing::with<config::bert<compress::dense>, pet::lora>, testing::with<config::llama<compress::dense>, pet::lora>,
+                   testing::with<config::gpt2<compress::dense>, pet::rslora>, testing::with<config::bert<testing::rounded<4>>, pet::lora>) {
+    using C = typename T::config;
+    using P = typename T::pet;
     const auto s = testing::shape_for<C>();
     const auto w = nn::random_layer_weights(s, 5, nn::kind_of<C>);
     const TransformerLayer<C> layer(w, s);
@@ -67,12 +68,14 @@ TEST_CASE_TEMPLATE("LoRA (fused, unmerged) matches the Eigen reference on every 
     });
 }
 
-TEST_CASE_TEMPLATE("LoRA with B = 0 (a fresh adapter) equals the base layer exactly", C,
-                   config::bert<compress::dense, pet::lora>, config::llama<compress::dense, pet::lora>) {
+TEST_CASE_TEMPLATE("LoRA with B = 0 (a fresh adapter) equals the base layer exactly", T,
+                   testing::with<config::bert<compress::dense>, pet::lora>, testing::with<config::llama<compress::dense>, pet::lora>) {
+    using C = typename T::config;
+    using P = typename T::pet;
     const auto s = testing::shape_for<C>();
     const auto w = nn::random_layer_weights(s, 6, nn::kind_of<C>);
     const TransformerLayer<C> layer(w, s);
-    const TransformerLayer<nn::with_pet_t<C, pet::none>> base(w, s);
+    const TransformerLayer<C> base(w, s);
     pet::lora::options o;
     o.rank = 8;
     o.targets = pet::target_set::attention() | pet::target_set{pet::target::up, pet::target::down};
@@ -87,9 +90,10 @@ TEST_CASE_TEMPLATE("LoRA with B = 0 (a fresh adapter) equals the base layer exac
     });
 }
 
-TEST_CASE_TEMPLATE("LoRA merged into dense weights equals the unmerged forward; unmerge restores the weights", C,
-                   config::bert<compress::dense, pet::lora>, config::llama<compress::dense, pet::rslora>) {
-    using P = typename C::pet;
+TEST_CASE_TEMPLATE("LoRA merged into dense weights equals the unmerged forward; unmerge restores the weights", T,
+                   testing::with<config::bert<compress::dense>, pet::lora>, testing::with<config::llama<compress::dense>, pet::rslora>) {
+    using C = typename T::config;
+    using P = typename T::pet;
     const auto s = testing::shape_for<C>();
     const auto w = nn::random_layer_weights(s, 7, nn::kind_of<C>);
     const TransformerLayer<C> layer(w, s);
@@ -99,7 +103,7 @@ TEST_CASE_TEMPLATE("LoRA merged into dense weights equals the unmerged forward; 
     o.targets = pet::target_set{pet::target::q, pet::target::v, pet::target::o, pet::target::down};
     const auto task = random_lora<P>(layer.pet_dims(), o, 21);
     const auto merged = nn::merge_lora(layer, task);
-    static_assert(std::is_same_v<typename decltype(merged)::pet_policy, pet::none>);
+    static_assert(std::is_same_v<decltype(merged), const TransformerLayer<C>>);  // the same backbone type
     const auto x = testing::random_matrix(21, s.d_model, 8);
     testing::for_each_isa([&](arch::isa) {
         nn::workspace ws;
@@ -108,7 +112,7 @@ TEST_CASE_TEMPLATE("LoRA merged into dense weights equals the unmerged forward; 
         merged.forward(x, lengths, ym, ws);
         CHECK(testing::valid_error(ym, testing::to_double(y), lengths) <= testing::pet_tol);
     });
-    const auto back = nn::unmerge_lora<P>(merged, task);
+    const auto back = nn::unmerge_lora(merged, task);
     const auto wb = nn::dense_weights_of(back);
     CHECK(testing::rel_error(wb.wq, testing::to_double(w.wq)) <= 1e-6);
     CHECK(testing::rel_error(wb.w_down, testing::to_double(w.w_down)) <= 1e-6);
@@ -116,8 +120,10 @@ TEST_CASE_TEMPLATE("LoRA merged into dense weights equals the unmerged forward; 
     CHECK(testing::rel_error(nn::dense_weights_of(layer).wq, testing::to_double(w.wq)) == 0.0);
 }
 
-TEST_CASE_TEMPLATE("LoRA merge / unmerge on a structurally pruned dense layer", C, config::bert<compress::dense, pet::lora>,
-                   config::llama<compress::dense, pet::lora>) {
+TEST_CASE_TEMPLATE("LoRA merge / unmerge on a structurally pruned dense layer", T, testing::with<config::bert<compress::dense>, pet::lora>,
+                   testing::with<config::llama<compress::dense>, pet::lora>) {
+    using C = typename T::config;
+    using P = typename T::pet;
     const auto s = testing::shape_for<C>();
     const auto w = nn::random_layer_weights(s, 31, nn::kind_of<C>);
     const auto p = nn::prune_structured(w, s, {.head_ratio = 0.5, .neuron_ratio = 0.25});
@@ -148,7 +154,7 @@ TEST_CASE_TEMPLATE("LoRA merge / unmerge on a structurally pruned dense layer", 
         CHECK(testing::valid_error(y, plain, lengths) > 1e-3);
         CHECK(testing::valid_error(ym, testing::to_double(y), lengths) <= testing::pet_tol);
     });
-    const auto back = nn::dense_weights_of(nn::unmerge_lora<pet::lora>(merged, task));
+    const auto back = nn::dense_weights_of(nn::unmerge_lora(merged, task));
     for (int i = 0; i < pet::target_count; ++i) {
         const auto t = pet::target(i);
         if (!d.has(t)) continue;
@@ -165,7 +171,7 @@ TEST_CASE_TEMPLATE("LoRA merge / unmerge on a structurally pruned dense layer", 
 }
 
 TEST_CASE("LoRA merge into a lossy format refuses with format_error; merge-and-recompress reports its error") {
-    using C = config::bert<testing::rounded<4>, pet::lora>;
+    using C = config::bert<testing::rounded<4>>;
     const auto s = testing::bert_shape();
     const auto w = nn::random_layer_weights(s, 9, nn::kind_of<C>);
     const TransformerLayer<C> layer(w, s);
@@ -180,14 +186,14 @@ TEST_CASE("LoRA merge into a lossy format refuses with format_error; merge-and-r
     CHECK(r.weight_error[std::size_t(pet::target::q)] < 0.2);
     CHECK(r.weight_error[std::size_t(pet::target::k)] == 0.0);  // not adapted
     // the same on a dense base is exact
-    using D = config::bert<compress::dense, pet::lora>;
+    using D = config::bert<compress::dense>;
     const TransformerLayer<D> dense(w, s);
     CHECK(nn::merge_lora_and_recompress(dense, task).max_weight_error() <= 1e-7);
 }
 
 TEST_CASE("LoRA bad input: rank beyond the dimensions, missing targets, unknown module names, wrong shapes") {
     const auto s = testing::bert_shape();  // d_model 64, d_ff 128
-    const TransformerLayer<config::bert<compress::dense, pet::lora>> layer(
+    const TransformerLayer<config::bert<compress::dense>> layer(
         nn::random_layer_weights(s, 10, nn::kind_of<config::bert<>>), s);
     const auto d = layer.pet_dims();
     pet::lora::options o;
@@ -212,7 +218,7 @@ TEST_CASE("LoRA bad input: rank beyond the dimensions, missing targets, unknown 
 
 TEST_CASE("LoRA parameter accounting (print_trainable_parameters)") {
     const auto s = testing::bert_shape();
-    const TransformerLayer<config::bert<compress::dense, pet::lora>> layer(
+    const TransformerLayer<config::bert<compress::dense>> layer(
         nn::random_layer_weights(s, 12, nn::kind_of<config::bert<>>), s);
     pet::lora::options o;
     o.rank = 8;

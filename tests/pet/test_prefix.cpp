@@ -22,10 +22,11 @@ testing::reference_hooks prefix_ref(const M& m) {
 
 }  // namespace
 
-TEST_CASE_TEMPLATE("prefix tuning matches the Eigen reference with bidirectional and causal attention", C,
-                   config::bert<compress::dense, pet::prefix_tuning>, config::llama<compress::dense, pet::p_tuning_v2>,
-                   config::gpt2<testing::rounded<4>, pet::prefix_tuning>) {
-    using P = typename C::pet;
+TEST_CASE_TEMPLATE("prefix tuning matches the Eigen reference with bidirectional and causal attention", T,
+                   testing::with<config::bert<compress::dense>, pet::prefix_tuning>, testing::with<config::llama<compress::dense>, pet::p_tuning_v2>,
+                   testing::with<config::gpt2<testing::rounded<4>>, pet::prefix_tuning>) {
+    using C = typename T::config;
+    using P = typename T::pet;
     const auto s = testing::shape_for<C>();
     const TransformerLayer<C> layer(nn::random_layer_weights(s, 500, nn::kind_of<C>), s);
     for (index_t L : {1, 5}) {
@@ -46,7 +47,7 @@ TEST_CASE_TEMPLATE("prefix tuning matches the Eigen reference with bidirectional
 }
 
 TEST_CASE("P-tuning v2 deep prompts with the causal KV cache equal a full recompute (prefill + decode steps)") {
-    using C = config::llama<compress::dense, pet::p_tuning_v2>;
+    using C = config::llama<compress::dense>;
     const auto s = testing::llama_shape();
     std::vector<nn::dense_layer_weights> w{nn::random_layer_weights(s, 510, nn::kind_of<C>),
                                            nn::random_layer_weights(s, 511, nn::kind_of<C>)};
@@ -100,7 +101,7 @@ TEST_CASE("P-tuning v2 deep prompts with the causal KV cache equal a full recomp
 }
 
 TEST_CASE("the prefix reparametrisation MLP folds away: folded prefixes equal the MLP's output") {
-    using C = config::bert<compress::dense, pet::prefix_tuning>;
+    using C = config::bert<compress::dense>;
     const auto s = testing::bert_shape();
     std::vector<nn::dense_layer_weights> w{nn::random_layer_weights(s, 520, nn::kind_of<C>),
                                            nn::random_layer_weights(s, 521, nn::kind_of<C>)};
@@ -131,7 +132,7 @@ TEST_CASE("the prefix reparametrisation MLP folds away: folded prefixes equal th
 }
 
 TEST_CASE("prefix bad input: beyond the KV cache capacity, a cache of another task, wrong widths") {
-    using C = config::llama<compress::dense, pet::prefix_tuning>;
+    using C = config::llama<compress::dense>;
     const auto s = testing::llama_shape();
     const TransformerLayer<C> layer(nn::random_layer_weights(s, 530, nn::kind_of<C>), s);
     const auto task = pet::prefix_tuning::make(layer.pet_dims(), {.length = 8}, 1);

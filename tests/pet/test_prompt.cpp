@@ -11,8 +11,10 @@
 using namespace cpet;
 using testing::MatD;
 
-TEST_CASE_TEMPLATE("prompt tuning equals the reference on [virtual tokens; sequence], real rows returned", C,
-                   config::bert<compress::dense, pet::prompt_tuning>, config::llama<testing::rounded<4>, pet::prompt_tuning>) {
+TEST_CASE_TEMPLATE("prompt tuning equals the reference on [virtual tokens; sequence], real rows returned", T,
+                   testing::with<config::bert<compress::dense>, pet::prompt_tuning>, testing::with<config::llama<testing::rounded<4>>, pet::prompt_tuning>) {
+    using C = typename T::config;
+    using P = typename T::pet;
     const auto s = testing::shape_for<C>();
     std::vector<nn::dense_layer_weights> w{nn::random_layer_weights(s, 600, nn::kind_of<C>),
                                            nn::random_layer_weights(s, 601, nn::kind_of<C>)};
@@ -93,10 +95,11 @@ testing::reference_hooks ref_hooks(const M& m) {
 
 }  // namespace
 
-TEST_CASE_TEMPLATE("prompt-tuned decode: prefill and steps of a ragged batch equal the full causal recompute", C,
-                   config::gpt2<compress::dense, pet::prompt_tuning>, config::llama<testing::rounded<4>, pet::prompt_tuning>,
-                   config::gpt2<compress::dense, pet::stack<pet::prefix_tuning, pet::prompt_tuning>>) {
-    using P = typename C::pet;
+TEST_CASE_TEMPLATE("prompt-tuned decode: prefill and steps of a ragged batch equal the full causal recompute", T,
+                   testing::with<config::gpt2<compress::dense>, pet::prompt_tuning>, testing::with<config::llama<testing::rounded<4>>, pet::prompt_tuning>,
+                   testing::with<config::gpt2<compress::dense>, pet::stack<pet::prefix_tuning, pet::prompt_tuning>>) {
+    using C = typename T::config;
+    using P = typename T::pet;
     const auto s = testing::shape_for<C>();
     std::vector<nn::dense_layer_weights> w{nn::random_layer_weights(s, 620, nn::kind_of<C>),
                                            nn::random_layer_weights(s, 621, nn::kind_of<C>)};
@@ -161,7 +164,7 @@ TEST_CASE_TEMPLATE("prompt-tuned decode: prefill and steps of a ragged batch equ
 }
 
 TEST_CASE("prompt-tuned decode: bad input throws before any cache changes") {
-    using C = config::gpt2<compress::dense, pet::prompt_tuning>;
+    using C = config::gpt2<compress::dense>;
     const auto s = testing::shape_for<C>();
     std::vector<nn::dense_layer_weights> w{nn::random_layer_weights(s, 640, nn::kind_of<C>),
                                            nn::random_layer_weights(s, 641, nn::kind_of<C>)};

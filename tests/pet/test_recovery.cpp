@@ -33,8 +33,10 @@ void for_each_policy(F&& f) {
 
 }  // namespace
 
-TEST_CASE_TEMPLATE("the paper's recovery module R(x) = s·GELU(x·A1ᵀ)·A2ᵀ matches the reference on every linear", C,
-                   config::bert<compress::dense, pet::recovery>, config::llama<testing::rounded<4>, pet::recovery>) {
+TEST_CASE_TEMPLATE("the paper's recovery module R(x) = s·GELU(x·A1ᵀ)·A2ᵀ matches the reference on every linear", T,
+                   testing::with<config::bert<compress::dense>, pet::recovery>, testing::with<config::llama<testing::rounded<4>>, pet::recovery>) {
+    using C = typename T::config;
+    using P = typename T::pet;
     const auto s = testing::shape_for<C>();
     const TransformerLayer<C> layer(nn::random_layer_weights(s, 40, nn::kind_of<C>), s);
     pet::recovery::options o;
@@ -65,7 +67,7 @@ TEST_CASE_TEMPLATE("the paper's recovery module R(x) = s·GELU(x·A1ᵀ)·A2ᵀ 
 TEST_CASE("a fresh GELU recovery module (A2 = 0) leaves the output unchanged") {
     for_each_policy([](auto policy) {
         using Comp = decltype(policy);
-        using C = config::llama<Comp, pet::recovery>;
+        using C = config::llama<Comp>;
         CAPTURE(Comp::name());
         const auto s = testing::llama_shape();
         const auto w = nn::random_layer_weights(s, 42, nn::kind_of<C>);
@@ -84,9 +86,11 @@ TEST_CASE("a fresh GELU recovery module (A2 = 0) leaves the output unchanged") {
     });
 }
 
-TEST_CASE_TEMPLATE("a full-rank linear recovery module makes the compressed layer reproduce the dense layer", C,
-                   config::bert<testing::rounded<4>, pet::recovery_linear>,
-                   config::llama<testing::rounded<4>, pet::recovery_linear>) {
+TEST_CASE_TEMPLATE("a full-rank linear recovery module makes the compressed layer reproduce the dense layer", T,
+                   testing::with<config::bert<testing::rounded<4>>, pet::recovery_linear>,
+                   testing::with<config::llama<testing::rounded<4>>, pet::recovery_linear>) {
+    using C = typename T::config;
+    using P = typename T::pet;
     const auto s = testing::shape_for<C>();
     const auto w = nn::random_layer_weights(s, 44, nn::kind_of<C>);
     const TransformerLayer<C> layer(w, s);
@@ -132,8 +136,8 @@ TEST_CASE("a rank-32 SVD-initialised linear recovery module lowers the compresse
             if (before > testing::pet_tol) CHECK(after < 0.7 * before);
             else CHECK(after <= testing::pet_tol);  // dense: nothing lost, nothing added
         };
-        run(config::bert<Comp, pet::recovery_linear>{});
-        run(config::llama<Comp, pet::recovery_linear>{});
+        run(config::bert<Comp>{});
+        run(config::llama<Comp>{});
     });
 }
 
@@ -173,7 +177,7 @@ TEST_CASE("activation-aware SVD init beats the plain one on inputs with uneven c
 TEST_CASE("recovery bad input: rank beyond the dimensions, missing gate, calibration of the wrong width") {
     const auto s = testing::bert_shape();
     const auto w = nn::random_layer_weights(s, 70, nn::kind_of<config::bert<>>);
-    const TransformerLayer<config::bert<testing::rounded<4>, pet::recovery_linear>> layer(w, s);
+    const TransformerLayer<config::bert<testing::rounded<4>>> layer(w, s);
     pet::recovery_linear::options o;
     o.rank = 65;
     CHECK_THROWS_WITH_AS(nn::init_recovery(layer, w, o), doctest::Contains("exceeds min(in, out)"), shape_error);

@@ -1,4 +1,4 @@
-// pet::task, a task as a run-time value: ONE backbone object (pet::runtime) runs tasks of every method and of
+// pet::task, a task as a run-time value: ONE backbone object runs tasks of every method and of
 // mixes of methods, each against the Eigen reference of its formula, on every ISA; a single-method task is the
 // static method exactly; a task refuses a second method on a single-member hook; bad shapes are refused at entry.
 // The methods are a run-time list here, so the whole list costs one layer instantiation per configuration.
@@ -185,17 +185,17 @@ void every_kind_on_one_backbone(unsigned seed) {
 }  // namespace
 
 TEST_CASE("one backbone object runs tasks of every PET method and of mixes, each matching its reference") {
-    every_kind_on_one_backbone<config::bert<compress::dense, pet::runtime>>(900);
+    every_kind_on_one_backbone<config::bert<compress::dense>>(900);
     every_kind_on_one_backbone<
-        config::llama<compress::quantized<compress::int4, compress::per_group<16>, compress::asymmetric>, pet::runtime>>(950);
+        config::llama<compress::quantized<compress::int4, compress::per_group<16>, compress::asymmetric>>>(950);
 }
 
 TEST_CASE("a single-method task is that method exactly; tasks refuse a second method on a single-member hook") {
-    using C = config::bert<compress::dense, pet::runtime>;
+    using C = config::bert<compress::dense>;
     const auto s = testing::bert_shape();
     const auto w = nn::random_layer_weights(s, 960, nn::kind_of<C>);
     const TransformerLayer<C> layer(w, s);
-    const TransformerLayer<config::bert<compress::dense, pet::lora>> static_layer(w, s);
+    const TransformerLayer<config::bert<compress::dense>> static_layer(w, s);
     auto lora = pet::lora::make(layer.pet_dims(), {.rank = 4, .targets = pet::target_set::attention() | pet::target_set{pet::target::up, pet::target::down}}, 3);
     testing::randomize_up(lora, layer.pet_dims(), 4);
     const pet::task t(lora);

@@ -16,6 +16,14 @@
 
 namespace cpet::testing {
 
+/// A test case's backbone configuration and PET policy: the backbone's type names no PET method, so a case that
+/// runs a method on a configuration names both (TEST_CASE_TEMPLATE over testing::with<config, policy>).
+template <class Config, class Pet>
+struct with {
+    using config = Config;
+    using pet = Pet;
+};
+
 /// Every path this build compiled and this CPU runs (always includes scalar).
 inline std::vector<arch::isa> available_isas() {
     std::vector<arch::isa> out;

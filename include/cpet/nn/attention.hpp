@@ -41,12 +41,6 @@ public:
           v_(C::compression::compress(w.wv, in_stats), w.bv, "dense_layer_weights.bv"),
           o_(C::compression::compress(w.wo, o_stats), w.bo, "dense_layer_weights.bo") {}
 
-    /// The same weights under a config that differs only in its PET policy (moved, not recompressed).
-    template <LayerConfig C2>
-        requires same_backbone<C, C2>
-    explicit Attention(Attention<C2>&& o)
-        : shape_(o.shape_), q_(std::move(o.q_)), k_(std::move(o.k_)), v_(std::move(o.v_)), o_(std::move(o.o_)) {}
-
     const Linear<format>& q() const noexcept { return q_; }
     const Linear<format>& k() const noexcept { return k_; }
     const Linear<format>& v() const noexcept { return v_; }
@@ -150,9 +144,6 @@ public:
     }
 
 private:
-    template <LayerConfig>
-    friend class Attention;
-
     static void copy_rows(ConstMatrixView<float> from, MatrixView<float> to) noexcept {
         for (index_t r = 0; r < from.rows(); ++r) {
             const float* s = from.row(r);

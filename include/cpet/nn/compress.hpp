@@ -10,8 +10,8 @@
 //                                      layers before it produce (the sequential scheme of GPTQ / SparseGPT), so
 //                                      each layer's compression sees, and partly absorbs, the error upstream
 //
-// How the statistics are collected: the layer runs with a PET policy whose linear hook records its input and
-// adds nothing (detail::calibration_probe), so the sites are exactly the inputs the kernels see (post-LN: the layer
+// How the statistics are collected: the layer runs with a task whose linear hook records its input and adds
+// nothing (detail::calibration_probe's modules), so the sites are exactly the inputs the kernels see (post-LN: the layer
 // input; pre-LN: the normalised one; o: the concatenated heads; down: the activated FFN hidden state), padded rows
 // excluded. q/k/v share one site, as do up/gate.
 //
@@ -53,13 +53,13 @@
 
 namespace cpet::nn {
 
-/// C with its compression policy replaced by P (with_pet_t's twin).
+/// C with its compression policy replaced by P.
 template <class C, class P>
 struct with_compression;
 template <norm_placement Pl, norm_kind N, ffn_kind F, kernels::activation A, attention_mask M, bool R, bool B,
-          class Comp, class Pet, class P>
-struct with_compression<config::layer<Pl, N, F, A, M, R, B, Comp, Pet>, P> {
-    using type = config::layer<Pl, N, F, A, M, R, B, P, Pet>;
+          class Comp, class P>
+struct with_compression<config::layer<Pl, N, F, A, M, R, B, Comp>, P> {
+    using type = config::layer<Pl, N, F, A, M, R, B, P>;
 };
 template <class C, class P>
 using with_compression_t = typename with_compression<C, P>::type;
@@ -203,7 +203,8 @@ inline void check_samples(const calibration_set& set, index_t d_model, const cha
         }
 }
 
-/// Runs a probe-typed layer on the samples; returns its statistics and (when y is non-null) its output.
+/// Runs a layer on the samples with the probe as its task; returns the statistics and (when y is non-null) the
+/// output.
 template <LayerConfig P>
 layer_statistics run_probe(const TransformerLayer<P>& layer, const calibration_set& set, bool hessian,
                            Matrix<float>* y, const char* who) {
@@ -219,7 +220,7 @@ layer_statistics run_probe(const TransformerLayer<P>& layer, const calibration_s
 }
 
 template <class C>
-using probe_config = with_pet_t<with_compression_t<C, compress::dense>, calibration_probe>;
+using probe_config = with_compression_t<C, compress::dense>;
 
 /// ‖y − ref‖_F / ‖ref‖_F over all rows (padded rows are zero in both).
 inline double relative_error(ConstMatrixView<float> y, ConstMatrixView<float> ref) {
@@ -241,8 +242,8 @@ inline std::vector<index_t> iota(index_t n) {
 
 }  // namespace detail
 
-/// Statistics of the dense layer (w, s) of config C's kind (its compression and PET policies do not matter: the
-/// dense fp32 weights run) on the samples.
+/// Statistics of the dense layer (w, s) of config C's kind (its compression policy does not matter: the dense
+/// fp32 weights run) on the samples.
 template <LayerConfig C>
 layer_statistics calibrate(const dense_layer_weights& w, const layer_shape& s, const calibration_set& set,
                            const calibration_options& o = {}) {
@@ -256,8 +257,7 @@ template <LayerConfig C>
 layer_statistics calibrate(const TransformerLayer<C>& layer, const calibration_set& set,
                            const calibration_options& o = {}) {
     detail::check_samples(set, layer.shape().d_model, "nn::calibrate");
-    const TransformerLayer<with_pet_t<C, detail::calibration_probe>> probe{TransformerLayer<C>(layer)};
-    return detail::run_probe(probe, set, o.hessian, nullptr, "nn::calibrate");
+    return detail::run_probe(layer, set, o.hessian, nullptr, "nn::calibrate");
 }
 
 struct compress_options {
@@ -301,13 +301,12 @@ struct compressed_layer {
     std::vector<index_t> kept_heads, kept_kv_heads, kept_neurons;
 };
 
-/// Compresses the dense layer (w, s) into a TransformerLayer<C> (C's compression policy, C's PET policy),
+/// Compresses the dense layer (w, s) into a TransformerLayer<C> (C's compression policy),
 /// calibrated on `set`. See the file comment.
 template <LayerConfig C>
 compressed_layer<C> compress(const dense_layer_weights& w, const layer_shape& s, const calibration_set& set,
                              const compress_options& o = {}) {
     using policy = typename C::compression;
-    using bare = with_pet_t<C, pet::none>;
     constexpr const char* who = "nn::compress";
     s.validate();
     check_weights(w, s, kind_of<C>);
@@ -332,7 +331,7 @@ compressed_layer<C> compress(const dense_layer_weights& w, const layer_shape& s,
     const dense_layer_weights& wc = pruned ? pruned->weights : w;
     const layer_shape& sc = pruned ? pruned->shape : s;
     // 3. Every linear through the policy, then the compressed layer on the same samples.
-    TransformerLayer<bare> layer(wc, sc, &stats.linears);
+    TransformerLayer<C> layer(wc, sc, &stats.linears);
     Matrix<float> y(set.x.rows(), set.x.cols());
     workspace ws;
     layer.forward(set.x, set.lengths, y, ws);
@@ -345,7 +344,7 @@ compressed_layer<C> compress(const dense_layer_weights& w, const layer_shape& s,
         r.policy = os.str();
     }
     r.shape = sc;
-    r.dense_bytes = TransformerLayer<with_compression_t<bare, compress::dense>>(w, s).bytes();
+    r.dense_bytes = TransformerLayer<with_compression_t<C, compress::dense>>(w, s).bytes();
     r.bytes = layer.bytes();
     r.ratio = r.bytes ? double(r.dense_bytes) / double(r.bytes) : 0.0;
     r.rel_error = detail::relative_error(y, y_dense);
@@ -366,14 +365,10 @@ compressed_layer<C> compress(const dense_layer_weights& w, const layer_shape& s,
         }
         return out;
     };
-    if constexpr (std::is_same_v<bare, C>)
-        return finish(std::move(layer));
-    else
-        return finish(TransformerLayer<C>(std::move(layer)));
+    return finish(std::move(layer));
 }
 
-/// The same from a dense TransformerLayer (its weights are the reference): the result has policy P and the dense
-/// layer's PET policy.
+/// The same from a dense TransformerLayer (its weights are the reference): the result has compression policy P.
 template <compress::CompressionPolicy P, LayerConfig C>
 compressed_layer<with_compression_t<C, P>> compress(const TransformerLayer<C>& dense, const calibration_set& set,
                                                     const compress_options& o = {}) {
@@ -406,9 +401,8 @@ compressed_stack<C> compress_stack(const std::vector<dense_layer_weights>& w, co
     for (std::size_t i = 0; i < w.size(); ++i) {
         auto c = compress<C>(w[i], s, cur, o);
         if (i + 1 < w.size()) {  // the next layer's samples: this compressed layer's output
-            const TransformerLayer<with_pet_t<C, detail::calibration_probe>> probe{TransformerLayer<C>(c.layer)};
             Matrix<float> next;
-            (void)detail::run_probe(probe, cur, false, &next, "nn::compress_stack");
+            (void)detail::run_probe(c.layer, cur, false, &next, "nn::compress_stack");
             cur.x = std::move(next);
         }
         out.layers.push_back(std::move(c.layer));

@@ -2,7 +2,10 @@
 // (layer_shape).
 //
 // Choices that change the code are types / constants of a Config: where the norms sit, which norm, which FFN and
-// activation, the attention mask, RoPE, biases, the compression policy and the PET policy. Sizes are values.
+// activation, the attention mask, RoPE, biases and the compression policy. Sizes are values. PET methods are
+// NOT part of a Config: the backbone's type names its architecture and compression only, and a task's modules
+// (any pet:: modules type, or a run-time pet::task holding any methods) are an argument of each call, so tasks
+// of every kind run on one backbone object.
 //   post-LN (BERT):    h = LN1(x + Attn(x));        y = LN2(h + FFN(h))
 //   pre-LN (LLaMA, T5, GPT-2): h = x + Attn(N1(x)); y = h + FFN(N2(h))
 #pragma once
@@ -16,8 +19,6 @@
 #include "cpet/core/matrix.hpp"
 #include "cpet/kernels/activations.hpp"
 #include "cpet/kernels/rope.hpp"
-#include "cpet/pet/none.hpp"
-#include "cpet/pet/policy.hpp"
 
 namespace cpet::nn {
 
@@ -59,7 +60,7 @@ struct layer_shape {
     }
 };
 
-/// A layer configuration: the constants below plus `compression` (a CompressionPolicy) and `pet` (a PetPolicy).
+/// A layer configuration: the constants below plus `compression` (a CompressionPolicy).
 template <class C>
 concept LayerConfig = requires {
     { C::placement } -> std::convertible_to<norm_placement>;
@@ -70,18 +71,10 @@ concept LayerConfig = requires {
     { C::rope } -> std::convertible_to<bool>;
     { C::bias } -> std::convertible_to<bool>;
     typename C::compression;
-    typename C::pet;
-} && compress::CompressionPolicy<typename C::compression> && pet::PetPolicy<typename C::pet>;
+} && compress::CompressionPolicy<typename C::compression>;
 
 template <LayerConfig C>
 inline constexpr layer_kind kind_of{C::norm, C::ffn, C::bias};
-
-/// Two configs that build the same backbone (every choice but the PET policy agrees): a layer of one can be
-/// re-typed as the other without recompressing (TransformerLayer's converting constructor).
-template <class A, class B>
-concept same_backbone = LayerConfig<A> && LayerConfig<B> && A::placement == B::placement && A::norm == B::norm &&
-                        A::ffn == B::ffn && A::act == B::act && A::mask == B::mask && A::rope == B::rope &&
-                        A::bias == B::bias && std::is_same_v<typename A::compression, typename B::compression>;
 
 }  // namespace cpet::nn
 
@@ -90,7 +83,7 @@ namespace cpet::config {
 /// The general configuration; the named ones below are aliases of it. `Act` is the MLP activation (SwiGLU
 /// always gates with SiLU).
 template <nn::norm_placement Placement, nn::norm_kind Norm, nn::ffn_kind Ffn, kernels::activation Act,
-          nn::attention_mask Mask, bool Rope, bool Bias, class Compression = compress::dense, class Pet = pet::none>
+          nn::attention_mask Mask, bool Rope, bool Bias, class Compression = compress::dense>
 struct layer {
     static constexpr nn::norm_placement placement = Placement;
     static constexpr nn::norm_kind norm = Norm;
@@ -100,24 +93,22 @@ struct layer {
     static constexpr bool rope = Rope;
     static constexpr bool bias = Bias;
     using compression = Compression;
-    using pet = Pet;
     static_assert(compress::check_compression_policy<Compression>());
-    static_assert(cpet::pet::check_pet_policy<Pet>());
 };
 
 /// BERT / RoBERTa encoder layer: post-LN LayerNorm, GELU (erf) MLP, bidirectional, biases, no RoPE.
-template <class Compression = compress::dense, class Pet = pet::none>
+template <class Compression = compress::dense>
 using bert = layer<nn::norm_placement::post, nn::norm_kind::layernorm, nn::ffn_kind::mlp, kernels::activation::gelu_erf,
-                   nn::attention_mask::bidirectional, false, true, Compression, Pet>;
+                   nn::attention_mask::bidirectional, false, true, Compression>;
 
 /// LLaMA decoder layer: pre-LN RMSNorm, SwiGLU, causal, RoPE, no biases (GQA through layer_shape::n_kv_heads).
-template <class Compression = compress::dense, class Pet = pet::none>
+template <class Compression = compress::dense>
 using llama = layer<nn::norm_placement::pre, nn::norm_kind::rmsnorm, nn::ffn_kind::swiglu, kernels::activation::silu,
-                    nn::attention_mask::causal, true, false, Compression, Pet>;
+                    nn::attention_mask::causal, true, false, Compression>;
 
 /// GPT-2 decoder layer: pre-LN LayerNorm, GELU (tanh) MLP, causal, biases, no RoPE.
-template <class Compression = compress::dense, class Pet = pet::none>
+template <class Compression = compress::dense>
 using gpt2 = layer<nn::norm_placement::pre, nn::norm_kind::layernorm, nn::ffn_kind::mlp, kernels::activation::gelu_tanh,
-                   nn::attention_mask::causal, false, true, Compression, Pet>;
+                   nn::attention_mask::causal, false, true, Compression>;
 
 }  // namespace cpet::config

@@ -35,12 +35,6 @@ public:
         if constexpr (gated) gate_.emplace(C::compression::compress(w.w_gate, in_stats));
     }
 
-    /// The same weights under a config that differs only in its PET policy (moved, not recompressed).
-    template <LayerConfig C2>
-        requires same_backbone<C, C2>
-    explicit FFN(FFN<C2>&& o)
-        : d_ff_(o.d_ff_), up_(std::move(o.up_)), down_(std::move(o.down_)), gate_(std::move(o.gate_)) {}
-
     const Linear<format>& up() const noexcept { return up_; }
     const Linear<format>& down() const noexcept { return down_; }
     const Linear<format>* gate() const noexcept { return gate_ ? &*gate_ : nullptr; }
@@ -78,9 +72,6 @@ public:
     }
 
 private:
-    template <LayerConfig>
-    friend class FFN;
-
     index_t d_ff_ = 0;
     Linear<format> up_, down_;
     std::optional<Linear<format>> gate_;

@@ -4,7 +4,10 @@
 //   pre-LN (LLaMA):  t = x + Attn(N1(x));          y = t + FFN(N2(t))
 // Residual adds ride in the o and down GEMMs' epilogues, bias + activation in the up (or gate) GEMM. When the PET
 // policy has a sublayer hook the hook sees the sublayer output before the residual, so that add becomes a
-// separate pass. The backbone is const: every call takes a workspace (per caller) and the task's PET modules.
+// separate pass. The backbone is const: every call takes a workspace (per caller) and the task's PET modules —
+// any modules type (pet::lora::modules, a pet::stack's, a run-time pet::task of any methods), so the layer's type
+// names architecture and compression only and one layer object serves tasks of every kind. A call checks the
+// task against the layer once, at its entry (check_task); the kernels below trust it.
 #pragma once
 
 #include <span>
@@ -40,10 +43,7 @@ public:
     using config = C;
     using compression = typename C::compression;
     using format = typename compression::format;
-    using pet_policy = typename C::pet;
-    using task_type = typename pet_policy::modules;  ///< one layer's PET modules
     static constexpr bool causal = C::mask == attention_mask::causal;
-    static constexpr bool needs_task = !std::is_same_v<pet_policy, pet::none>;
 
     TransformerLayer() = default;
     /// Compresses each linear of `w` through the Config's compression policy (with `stats` when given).
@@ -54,17 +54,6 @@ public:
           attn_(w, s, stats ? &stats->attention_in : nullptr, stats ? &stats->o_in : nullptr),
           ffn_(w, s, stats ? &stats->ffn_in : nullptr, stats ? &stats->down_in : nullptr) {}
 
-    /// The same backbone under another PET policy: the compressed weights are moved over, not recompressed
-    /// (nn::compress builds a bare layer to measure its error, then hands it over in the caller's config).
-    template <LayerConfig C2>
-        requires(same_backbone<C, C2> && !std::is_same_v<C, C2>)
-    explicit TransformerLayer(TransformerLayer<C2>&& o)
-        : shape_(o.shape_),
-          norm1_(std::move(o.norm1_)),
-          norm2_(std::move(o.norm2_)),
-          attn_(std::move(o.attn_)),
-          ffn_(std::move(o.ffn_)) {}
-
     const layer_shape& shape() const noexcept { return shape_; }
     const Attention<C>& attention() const noexcept { return attn_; }
     const FFN<C>& ffn() const noexcept { return ffn_; }
@@ -74,25 +63,26 @@ public:
     std::size_t bytes() const noexcept { return attn_.bytes() + ffn_.bytes(); }
 
     /// y [B·S, d] = layer(x [B·S, d]) for B = lengths.size() sequences padded to S rows each (see batch.hpp).
-    /// y may be x (in place). Padded rows of y are zero. The ISA used is recorded in ws.last_isa().
+    /// y may be x (in place). Padded rows of y are zero. The ISA used is recorded in ws.last_isa(). `task`: one
+    /// layer's PET modules of any kind (none: the bare backbone).
+    template <class Task>
     void forward(ConstMatrixView<float> x, std::span<const index_t> lengths, MatrixView<float> y, workspace& ws,
-                 const task_type& task) const {
+                 const Task& task) const {
         const auto L = check_call(x, lengths, y, "TransformerLayer::forward");
         check_task(task, "TransformerLayer::forward");
         arch::dispatch([&](auto tag) { forward_on(tag, x, L, y, ws, task, nullptr); });
     }
-    void forward(ConstMatrixView<float> x, std::span<const index_t> lengths, MatrixView<float> y, workspace& ws) const
-        requires(!needs_task)
-    {
-        forward(x, lengths, y, ws, task_type{});
+    void forward(ConstMatrixView<float> x, std::span<const index_t> lengths, MatrixView<float> y, workspace& ws) const {
+        forward(x, lengths, y, ws, pet::none::modules{});
     }
 
     /// Incremental (causal) forward: sequence b's first new_lengths[b] rows are new tokens at positions
     /// cache.length(b), cache.length(b)+1, ...; their keys and values are appended to `cache`. Prefill is decode
     /// on an empty cache; a decode step is S = 1. Throws shape_error (before changing anything) when a sequence
     /// would exceed the cache's capacity.
+    template <class Task>
     void decode(ConstMatrixView<float> x, std::span<const index_t> new_lengths, MatrixView<float> y, kv_cache& cache,
-                workspace& ws, const task_type& task) const
+                workspace& ws, const Task& task) const
         requires causal
     {
         const auto L = check_call(x, new_lengths, y, "TransformerLayer::decode");
@@ -104,9 +94,9 @@ public:
     }
     void decode(ConstMatrixView<float> x, std::span<const index_t> new_lengths, MatrixView<float> y, kv_cache& cache,
                 workspace& ws) const
-        requires(causal && !needs_task)
+        requires causal
     {
-        decode(x, new_lengths, y, cache, ws, task_type{});
+        decode(x, new_lengths, y, cache, ws, pet::none::modules{});
     }
 
     /// A cache sized for this layer.
@@ -130,10 +120,12 @@ public:
     /// `virtual_tokens_allowed`: only the first layer of a Stack may carry prompt-tuning tokens (the stack puts
     /// them before each sequence); a single layer's forward or decode, or a later stack layer, refuses them
     /// rather than silently ignoring them.
-    void check_task(const task_type& m, const char* who, bool virtual_tokens_allowed = false) const {
-        if constexpr (pet::FitsCheck<task_type>) m.check_fits(pet_dims(), who);
+    template <class Task>
+    void check_task(const Task& m, const char* who, bool virtual_tokens_allowed = false) const {
+        static_assert(pet::check_modules<Task>(), "cpet TransformerLayer: the task's modules type is not usable");
+        if constexpr (pet::FitsCheck<Task>) m.check_fits(pet_dims(), who);
         (void)attn_.prefix_rows(m);
-        if constexpr (pet::uses_hook<task_type, pet::hook::input>) {
+        if constexpr (pet::uses_hook<Task, pet::hook::input>) {
             const ConstMatrixView<float> vt = m.virtual_tokens();
             require<shape_error>(virtual_tokens_allowed || vt.rows() == 0, who, ": the task carries ", vt.rows(),
                                  " virtual tokens (PET input hook, prompt tuning) where none can be applied: a model "
@@ -142,7 +134,7 @@ public:
             if (vt.rows() > 0)
                 check_shape(vt, -1, shape_.d_model, cpet::detail::concat(who, ": PET input hook (virtual tokens)").c_str());
         }
-        if constexpr (pet::uses_hook<task_type, pet::hook::norm>) {
+        if constexpr (pet::uses_hook<Task, pet::hook::norm>) {
             for (int i = 0; i < pet::norm_site_count; ++i) {
                 const auto n = pet::norm_site(i);
                 if (auto db = m.norm_bias_delta(n)) {
@@ -202,9 +194,9 @@ public:
         return d;
     }
 
-    template <class Arch>
+    template <class Arch, class Task>
     void forward_on(Arch tag, ConstMatrixView<float> x, const batch_layout& L, MatrixView<float> y, workspace& ws,
-                    const task_type& m, kv_cache* cache) const {
+                    const Task& m, kv_cache* cache) const {
         ws.set_last_isa(arch::isa_of<Arch>());
         const index_t M = x.rows(), d = shape_.d_model;
         if (M == 0) return;
@@ -212,7 +204,7 @@ public:
         auto& ps = ws.pet_scratch();
         // the sublayer hook, compiled only where the modules declare it
         auto sublayer = [&](pet::sublayer w, ConstMatrixView<float> in, MatrixView<float> out) {
-            if constexpr (pet::uses_hook<task_type, pet::hook::sublayer>) m.sublayer(w, in, out, ps);
+            if constexpr (pet::uses_hook<Task, pet::hook::sublayer>) m.sublayer(w, in, out, ps);
             else (void)w, (void)in, (void)out;
         };
         auto h = ws.get(workspace::normed, M, d);
@@ -255,9 +247,6 @@ public:
     }
 
 private:
-    template <LayerConfig>
-    friend class TransformerLayer;
-
     static const layer_shape& checked(const dense_layer_weights& w, const layer_shape& s) {
         check_weights(w, s, kind_of<C>);
         // RoPE rotates pairs of a head's values: an odd head_dim leaves one value without a partner (and the
@@ -267,10 +256,10 @@ private:
         return s;
     }
     /// y = norm(x), with β + Δβ when the task's norm hook tunes this norm's β (summed into scratch: O(d)).
-    template <class Arch>
+    template <class Arch, class Task>
     void norm(Arch tag, const Norm<C::norm>& n, pet::norm_site site, ConstMatrixView<float> x, MatrixView<float> y,
-              const task_type& m, pet::scratch& ps) const {
-        if constexpr (pet::uses_hook<task_type, pet::hook::norm> && C::norm == norm_kind::layernorm) {
+              const Task& m, pet::scratch& ps) const {
+        if constexpr (pet::uses_hook<Task, pet::hook::norm> && C::norm == norm_kind::layernorm) {
             if (auto db = m.norm_bias_delta(site)) {  // size checked by check_task
                 const index_t d = n.features();
                 auto b = ps.matrix(pet::slot::norm_bias, 1, d);

@@ -26,17 +26,6 @@ namespace cpet::nn {
 template <class F>
 inline constexpr bool lora_mergeable = std::is_same_v<F, compress::dense_f32>;
 
-/// The same layer configuration with another PET policy (e.g. pet::none for a merged layer).
-template <class C, class P>
-struct with_pet;
-template <norm_placement Pl, norm_kind N, ffn_kind F, kernels::activation A, attention_mask M, bool R, bool B,
-          class Comp, class Pet, class P>
-struct with_pet<config::layer<Pl, N, F, A, M, R, B, Comp, Pet>, P> {
-    using type = config::layer<Pl, N, F, A, M, R, B, Comp, P>;
-};
-template <class C, class P>
-using with_pet_t = typename with_pet<C, P>::type;
-
 namespace detail {
 
 template <class F>
@@ -115,11 +104,11 @@ index_t parameter_count(const TransformerLayer<C>& layer) {
     return n;
 }
 
-/// A new layer whose weights are W + s·B·A for every target the LoRA `m` adapts (the same configuration with PET
-/// policy P, pet::none by default). Exact for dense formats; any other format throws format_error, since folding
+/// A new layer whose weights are W + s·B·A for every target the LoRA `m` adapts (the same configuration; the
+/// merged layer runs the other tasks, or none). Exact for dense formats; any other format throws format_error, since folding
 /// an update into a quantized or sparse weight loses part of it: see merge_lora_and_recompress.
-template <class P = pet::none, class C, class Modules>
-TransformerLayer<with_pet_t<C, P>> merge_lora(const TransformerLayer<C>& layer, const Modules& m, int sign = +1) {
+template <class C, class Modules>
+TransformerLayer<C> merge_lora(const TransformerLayer<C>& layer, const Modules& m, int sign = +1) {
     using F = typename C::compression::format;
     require<format_error>(lora_mergeable<F>, "merge_lora: the layer's weights are compressed (compression "
                           "policy \"", C::compression::name(), "\"), not dense; merging a LoRA into them is lossy. "
@@ -130,13 +119,13 @@ TransformerLayer<with_pet_t<C, P>> merge_lora(const TransformerLayer<C>& layer, 
         const auto t = pet::target(i);
         if (m.rank(t) > 0) detail::weight_of(w, t) = pet::merge_weight(detail::weight_of(w, t), m, t, sign);
     }
-    return TransformerLayer<with_pet_t<C, P>>(w, layer.shape());
+    return TransformerLayer<C>(w, layer.shape());
 }
 
 /// The inverse of merge_lora: W − s·B·A (exact up to fp32 rounding of the merged weight).
-template <class P = pet::none, class C, class Modules>
-TransformerLayer<with_pet_t<C, P>> unmerge_lora(const TransformerLayer<C>& layer, const Modules& m) {
-    return merge_lora<P>(layer, m, -1);
+template <class C, class Modules>
+TransformerLayer<C> unmerge_lora(const TransformerLayer<C>& layer, const Modules& m) {
+    return merge_lora(layer, m, -1);
 }
 
 /// What merge_lora_and_recompress produced and the error it introduced.
@@ -156,10 +145,10 @@ struct recompressed_merge {
 
 /// Merges the LoRA into any format by recompressing Ŵ + s·B·A with the layer's own compression policy (with
 /// `stats` when given), and reports the relative weight error that introduces.
-template <class P = pet::none, class C, class Modules>
-recompressed_merge<with_pet_t<C, P>> merge_lora_and_recompress(const TransformerLayer<C>& layer, const Modules& m,
+template <class C, class Modules>
+recompressed_merge<C> merge_lora_and_recompress(const TransformerLayer<C>& layer, const Modules& m,
                                                                const layer_calibration* stats = nullptr) {
-    using Out = with_pet_t<C, P>;
+    using Out = C;
     auto w = dense_weights_of(layer);
     std::array<double, pet::target_count> err{};
     for (int i = 0; i < pet::target_count; ++i) {

@@ -18,10 +18,7 @@ template <LayerConfig C>
 class Stack {
 public:
     using layer_type = TransformerLayer<C>;
-    using task_type = typename layer_type::task_type;  ///< modules of ONE layer; a stack's task is one per layer
     static constexpr bool causal = layer_type::causal;
-    static constexpr bool needs_task = layer_type::needs_task;
-
 
     Stack() = default;
     explicit Stack(std::vector<layer_type> layers) : layers_(std::move(layers)) { check_same_shape(); }
@@ -42,18 +39,20 @@ public:
         return n;
     }
 
-    /// y = layer_{N-1}(... layer_0(x)); `tasks` holds one modules object per layer.
+    /// y = layer_{N-1}(... layer_0(x)); `tasks` holds one modules object per layer, of any modules type (the same
+    /// for every layer: a pet::task per layer mixes methods freely).
     /// With an input hook (prompt tuning), layer 0's virtual tokens [P, d] are put before every sequence, the
     /// stack runs on the P + S rows, and y receives the rows of the real tokens only (a model front end's job,
     /// done here since the stack is the front-most object cpet has).
+    template <class Task>
     void forward(ConstMatrixView<float> x, std::span<const index_t> lengths, MatrixView<float> y, workspace& ws,
-                 std::span<const task_type> tasks) const {
+                 std::span<const Task> tasks) const {
         require<shape_error>(tasks.size() == layers_.size(), "Stack::forward: ", tasks.size(),
                              " PET task modules for ", layers_.size(), " layers");
         const auto L = check(x, lengths, y, "Stack::forward");
         for (std::size_t i = 0; i < layers_.size(); ++i) layers_[i].check_task(tasks[i], "Stack::forward", i == 0);
-        auto task_at = [&](std::size_t i) -> const task_type& { return tasks[i]; };
-        if constexpr (pet::uses_hook<task_type, pet::hook::input>) {
+        auto task_at = [&](std::size_t i) -> const Task& { return tasks[i]; };
+        if constexpr (pet::uses_hook<Task, pet::hook::input>) {
             if (!layers_.empty()) {
                 const ConstMatrixView<float> vt = tasks[0].virtual_tokens();
                 if (vt.rows() > 0) {
@@ -65,9 +64,12 @@ public:
         }
         run(x, L, y, ws, task_at, nullptr);
     }
-    void forward(ConstMatrixView<float> x, std::span<const index_t> lengths, MatrixView<float> y, workspace& ws) const
-        requires(!needs_task)
-    {
+    template <class Task>
+    void forward(ConstMatrixView<float> x, std::span<const index_t> lengths, MatrixView<float> y, workspace& ws,
+                 const std::vector<Task>& tasks) const {
+        forward(x, lengths, y, ws, std::span<const Task>(tasks));
+    }
+    void forward(ConstMatrixView<float> x, std::span<const index_t> lengths, MatrixView<float> y, workspace& ws) const {
         const auto L = check(x, lengths, y, "Stack::forward");
         run(x, L, y, ws, no_task, nullptr);
     }
@@ -86,14 +88,15 @@ public:
     /// its first P tokens (positions 0..P-1, as Stack::forward places them), so prefill + decode steps equal the
     /// full causal forward over [virtual tokens; sequence]; y receives the real tokens' rows only. A sequence
     /// truncated below P tokens must be truncated to 0 (it then starts again with its virtual tokens).
+    template <class Task>
     void decode(ConstMatrixView<float> x, std::span<const index_t> new_lengths, MatrixView<float> y,
-                std::span<kv_cache> caches, workspace& ws, std::span<const task_type> tasks) const
+                std::span<kv_cache> caches, workspace& ws, std::span<const Task> tasks) const
         requires causal
     {
         require<shape_error>(tasks.size() == layers_.size(), "Stack::decode: ", tasks.size(),
                              " PET task modules for ", layers_.size(), " layers");
-        auto task_at = [&](std::size_t i) -> const task_type& { return tasks[i]; };
-        if constexpr (pet::uses_hook<task_type, pet::hook::input>) {
+        auto task_at = [&](std::size_t i) -> const Task& { return tasks[i]; };
+        if constexpr (pet::uses_hook<Task, pet::hook::input>) {
             if (!layers_.empty()) {
                 const ConstMatrixView<float> vt = tasks[0].virtual_tokens();
                 if (vt.rows() > 0) {
@@ -115,17 +118,24 @@ public:
         const auto L = check_decode(x, new_lengths, y, caches, tasks);
         run(x, L, y, ws, task_at, caches.data());
     }
+    template <class Task>
+    void decode(ConstMatrixView<float> x, std::span<const index_t> new_lengths, MatrixView<float> y,
+                std::span<kv_cache> caches, workspace& ws, const std::vector<Task>& tasks) const
+        requires causal
+    {
+        decode(x, new_lengths, y, caches, ws, std::span<const Task>(tasks));
+    }
     void decode(ConstMatrixView<float> x, std::span<const index_t> new_lengths, MatrixView<float> y,
                 std::span<kv_cache> caches, workspace& ws) const
-        requires(causal && !needs_task)
+        requires causal
     {
         const auto L = check_decode(x, new_lengths, y, caches);
         run(x, L, y, ws, no_task, caches.data());
     }
 
 private:
-    static const task_type& no_task(std::size_t) noexcept {
-        static const task_type none{};
+    static const pet::none::modules& no_task(std::size_t) noexcept {
+        static const pet::none::modules none{};
         return none;
     }
     /// One dispatch for the whole stack; layer 0 reads x, the others update y in place. The caches are committed

@@ -2,8 +2,8 @@
 // as the task needs (LoRA alone, CPET's recovery + LoRA, MAM's prefix + scaled parallel adapter, ...), chosen when
 // the task is made rather than in the layer's type.
 //
-// pet::runtime is the PET policy whose modules type is pet::task, so a backbone of config C with pet::runtime
-// runs tasks of every kind on the same object. A task holds its methods in the order they were added and combines
+// A layer or stack takes it like any modules type (its type names no PET method), so one backbone object runs
+// tasks of every kind, and a registry can hold tasks of different kinds in one container. A task holds its methods in the order they were added and combines
 // them exactly as pet::stack combines its members (pet/stack.hpp): the low-rank terms of all linear-hook methods
 // concatenated along the rank into ONE fused term (a single method's term passes through untouched, so a
 // LoRA-only task costs what pet::lora's modules cost), sublayer hooks chained in order, and at most one method per
@@ -236,12 +236,6 @@ private:
     hook_set present_;
 };
 
-/// The PET policy of a backbone that runs tasks of any kind (pet::task per layer).
-struct runtime {
-    using modules = task;
-    static constexpr const char* name() noexcept { return "runtime"; }
-};
-
-static_assert(check_pet_policy<runtime>());
+static_assert(check_modules<task>());
 
 }  // namespace cpet::pet
