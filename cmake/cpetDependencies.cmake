@@ -19,3 +19,7 @@ if(CPET_WITH_OPENMP)
     message(WARNING "cpet: OpenMP not found (GCC ships it; for clang: apt-get install libomp-dev); kernels run on one thread.")
   endif()
 endif()
+
+# io/ (safetensors, HF checkpoints, PEFT adapters, cpet's files) parses JSON with nlohmann/json; the rest of the
+# library does not, so it is optional here: cpet::io (below) and cpet's own io tests, examples and benches need it.
+find_package(nlohmann_json 3 QUIET CONFIG)

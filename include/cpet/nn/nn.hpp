@@ -9,6 +9,7 @@
 #include "cpet/nn/kv_cache.hpp"
 #include "cpet/nn/layer.hpp"
 #include "cpet/nn/linear.hpp"
+#include "cpet/nn/model.hpp"
 #include "cpet/nn/norm.hpp"
 #include "cpet/nn/pet_layer.hpp"
 #include "cpet/nn/prune.hpp"
