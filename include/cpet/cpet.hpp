@@ -7,3 +7,4 @@
 #include "cpet/compress/compress.hpp"
 #include "cpet/pet/pet.hpp"
 #include "cpet/nn/nn.hpp"
+#include "cpet/serve/serve.hpp"

@@ -13,3 +13,4 @@
 #include "cpet/pet/prompt.hpp"
 #include "cpet/pet/recovery.hpp"
 #include "cpet/pet/stack.hpp"
+#include "cpet/pet/task.hpp"
