@@ -106,6 +106,21 @@ public:
     const M& get(std::size_t i) const {
         return std::get<M>(methods_.at(i));
     }
+    /// Method i as type M for in-place changes of its values (a trainer's optimizer updates the tensors of the
+    /// methods it trains; the method's kind, and so the task's hooks, cannot change this way).
+    template <class M>
+    M& get(std::size_t i) {
+        return std::get<M>(methods_.at(i));
+    }
+    /// Calls f(modules) with method i's modules, mutable (see the non-const get).
+    template <class F>
+    decltype(auto) visit_method(std::size_t i, F&& f) {
+        return std::visit(std::forward<F>(f), methods_.at(i));
+    }
+    template <class F>
+    decltype(auto) visit_method(std::size_t i, F&& f) const {
+        return std::visit(std::forward<F>(f), methods_.at(i));
+    }
     /// Whether some method uses hook h.
     bool active(hook h) const noexcept { return present_.contains(h); }
     /// "lora", "prefix_tuning", ... of method i.
