@@ -1,0 +1,721 @@
+// cpet/train/layer.hpp — the backward pass of a TransformerLayer with respect to a task's low-rank modules and the
+// layer's input, the backbone frozen.
+//
+// Training runs in two halves, as autograd does, but with the graph written out by hand for the one graph a layer
+// is: `forward` computes the layer's output exactly as TransformerLayer::forward does (same weight formats, same
+// SIMD GEMMs with bias / residual fused, packed once at load) and keeps on a tape what the backward needs; then
+// `backward` takes dL/dy and returns dL/dx while accumulating dL/dA, dL/dB into the task's gradient store.
+// Every frozen weight contributes dx = dy·W through its format's matmul_t (never a dense copy of a compressed
+// weight). Norm parameters and biases are frozen too.
+//
+//   post-LN (BERT):  t = x + o(att(q,k,v of x));  h = N1(t);  t2 = h + ffn(h);   y = N2(t2)
+//   pre-LN (LLaMA):  t = x + o(att(q,k,v of N1(x)));          y = t + ffn(N2(t))
+//   attention per sequence b and head h (KV group g):  P = softmax(q_h·k_gᵀ/√d_h + mask), ctx_h = P·v_g
+//   a linear with low-rank terms:  y = x·Wᵀ + b + Σ s·φ(x·Aᵀ)·Bᵀ,  φ = identity (LoRA, linear recovery) or GELU
+//   (the paper's recovery bypass)
+//
+// The tape holds, per layer: the input, q/k/v after RoPE, the attention probabilities of every (sequence, head)
+// (B·H·S² values), the o-input, the normalised rows and 1/σ of both norms, the FFN pre-activations and hidden
+// activation, and U = x·Aᵀ of every low-rank term: layer_tape::bytes() reports it; train/model.hpp offers to keep
+// only the layers' inputs and recompute each layer's tape during the backward.
+//
+// Which methods train: LoRA, rsLoRA, recovery (GELU) and linear recovery, alone or together in a pet::task (CPET's
+// recovery + LoRA) — every method whose only hook is the linear one. A task holding any other method (adapters,
+// prefix, prompt, IA3, BitFit) is refused by bind() with a format_error naming it, never trained partially.
+#pragma once
+
+#include <array>
+#include <cmath>
+#include <cstddef>
+#include <limits>
+#include <span>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "cpet/arch/dispatch.hpp"
+#include "cpet/core/eigen.hpp"
+#include "cpet/core/error.hpp"
+#include "cpet/core/matrix.hpp"
+#include "cpet/core/parallel.hpp"
+#include "cpet/kernels/activations.hpp"
+#include "cpet/kernels/rope.hpp"
+#include "cpet/nn/batch.hpp"
+#include "cpet/nn/config.hpp"
+#include "cpet/nn/layer.hpp"
+#include "cpet/pet/lora.hpp"
+#include "cpet/pet/none.hpp"
+#include "cpet/pet/recovery.hpp"
+#include "cpet/pet/task.hpp"
+#include "cpet/train/parameter.hpp"
+
+namespace cpet::train {
+
+// ---------------------------------------------------------------------------------------------------------------
+// Trainable methods and their tensors
+// ---------------------------------------------------------------------------------------------------------------
+
+/// Whether modules of type M train here: the methods whose only hook is the linear one.
+template <class M>
+inline constexpr bool trainable_method =
+    std::is_same_v<M, pet::lora::modules> || std::is_same_v<M, pet::rslora::modules> ||
+    std::is_same_v<M, pet::recovery::modules> || std::is_same_v<M, pet::recovery_linear::modules>;
+
+/// One low-rank term of one linear: y += s·φ(x·Aᵀ)·Bᵀ, and where its gradients go.
+struct lowrank_term {
+    ConstMatrixView<float> A;  ///< [r, in]
+    ConstMatrixView<float> B;  ///< [out, r]
+    MatrixView<float> gA;      ///< dL/dA, accumulated
+    MatrixView<float> gB;      ///< dL/dB, accumulated
+    float scale = 1.f;
+    bool gelu = false;  ///< φ = GELU (erf), the paper's recovery bypass
+    index_t rank() const noexcept { return A.rows(); }
+};
+
+/// One layer's trainable terms, per target, in the task's order (what bind() found).
+struct layer_terms {
+    std::array<std::vector<lowrank_term>, pet::target_count> at;
+    const std::vector<lowrank_term>& of(pet::target t) const noexcept { return at[std::size_t(t)]; }
+    bool empty() const noexcept {
+        for (const auto& v : at)
+            if (!v.empty()) return false;
+        return true;
+    }
+};
+
+namespace detail {
+
+template <class M>
+constexpr const char* method_name() {
+    if constexpr (std::is_same_v<M, pet::lora::modules>) return "lora";
+    else if constexpr (std::is_same_v<M, pet::rslora::modules>) return "rslora";
+    else if constexpr (std::is_same_v<M, pet::recovery::modules>) return "recovery";
+    else return "recovery_linear";
+}
+
+template <class M>
+void add_terms(const M& v, M& g, layer_terms& out, const char* who) {
+    for (int i = 0; i < pet::target_count; ++i) {
+        const auto t = pet::target(i);
+        if (v.rank(t) == 0) continue;
+        auto& ga = g.f.A[std::size_t(i)];
+        auto& gb = g.f.B[std::size_t(i)];
+        require<shape_error>(ga.rows() == v.f.A[std::size_t(i)].rows() && ga.cols() == v.f.A[std::size_t(i)].cols() &&
+                                 gb.rows() == v.f.B[std::size_t(i)].rows() && gb.cols() == v.f.B[std::size_t(i)].cols(),
+                             who, ": the gradient store of ", method_name<M>(), " target ", pet::target_name(t),
+                             " does not have the values' shapes (make it with zeros_like)");
+        lowrank_term term;
+        term.A = v.f.A[std::size_t(i)];
+        term.B = v.f.B[std::size_t(i)];
+        term.gA = ga;
+        term.gB = gb;
+        term.scale = v.lowrank_scale(t);
+        term.gelu = std::is_same_v<M, pet::recovery::modules>;
+        out.at[std::size_t(i)].push_back(term);
+    }
+}
+
+template <class M, class F>
+void each_tensor(M& m, F&& f) {
+    for (int i = 0; i < pet::target_count; ++i) {
+        const auto t = pet::target(i);
+        if (m.rank(t) == 0) continue;
+        const bool rec = !std::is_same_v<std::remove_const_t<M>, pet::lora::modules> &&
+                         !std::is_same_v<std::remove_const_t<M>, pet::rslora::modules>;
+        f(cpet::detail::concat(pet::target_name(t), rec ? ".recovery_A1" : ".lora_A"), m.f.A[std::size_t(i)]);
+        f(cpet::detail::concat(pet::target_name(t), rec ? ".recovery_A2" : ".lora_B"), m.f.B[std::size_t(i)]);
+    }
+}
+
+template <class M>
+[[noreturn]] void refuse(const char* who, std::string_view name) {
+    throw format_error(cpet::detail::concat(
+        who, ": the task holds ", name, ", which has no backward in cpet yet; trainable methods are lora, rslora, "
+        "recovery and recovery_linear (alone or together in a pet::task)"));
+}
+
+}  // namespace detail
+
+/// The terms of `values` for a layer with dims `d`, their gradients in `grads` (same type and shapes: zeros_like).
+/// Checks once that the modules fit the layer (the forward and backward trust it).
+template <class M>
+    requires trainable_method<M>
+layer_terms bind(const pet::layer_dims& d, const M& values, M& grads, const char* who = "train::bind") {
+    values.check_fits(d, who);
+    layer_terms out;
+    detail::add_terms(values, grads, out, who);
+    return out;
+}
+inline layer_terms bind(const pet::layer_dims& d, const pet::task& values, pet::task& grads,
+                        const char* who = "train::bind") {
+    require<shape_error>(values.size() == grads.size(), who, ": the task has ", values.size(),
+                         " methods, its gradient store ", grads.size(), " (make it with zeros_like)");
+    values.check_fits(d, who);
+    layer_terms out;
+    for (std::size_t i = 0; i < values.size(); ++i)
+        values.visit_method(i, [&](const auto& mv) {
+            using M = std::decay_t<decltype(mv)>;
+            if constexpr (trainable_method<M>) {
+                require<shape_error>(grads.at(i).index() == values.at(i).index(), who, ": method ", i,
+                                     " of the gradient store is ", grads.method_name(i), ", not ", values.method_name(i));
+                detail::add_terms(mv, grads.get<M>(i), out, who);
+            } else {
+                detail::refuse<M>(who, values.method_name(i));
+            }
+        });
+    return out;
+}
+inline layer_terms bind(const pet::layer_dims&, const pet::none::modules&, pet::none::modules&, const char* = "") {
+    return {};
+}
+
+/// A gradient store for `m`: the same modules with every trainable tensor zero.
+template <class M>
+    requires trainable_method<M>
+M zeros_like(const M& m) {
+    M g = m;
+    detail::each_tensor(g, [](const std::string&, Matrix<float>& t) { t.fill(0.f); });
+    return g;
+}
+inline pet::task zeros_like(const pet::task& m) {
+    pet::task g = m;
+    for (std::size_t i = 0; i < g.size(); ++i)
+        g.visit_method(i, [&](auto& mm) {
+            using M = std::decay_t<decltype(mm)>;
+            if constexpr (trainable_method<M>) {
+                detail::each_tensor(mm, [](const std::string&, Matrix<float>& t) { t.fill(0.f); });
+            } else {
+                detail::refuse<M>("train::zeros_like", m.method_name(i));
+            }
+        });
+    return g;
+}
+
+/// The parameters of `values` (names "<prefix><method>.<target>.<tensor>", e.g. "layer.0.lora.q.lora_A") with their
+/// gradients in `grads` (zeros_like).
+template <class M>
+    requires trainable_method<M>
+void append_parameters(M& values, M& grads, const std::string& prefix, std::vector<parameter>& out) {
+    std::vector<std::pair<std::string, Matrix<float>*>> vs, gs;
+    detail::each_tensor(values, [&](const std::string& n, Matrix<float>& t) { vs.emplace_back(n, &t); });
+    detail::each_tensor(grads, [&](const std::string& n, Matrix<float>& t) { gs.emplace_back(n, &t); });
+    require<shape_error>(vs.size() == gs.size(), "train::append_parameters: the gradient store of ", prefix,
+                         " does not mirror its values (make it with zeros_like)");
+    for (std::size_t i = 0; i < vs.size(); ++i) {
+        auto& v = *vs[i].second;
+        auto& g = *gs[i].second;
+        require<shape_error>(v.size() == g.size(), "train::append_parameters: ", prefix, vs[i].first, " has ",
+                             v.size(), " values but ", g.size(), " gradients");
+        out.push_back({cpet::detail::concat(prefix, detail::method_name<M>(), '.', vs[i].first),
+                       std::span<float>(v.data(), std::size_t(v.size())),
+                       std::span<float>(g.data(), std::size_t(g.size())), true});
+    }
+}
+inline void append_parameters(pet::task& values, pet::task& grads, const std::string& prefix,
+                              std::vector<parameter>& out) {
+    require<shape_error>(values.size() == grads.size(), "train::append_parameters: ", prefix, ": the task has ",
+                         values.size(), " methods, its gradient store ", grads.size());
+    for (std::size_t i = 0; i < values.size(); ++i)
+        values.visit_method(i, [&](auto& mv) {
+            using M = std::decay_t<decltype(mv)>;
+            if constexpr (trainable_method<M>) {
+                append_parameters(mv, grads.get<M>(i), prefix, out);
+            } else {
+                detail::refuse<M>("train::append_parameters", values.method_name(i));
+            }
+        });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Pieces of the backward
+// ---------------------------------------------------------------------------------------------------------------
+
+namespace detail {
+
+/// φ'(x) of the activations the layers use.
+inline float activation_grad(kernels::activation a, float xf) noexcept {
+    const double x = xf;
+    switch (a) {
+        case kernels::activation::relu: return x > 0 ? 1.f : 0.f;
+        case kernels::activation::gelu_erf: {
+            constexpr double inv_sqrt2 = 0.70710678118654752440, inv_sqrt_2pi = 0.39894228040143267794;
+            return float(0.5 * (1.0 + std::erf(x * inv_sqrt2)) + x * inv_sqrt_2pi * std::exp(-0.5 * x * x));
+        }
+        case kernels::activation::gelu_tanh: {
+            constexpr double k = 0.79788456080286535588, c = 0.044715;
+            const double t = std::tanh(k * (x + c * x * x * x));
+            return float(0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * k * (1.0 + 3.0 * c * x * x));
+        }
+        case kernels::activation::silu: {
+            const double s = 1.0 / (1.0 + std::exp(-x));
+            return float(s * (1.0 + x * (1.0 - s)));
+        }
+        default: return 1.f;
+    }
+}
+
+/// Saved statistics of a norm over M rows: the normalised rows x̂ and 1/σ.
+struct norm_saved {
+    Matrix<float> hat;
+    std::vector<float> rstd;
+};
+
+/// y = N(x) with x̂ and 1/σ saved (LayerNorm: x̂ = (x − μ)/σ, y = x̂·γ + β; RMSNorm: x̂ = x/rms, y = x̂·γ).
+template <nn::norm_kind K>
+void norm_forward(ConstMatrixView<float> x, const std::vector<float>& gamma, const std::vector<float>& beta, float eps,
+                  MatrixView<float> y, norm_saved& s) {
+    const index_t M = x.rows(), d = x.cols();
+    s.hat = Matrix<float>(M, d);
+    s.rstd.assign(std::size_t(M), 0.f);
+    parallel_for(index_t(0), M, [&](index_t r) {
+        const float* xr = x.row(r);
+        double mean = 0, sq = 0;
+        if constexpr (K == nn::norm_kind::layernorm) {
+            for (index_t c = 0; c < d; ++c) mean += xr[c];
+            mean /= double(d);
+            for (index_t c = 0; c < d; ++c) sq += (xr[c] - mean) * (xr[c] - mean);
+        } else {
+            for (index_t c = 0; c < d; ++c) sq += double(xr[c]) * xr[c];
+        }
+        const double rs = 1.0 / std::sqrt(sq / double(d) + double(eps));
+        s.rstd[std::size_t(r)] = float(rs);
+        float* hr = s.hat.row(r);
+        float* yr = y.row(r);
+        for (index_t c = 0; c < d; ++c) {
+            hr[c] = float((xr[c] - mean) * rs);
+            yr[c] = hr[c] * gamma[std::size_t(c)] + (beta.empty() ? 0.f : beta[std::size_t(c)]);
+        }
+    });
+}
+
+/// dx = dN/dx applied to dy (γ, β frozen). LayerNorm: dx = (g − mean(g) − x̂·mean(g·x̂))/σ with g = dy·γ;
+/// RMSNorm: dx = (g − x̂·mean(g·x̂))/rms. dx may alias dy.
+template <nn::norm_kind K>
+void norm_backward(const norm_saved& s, const std::vector<float>& gamma, ConstMatrixView<float> dy,
+                   MatrixView<float> dx) {
+    const index_t M = dy.rows(), d = dy.cols();
+    parallel_for(index_t(0), M, [&](index_t r) {
+        const float* gr = dy.row(r);
+        const float* hr = s.hat.row(r);
+        double mg = 0, mgh = 0;
+        for (index_t c = 0; c < d; ++c) {
+            const double g = double(gr[c]) * gamma[std::size_t(c)];
+            mg += g;
+            mgh += g * hr[c];
+        }
+        mg /= double(d);
+        mgh /= double(d);
+        if constexpr (K == nn::norm_kind::rmsnorm) mg = 0;
+        const double rs = s.rstd[std::size_t(r)];
+        float* xr = dx.row(r);
+        for (index_t c = 0; c < d; ++c) {
+            const double g = double(gr[c]) * gamma[std::size_t(c)];
+            xr[c] = float((g - mg - hr[c] * mgh) * rs);
+        }
+    });
+}
+
+/// The transpose of RoPE (a rotation by −θ) on the rows of a sequence at positions 0, 1, ...: the gradient with
+/// respect to the un-rotated q or k.
+inline void rope_transpose(MatrixView<float> x, index_t n_heads, index_t hd, float base, kernels::rope_style style) {
+    const index_t half = hd / 2;
+    std::vector<double> inv(static_cast<std::size_t>(half));
+    for (index_t i = 0; i < half; ++i) inv[std::size_t(i)] = std::pow(double(base), -2.0 * double(i) / double(hd));
+    std::vector<float> cs(static_cast<std::size_t>(half)), sn(static_cast<std::size_t>(half));
+    for (index_t t = 0; t < x.rows(); ++t) {
+        for (index_t i = 0; i < half; ++i) {
+            const double a = double(t) * inv[std::size_t(i)];
+            cs[std::size_t(i)] = float(std::cos(a));
+            sn[std::size_t(i)] = float(std::sin(a));
+        }
+        float* row = x.row(t);
+        for (index_t h = 0; h < n_heads; ++h) {
+            float* v = row + h * hd;
+            for (index_t i = 0; i < half; ++i) {
+                const index_t i0 = style == kernels::rope_style::half ? i : 2 * i;
+                const index_t i1 = style == kernels::rope_style::half ? i + half : 2 * i + 1;
+                const float a = v[i0], b = v[i1], c = cs[std::size_t(i)], s = sn[std::size_t(i)];
+                v[i0] = a * c + b * s;
+                v[i1] = b * c - a * s;
+            }
+        }
+    }
+}
+
+/// y (+)= s·φ(x·Aᵀ)·Bᵀ of every term of one linear: the base product with bias / activation / residual is the
+/// caller's (fused epilogue); here U = x·Aᵀ is saved per term and the terms' sum rides in the base GEMM's
+/// epilogue (one term: its own factors; several: concatenated along the rank with the scales folded into B).
+struct lowrank_pack {
+    Matrix<float> g;  ///< φ(U) concatenated [M, R]
+    Matrix<float> b;  ///< s·B concatenated [N, R]
+};
+
+inline void lowrank_prepare(const std::vector<lowrank_term>& terms, ConstMatrixView<float> x,
+                            std::vector<Matrix<float>>& u_saved, lowrank_pack& pack, kernels::epilogue& ep) {
+    u_saved.resize(terms.size());
+    if (terms.empty()) return;
+    index_t R = 0;
+    for (const auto& t : terms) R += t.rank();
+    const index_t M = x.rows(), N = terms.front().B.rows();
+    for (std::size_t i = 0; i < terms.size(); ++i) {
+        u_saved[i] = Matrix<float>(M, terms[i].rank());
+        as_eigen(u_saved[i]).noalias() = as_eigen(x) * as_eigen(terms[i].A).transpose();
+    }
+    if (terms.size() == 1 && !terms[0].gelu) {
+        ep.lowrank_u = u_saved[0].data();
+        ep.ld_u = u_saved[0].stride();
+        ep.lowrank_b = terms[0].B.data();
+        ep.ld_b = terms[0].B.stride();
+        ep.rank = terms[0].rank();
+        ep.lowrank_scale = terms[0].scale;
+        return;
+    }
+    pack.g = Matrix<float>(M, R);
+    pack.b = Matrix<float>(N, R);
+    index_t c0 = 0;
+    for (std::size_t i = 0; i < terms.size(); ++i) {
+        const auto& t = terms[i];
+        const index_t r = t.rank();
+        for (index_t m = 0; m < M; ++m) {
+            const float* u = u_saved[i].row(m);
+            float* g = pack.g.row(m) + c0;
+            for (index_t j = 0; j < r; ++j) g[j] = u[j];
+            if (t.gelu) kernels::activate_inplace(kernels::activation::gelu_erf, g, r);
+        }
+        for (index_t n = 0; n < N; ++n)
+            for (index_t j = 0; j < r; ++j) pack.b(n, c0 + j) = t.scale * t.B(n, j);
+        c0 += r;
+    }
+    ep.lowrank_u = pack.g.data();
+    ep.ld_u = pack.g.stride();
+    ep.lowrank_b = pack.b.data();
+    ep.ld_b = pack.b.stride();
+    ep.rank = R;
+    ep.lowrank_scale = 1.f;
+}
+
+/// The terms' part of a linear's backward: dB += s·dyᵀ·φ(U), dU = s·dy·B ⊙ φ'(U), dA += dUᵀ·x, dx += dU·A.
+inline void lowrank_backward(const std::vector<lowrank_term>& terms, const std::vector<Matrix<float>>& u_saved,
+                             ConstMatrixView<float> x, ConstMatrixView<float> dy, MatrixView<float> dx) {
+    for (std::size_t i = 0; i < terms.size(); ++i) {
+        const auto& t = terms[i];
+        const auto& u = u_saved[i];
+        const index_t M = u.rows(), r = u.cols();
+        Matrix<float> g(M, r), du(M, r);
+        as_eigen(du).noalias() = t.scale * (as_eigen(dy) * as_eigen(t.B));
+        if (t.gelu) {
+            for (index_t m = 0; m < M; ++m) {
+                for (index_t j = 0; j < r; ++j) {
+                    g(m, j) = kernels::activate(kernels::activation::gelu_erf, u(m, j));
+                    du(m, j) *= activation_grad(kernels::activation::gelu_erf, u(m, j));
+                }
+            }
+            as_eigen(t.gB).noalias() += t.scale * (as_eigen(dy).transpose() * as_eigen(g));
+        } else {
+            as_eigen(t.gB).noalias() += t.scale * (as_eigen(dy).transpose() * as_eigen(u));
+        }
+        as_eigen(t.gA).noalias() += as_eigen(du).transpose() * as_eigen(x);
+        as_eigen(dx).noalias() += as_eigen(du) * as_eigen(t.A);
+    }
+}
+
+inline void add_to(MatrixView<float> y, ConstMatrixView<float> x) noexcept { nn::detail::add_inplace(y, x); }
+
+}  // namespace detail
+
+// ---------------------------------------------------------------------------------------------------------------
+// The tape and the two halves
+// ---------------------------------------------------------------------------------------------------------------
+
+/// What one layer's backward needs from its forward (see the top of this file).
+struct layer_tape {
+    std::vector<index_t> lengths;
+    index_t seq_len = 0;
+    Matrix<float> x;        ///< the layer's input
+    Matrix<float> attn_in;  ///< input of q, k, v (pre-LN: N1(x); post-LN: empty, x is it)
+    Matrix<float> q, k, v;  ///< after RoPE
+    std::vector<Matrix<float>> probs;  ///< [b·H + h]: [len_b, len_b]
+    Matrix<float> ctx;                 ///< input of o
+    detail::norm_saved n1, n2;
+    Matrix<float> ffn_in;          ///< input of up / gate
+    Matrix<float> z_up, z_gate;    ///< pre-activations (z_gate: SwiGLU only)
+    Matrix<float> hidden;          ///< input of down
+    std::array<std::vector<Matrix<float>>, pet::target_count> u;  ///< U = x·Aᵀ per term
+
+    nn::batch_layout layout() const noexcept {
+        nn::batch_layout L;
+        L.batch = index_t(lengths.size());
+        L.seq_len = seq_len;
+        L.lengths = lengths;
+        return L;
+    }
+    /// Bytes of activations kept for the backward.
+    std::size_t bytes() const noexcept {
+        std::size_t n = x.bytes() + attn_in.bytes() + q.bytes() + k.bytes() + v.bytes() + ctx.bytes() + n1.hat.bytes() +
+                        n2.hat.bytes() + ffn_in.bytes() + z_up.bytes() + z_gate.bytes() + hidden.bytes() +
+                        (n1.rstd.size() + n2.rstd.size()) * sizeof(float);
+        for (const auto& p : probs) n += p.bytes();
+        for (const auto& us : u)
+            for (const auto& m : us) n += m.bytes();
+        return n;
+    }
+};
+
+namespace detail {
+
+template <nn::LayerConfig C>
+struct layer_access {
+    using L = nn::TransformerLayer<C>;
+    using F = typename C::compression::format;
+    static const nn::Linear<F>& lin(const L& l, pet::target t) {
+        switch (t) {
+            case pet::target::q: return l.attention().q();
+            case pet::target::k: return l.attention().k();
+            case pet::target::v: return l.attention().v();
+            case pet::target::o: return l.attention().o();
+            case pet::target::up: return l.ffn().up();
+            case pet::target::gate: return *l.ffn().gate();
+            default: return l.ffn().down();
+        }
+    }
+};
+
+/// out = lin(x) + the terms of target t (U saved on the tape); `ep` brings activation / residual.
+template <nn::LayerConfig C, class Arch>
+void linear_forward(Arch tag, const nn::TransformerLayer<C>& layer, pet::target t, const layer_terms& terms,
+                    ConstMatrixView<float> x, MatrixView<float> out, kernels::epilogue ep, layer_tape& tape) {
+    lowrank_pack pack;
+    lowrank_prepare(terms.of(t), x, tape.u[std::size_t(t)], pack, ep);
+    layer_access<C>::lin(layer, t).forward(tag, x, out, ep);
+}
+
+/// dx (=, or += with accumulate) dy·W + the terms' dx; the terms' dA, dB accumulated.
+template <nn::LayerConfig C>
+void linear_backward(const nn::TransformerLayer<C>& layer, pet::target t, const layer_terms& terms,
+                     const layer_tape& tape, ConstMatrixView<float> x, ConstMatrixView<float> dy, MatrixView<float> dx,
+                     bool accumulate) {
+    const auto& w = layer_access<C>::lin(layer, t).weight();
+    if (accumulate) {
+        Matrix<float> tmp(dx.rows(), dx.cols());
+        w.matmul_t(dy, tmp);
+        add_to(dx, tmp);
+    } else {
+        w.matmul_t(dy, dx);
+    }
+    lowrank_backward(terms.of(t), tape.u[std::size_t(t)], x, dy, dx);
+}
+
+template <class T>
+using emap = Eigen::Map<std::conditional_t<std::is_const_v<T>, const EigenRowMajor<std::remove_const_t<T>>, EigenRowMajor<T>>,
+                        Eigen::Unaligned, Eigen::OuterStride<>>;
+
+}  // namespace detail
+
+/// y = layer(x) as TransformerLayer::forward computes it with the task whose terms are `terms` (bind), keeping on
+/// `tape` what backward needs. Padded rows of y are zero.
+template <nn::LayerConfig C>
+void forward(const nn::TransformerLayer<C>& layer, ConstMatrixView<float> x, std::span<const index_t> lengths,
+             MatrixView<float> y, const layer_terms& terms, layer_tape& tape) {
+    const auto L0 = layer.check_call(x, lengths, y, "train::forward");
+    const nn::layer_shape& s = layer.shape();
+    const index_t M = x.rows(), d = s.d_model, H = s.n_heads, G = s.n_kv_heads, hd = s.head_dim, S = L0.seq_len;
+    const index_t qd = s.q_dim(), kvd = s.kv_dim(), ff = s.d_ff, group = H / G;
+    tape.lengths.assign(lengths.begin(), lengths.end());
+    tape.seq_len = S;
+    const auto L = tape.layout();
+    tape.x = Matrix<float>(x);
+    constexpr bool post = C::placement == nn::norm_placement::post;
+    const auto g1 = layer.norm1().gamma(), b1 = layer.norm1().beta();
+    const auto g2 = layer.norm2().gamma(), b2 = layer.norm2().beta();
+    arch::dispatch([&](auto tag) {
+        ConstMatrixView<float> a_in = tape.x;
+        if constexpr (!post) {
+            tape.attn_in = Matrix<float>(M, d);
+            detail::norm_forward<C::norm>(tape.x, g1, b1, layer.norm1().eps(), tape.attn_in, tape.n1);
+            a_in = tape.attn_in;
+        } else {
+            tape.attn_in = Matrix<float>();
+        }
+        tape.q = Matrix<float>(M, qd);
+        tape.k = Matrix<float>(M, kvd);
+        tape.v = Matrix<float>(M, kvd);
+        detail::linear_forward<C>(tag, layer, pet::target::q, terms, a_in, tape.q, {}, tape);
+        detail::linear_forward<C>(tag, layer, pet::target::k, terms, a_in, tape.k, {}, tape);
+        detail::linear_forward<C>(tag, layer, pet::target::v, terms, a_in, tape.v, {}, tape);
+        tape.ctx = Matrix<float>(M, qd);
+        tape.probs.assign(std::size_t(L.batch * H), Matrix<float>());
+        const float scale = 1.f / std::sqrt(float(hd));
+        parallel_for(index_t(0), L.batch, [&](index_t b) {
+            const index_t len = L.length(b);
+            if (len == 0) return;
+            if constexpr (C::rope) {
+                kernels::rope(tag, tape.q.view().middle_rows(b * S, len), H, hd, 0, s.rope_base, s.rope);
+                kernels::rope(tag, tape.k.view().middle_rows(b * S, len), G, hd, 0, s.rope_base, s.rope);
+            }
+            for (index_t h = 0; h < H; ++h) {
+                const index_t g = h / group;
+                detail::emap<float> Q(tape.q.row(b * S) + h * hd, len, hd, Eigen::OuterStride<>(tape.q.stride()));
+                detail::emap<float> K(tape.k.row(b * S) + g * hd, len, hd, Eigen::OuterStride<>(tape.k.stride()));
+                detail::emap<float> V(tape.v.row(b * S) + g * hd, len, hd, Eigen::OuterStride<>(tape.v.stride()));
+                detail::emap<float> O(tape.ctx.row(b * S) + h * hd, len, hd, Eigen::OuterStride<>(tape.ctx.stride()));
+                auto& P = tape.probs[std::size_t(b * H + h)];
+                P = Matrix<float>(len, len);
+                as_eigen(P).noalias() = scale * (Q * K.transpose());
+                for (index_t i = 0; i < len; ++i) {
+                    float* p = P.row(i);
+                    const index_t n = C::mask == nn::attention_mask::causal ? i + 1 : len;
+                    float mx = -std::numeric_limits<float>::infinity();
+                    for (index_t j = 0; j < n; ++j) mx = std::max(mx, p[j]);
+                    double sum = 0;
+                    for (index_t j = 0; j < n; ++j) sum += (p[j] = std::exp(p[j] - mx));
+                    const float inv = float(1.0 / sum);
+                    for (index_t j = 0; j < n; ++j) p[j] *= inv;
+                    for (index_t j = n; j < len; ++j) p[j] = 0.f;
+                }
+                O.noalias() = as_eigen(P) * V;
+            }
+        });
+        // t = x + o(ctx): the residual rides in the o GEMM (post-LN: x; pre-LN: x as well)
+        Matrix<float> t(M, d);
+        kernels::epilogue res;
+        res.residual = tape.x.data();
+        res.ld_residual = tape.x.stride();
+        detail::linear_forward<C>(tag, layer, pet::target::o, terms, tape.ctx, t, res, tape);
+        tape.ffn_in = Matrix<float>(M, d);
+        if constexpr (post) detail::norm_forward<C::norm>(t, g1, b1, layer.norm1().eps(), tape.ffn_in, tape.n1);
+        else detail::norm_forward<C::norm>(t, g2, b2, layer.norm2().eps(), tape.ffn_in, tape.n2);
+        tape.z_up = Matrix<float>(M, ff);
+        tape.hidden = Matrix<float>(M, ff);
+        detail::linear_forward<C>(tag, layer, pet::target::up, terms, tape.ffn_in, tape.z_up, {}, tape);
+        if constexpr (C::ffn == nn::ffn_kind::swiglu) {
+            tape.z_gate = Matrix<float>(M, ff);
+            detail::linear_forward<C>(tag, layer, pet::target::gate, terms, tape.ffn_in, tape.z_gate, {}, tape);
+            parallel_for(index_t(0), M, [&](index_t r) {
+                for (index_t c = 0; c < ff; ++c)
+                    tape.hidden(r, c) = kernels::activate(kernels::activation::silu, tape.z_gate(r, c)) * tape.z_up(r, c);
+            });
+        } else {
+            tape.z_gate = Matrix<float>();
+            parallel_for(index_t(0), M, [&](index_t r) {
+                for (index_t c = 0; c < ff; ++c) tape.hidden(r, c) = kernels::activate(C::act, tape.z_up(r, c));
+            });
+        }
+        // t2 = residual + down(hidden): post-LN the residual is h = N1(t), pre-LN it is t
+        kernels::epilogue res2;
+        if constexpr (post) {
+            res2.residual = tape.ffn_in.data();
+            res2.ld_residual = tape.ffn_in.stride();
+            Matrix<float> t2(M, d);
+            detail::linear_forward<C>(tag, layer, pet::target::down, terms, tape.hidden, t2, res2, tape);
+            detail::norm_forward<C::norm>(t2, g2, b2, layer.norm2().eps(), y, tape.n2);
+        } else {
+            res2.residual = t.data();
+            res2.ld_residual = t.stride();
+            detail::linear_forward<C>(tag, layer, pet::target::down, terms, tape.hidden, y, res2, tape);
+        }
+    });
+    nn::detail::zero_padding(y, L);
+}
+
+/// dx = dL/dx of the layer whose forward filled `tape`, given dy = dL/dy, accumulating the terms' gradients
+/// (into the gradient store bind() took them from). dx may alias dy. Padded rows of dy are ignored (the forward
+/// zeroes them) and padded rows of dx are zero.
+template <nn::LayerConfig C>
+void backward(const nn::TransformerLayer<C>& layer, const layer_tape& tape, const layer_terms& terms,
+              ConstMatrixView<float> dy_in, MatrixView<float> dx) {
+    const auto L = tape.layout();
+    const nn::layer_shape& s = layer.shape();
+    const index_t M = tape.x.rows(), d = s.d_model, H = s.n_heads, G = s.n_kv_heads, hd = s.head_dim, S = L.seq_len;
+    const index_t qd = s.q_dim(), kvd = s.kv_dim(), ff = s.d_ff, group = H / G;
+    check_shape(dy_in, M, d, "train::backward: dy");
+    check_shape(dx, M, d, "train::backward: dx");
+    constexpr bool post = C::placement == nn::norm_placement::post;
+    const auto g1 = layer.norm1().gamma(), g2 = layer.norm2().gamma();
+    Matrix<float> dy(dy_in);
+    nn::detail::zero_padding(dy, L);
+
+    // ---- FFN ----
+    // post-LN: dt2 = N2'(dy); the FFN output's gradient is dt2 and the residual h receives it too.
+    // pre-LN: the FFN output's gradient is dy, and dt = dy + N2'(dffn_in).
+    Matrix<float> dout(M, d);  // gradient at the FFN's output (= at t2 for post-LN)
+    if constexpr (post) detail::norm_backward<C::norm>(tape.n2, g2, dy, dout);
+    else dout = Matrix<float>(dy);
+    Matrix<float> dhidden(M, ff);
+    detail::linear_backward<C>(layer, pet::target::down, terms, tape, tape.hidden, dout, dhidden, false);
+    Matrix<float> dz_up(M, ff), dz_gate;
+    if constexpr (C::ffn == nn::ffn_kind::swiglu) {
+        dz_gate = Matrix<float>(M, ff);
+        parallel_for(index_t(0), M, [&](index_t r) {
+            for (index_t c = 0; c < ff; ++c) {
+                const float zg = tape.z_gate(r, c), dh = dhidden(r, c);
+                dz_up(r, c) = dh * kernels::activate(kernels::activation::silu, zg);
+                dz_gate(r, c) = dh * tape.z_up(r, c) * detail::activation_grad(kernels::activation::silu, zg);
+            }
+        });
+    } else {
+        parallel_for(index_t(0), M, [&](index_t r) {
+            for (index_t c = 0; c < ff; ++c) dz_up(r, c) = dhidden(r, c) * detail::activation_grad(C::act, tape.z_up(r, c));
+        });
+    }
+    Matrix<float> dffn_in(M, d);
+    detail::linear_backward<C>(layer, pet::target::up, terms, tape, tape.ffn_in, dz_up, dffn_in, false);
+    if constexpr (C::ffn == nn::ffn_kind::swiglu)
+        detail::linear_backward<C>(layer, pet::target::gate, terms, tape, tape.ffn_in, dz_gate, dffn_in, true);
+    Matrix<float> dt(M, d);  // gradient at t = x + o(ctx)
+    if constexpr (post) {
+        detail::add_to(dffn_in, dout);  // the residual h
+        detail::norm_backward<C::norm>(tape.n1, g1, dffn_in, dt);
+    } else {
+        detail::norm_backward<C::norm>(tape.n2, g2, dffn_in, dt);
+        detail::add_to(dt, dy);
+    }
+
+    // ---- attention ----
+    Matrix<float> dctx(M, qd);
+    detail::linear_backward<C>(layer, pet::target::o, terms, tape, tape.ctx, dt, dctx, false);
+    Matrix<float> dq(M, qd), dk(M, kvd), dv(M, kvd);
+    const float scale = 1.f / std::sqrt(float(hd));
+    parallel_for(index_t(0), L.batch, [&](index_t b) {
+        const index_t len = L.length(b);
+        if (len == 0) return;
+        Matrix<float> dP(len, len);
+        for (index_t h = 0; h < H; ++h) {
+            const index_t g = h / group;
+            const auto os = [](const Matrix<float>& m) { return Eigen::OuterStride<>(m.stride()); };
+            detail::emap<const float> Q(tape.q.row(b * S) + h * hd, len, hd, os(tape.q));
+            detail::emap<const float> K(tape.k.row(b * S) + g * hd, len, hd, os(tape.k));
+            detail::emap<const float> V(tape.v.row(b * S) + g * hd, len, hd, os(tape.v));
+            detail::emap<const float> dC(dctx.row(b * S) + h * hd, len, hd, os(dctx));
+            detail::emap<float> dQ(dq.row(b * S) + h * hd, len, hd, os(dq));
+            detail::emap<float> dK(dk.row(b * S) + g * hd, len, hd, os(dk));
+            detail::emap<float> dV(dv.row(b * S) + g * hd, len, hd, os(dv));
+            const auto& P = tape.probs[std::size_t(b * H + h)];
+            as_eigen(dP).noalias() = dC * V.transpose();
+            dV.noalias() += as_eigen(P).transpose() * dC;
+            for (index_t i = 0; i < len; ++i) {
+                const float* p = P.row(i);
+                float* g_ = dP.row(i);
+                double dot = 0;
+                for (index_t j = 0; j < len; ++j) dot += double(g_[j]) * p[j];
+                for (index_t j = 0; j < len; ++j) g_[j] = p[j] * (g_[j] - float(dot)) * scale;
+            }
+            dQ.noalias() += as_eigen(dP) * K;
+            dK.noalias() += as_eigen(dP).transpose() * Q;
+        }
+        if constexpr (C::rope) {
+            detail::rope_transpose(dq.view().middle_rows(b * S, len), H, hd, s.rope_base, s.rope);
+            detail::rope_transpose(dk.view().middle_rows(b * S, len), G, hd, s.rope_base, s.rope);
+        }
+    });
+    ConstMatrixView<float> a_in = post ? ConstMatrixView<float>(tape.x) : ConstMatrixView<float>(tape.attn_in);
+    Matrix<float> din(M, d);
+    detail::linear_backward<C>(layer, pet::target::q, terms, tape, a_in, dq, din, false);
+    detail::linear_backward<C>(layer, pet::target::k, terms, tape, a_in, dk, din, true);
+    detail::linear_backward<C>(layer, pet::target::v, terms, tape, a_in, dv, din, true);
+    if constexpr (!post) detail::norm_backward<C::norm>(tape.n1, g1, din, din);
+    for (index_t r = 0; r < M; ++r)
+        for (index_t c = 0; c < d; ++c) dx(r, c) = dt(r, c) + din(r, c);
+    nn::detail::zero_padding(dx, L);
+}
+
+}  // namespace cpet::train
