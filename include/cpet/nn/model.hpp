@@ -248,6 +248,9 @@ public:
     bool has_lm_head() const noexcept { return lm_head_.has_value(); }
     bool lm_head_tied() const noexcept { return tied_; }
     const std::optional<classification_head>& classifier() const noexcept { return cls_; }
+    /// The final norm (LLaMA's model.norm) or null; the LM head or null (trainers run their backward).
+    const Norm<C::norm>* final_norm() const noexcept { return final_norm_ ? &*final_norm_ : nullptr; }
+    const Linear<compress::dense_f32>* lm_head() const noexcept { return lm_head_ ? &*lm_head_ : nullptr; }
     /// Bytes of the stack's packed weights (what compression changes).
     std::size_t stack_bytes() const noexcept { return stack_.bytes(); }
 
