@@ -165,8 +165,13 @@ recompressed_merge<C> merge_lora_and_recompress(const TransformerLayer<C>& layer
 }
 
 /// Linear recovery modules for a compressed layer, initialised from the truncated SVD of each linear's residual
-/// W − Ŵ (`original` holds the dense weights the layer was compressed from), activation-aware where `stats`
-/// has the statistics of that linear's input.
+/// E = W − Ŵ (`original` holds the dense weights the layer was compressed from). With `stats` of a linear's input
+/// site the init is activation-aware (o.weighting = automatic picks the richest the statistics allow):
+///   Gram matrix Σxᵀx collected (nn::calibrate with {.hessian = true}) → EoRA, min ‖X(E − BA)ᵀ‖_F exactly;
+///   Σx² only                                                          → min ‖(E − BA)·diag(√mean x²)‖_F;
+///   no statistics for the site                                        → the plain SVD, min ‖E − BA‖_F.
+/// Take the statistics from the inputs the compressed layer's linears see (nn::calibrate(compressed, set)): that
+/// is where the recovery term runs. After structured pruning they must be the pruned layer's (narrower sites).
 template <class C>
 pet::recovery_linear::modules init_recovery(const TransformerLayer<C>& compressed, const dense_layer_weights& original,
                                             const pet::recovery_linear::options& o = {},
