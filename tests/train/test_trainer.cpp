@@ -264,3 +264,40 @@ TEST_CASE("trainer options are checked; epochs give the step count") {
     CHECK_THROWS_WITH_AS(train::trainer{o}, doctest::Contains("warmup_steps (31) exceeds total_steps (30)"),
                          shape_error);
 }
+
+#if __has_include(<unistd.h>) && __has_include(<fcntl.h>)
+#include <fcntl.h>
+#include <unistd.h>
+
+TEST_CASE("on a terminal the default report rewrites one progress line with \\r") {
+    // A pseudo-terminal stands in for the user's: isatty() is true on its slave side.
+    const int master = ::posix_openpt(O_RDWR | O_NOCTTY);
+    if (master < 0 || ::grantpt(master) != 0 || ::unlockpt(master) != 0) {
+        MESSAGE("skipped: no pseudo-terminal available");
+        if (master >= 0) ::close(master);
+        return;
+    }
+    const int slave = ::open(::ptsname(master), O_RDWR | O_NOCTTY);
+    REQUIRE(slave >= 0);
+    std::FILE* tty = ::fdopen(slave, "w");
+    REQUIRE(tty != nullptr);
+    least_squares a(16, 4);
+    auto pa = a.p.params();
+    auto opts = quiet(5, 4);
+    opts.progress = train::progress_mode::automatic;
+    opts.log_every = 100;
+    opts.log = tty;
+    train::trainer t(opts);
+    t.run(pa, a.step_fn(pa));
+    std::fclose(tty);
+    std::string out;
+    char buf[4096];
+    ::fcntl(master, F_SETFL, O_NONBLOCK);
+    for (ssize_t n; (n = ::read(master, buf, sizeof buf)) > 0;) out.append(buf, std::size_t(n));
+    ::close(master);
+    CAPTURE(out);
+    for (int s = 1; s <= 5; ++s)  // every step is shown, each rewriting the line
+        CHECK(out.find("\r\x1b[Kstep " + std::to_string(s) + "/5") != std::string::npos);
+    CHECK(out.find("ETA") != std::string::npos);
+}
+#endif
