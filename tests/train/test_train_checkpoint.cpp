@@ -161,6 +161,17 @@ TEST_CASE("a checkpoint that does not fit fails naming the difference and change
                              io_error);
         check_unchanged(t, values, state);
     }
+    SUBCASE("a parameter whose weight decay differs") {
+        train::trainer t(opts);
+        const auto values = dst.p.values;
+        const auto state = t.state();
+        auto decayed = pd;
+        decayed[1].decay = true;
+        CHECK_THROWS_WITH_AS(io::load_train_checkpoint(path, decayed, t),
+                             doctest::Contains("parameter \"b\" has weight decay false in the checkpoint, true in this run"),
+                             io_error);
+        check_unchanged(t, values, state);
+    }
     SUBCASE("an option that differs") {
         auto other = opts;
         other.optimizer.adamw.beta1 = 0.85;

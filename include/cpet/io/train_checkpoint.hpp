@@ -6,7 +6,8 @@
 //   data/order                    I64, the current epoch's micro-batch order (empty before the first)
 // __metadata__ (strings):
 //   format "cpet.train_checkpoint", version "1"; step, micro_batches, rng (the std::mt19937_64 as text);
-//   option.<key> for each of trainer_options::fingerprint(): the options that change the numbers.
+//   option.<key> for each of trainer_options::fingerprint(): the options that change the numbers;
+//   decay.<name> "true" / "false" for each parameter (whether weight decay applies: it changes the numbers too).
 //
 // Saving goes through save_safetensors, so an interrupted write leaves the previous checkpoint in place. Loading
 // reads and checks everything (each name, dtype, size and option) before it changes anything: on failure the
@@ -52,6 +53,7 @@ inline void save_train_checkpoint(const std::filesystem::path& path, std::span<c
     meta["micro_batches"] = std::to_string(s.micro_batches);
     meta["rng"] = s.rng;
     for (const auto& [k, v] : t.options().fingerprint()) meta["option." + k] = v;
+    for (const auto& p : ps) meta["decay." + p.name] = p.decay ? "true" : "false";
     save_safetensors(path, tensors, meta);
 }
 
@@ -138,6 +140,10 @@ inline void load_train_checkpoint(const std::filesystem::path& path, std::span<c
         const std::string name = "param/" + ps[i].name;
         values[i].resize(ps[i].size());
         detail::checkpoint_f32(f, name, ps[i].size(), values[i].data());
+        const std::string& decay = detail::checkpoint_meta(f, "decay." + ps[i].name);
+        require<io_error>(decay == (ps[i].decay ? "true" : "false"), file, ": parameter \"", ps[i].name,
+                          "\" has weight decay ", decay, " in the checkpoint, ", ps[i].decay ? "true" : "false",
+                          " in this run");
         expected.insert(name);
     }
     if (s.step > 0)

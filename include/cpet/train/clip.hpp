@@ -5,8 +5,10 @@
 // same on every run; torch sums in float, which differs from it by float rounding only.
 #pragma once
 
+#include <bit>
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <span>
 
 #include "cpet/core/error.hpp"
@@ -28,10 +30,12 @@ inline double grad_norm(std::span<const parameter> ps) noexcept {
 /// Index of the first parameter whose gradient holds a NaN or an infinity, or ps.size() when all are finite.
 inline std::size_t first_nonfinite_grad(std::span<const parameter> ps) noexcept {
     for (std::size_t i = 0; i < ps.size(); ++i) {
-        // A sum of products with 0 is NaN exactly when some element is NaN or infinite, and the loop vectorises.
-        float probe = 0.f;
-        for (const float g : ps[i].grad) probe += g * 0.f;
-        if (probe != 0.f) return i;
+        // NaN and the infinities are the floats whose exponent bits are all ones; an integer OR-reduction over
+        // that test vectorises without fast-math (a float reduction would not).
+        std::uint32_t bad = 0;
+        for (const float g : ps[i].grad)
+            bad |= static_cast<std::uint32_t>((std::bit_cast<std::uint32_t>(g) & 0x7f800000u) == 0x7f800000u);
+        if (bad) return i;
     }
     return ps.size();
 }
