@@ -295,3 +295,24 @@ TEST_CASE("the unstructured compression policy prunes its share and multiplies l
     CHECK_THROWS_AS((compress::unstructured_sparse<50, compress::sparsity_score::wanda>::compress(w.view(), nullptr)),
                     cpet::error);
 }
+
+TEST_CASE("sparse matmul_t: dx = dy·W block by block for N:M (fp32, int8) and unstructured weights") {
+    struct shape { index_t m, n, k; };
+    for (auto s : {shape{1, 4, 8}, shape{7, 33, 16}, shape{40, 300, 24}, shape{17, 37, 64}}) {
+        const auto w = testing::random_matrix(s.n, s.k, 91);
+        const auto dy = testing::random_matrix(s.m, s.n, 92);
+        auto check = [&](const auto& f, const char* what) {
+            const testing::MatD ref = testing::to_double(dy) * testing::to_double(f.to_dense());
+            Matrix<float> dx(s.m, s.k);
+            f.matmul_t(dy, dx);
+            CAPTURE(what);
+            CAPTURE(s.m);
+            CAPTURE(s.n);
+            CHECK(testing::rel_error(dx, ref) < 1e-5);
+        };
+        check(compress::nm_sparse<2, 4>::compress(w), "2:4 fp32");
+        check(compress::nm_sparse<2, 4, compress::sparsity_score::magnitude, compress::sparse_values::int8>::compress(w),
+              "2:4 int8");
+        check(compress::unstructured_sparse<60>::compress(w), "unstructured 60%");
+    }
+}

@@ -29,6 +29,7 @@
 #include "cpet/compress/formats/sparse.hpp"
 #include "cpet/compress/policy.hpp"
 #include "cpet/compress/split_epilogue.hpp"
+#include "cpet/core/eigen.hpp"
 #include "cpet/core/error.hpp"
 #include "cpet/core/matrix.hpp"
 #include "cpet/kernels/gemm_sparse.hpp"
@@ -223,15 +224,18 @@ public:
     void matmul_t(ConstMatrixView<float> dy, MatrixView<float> dx) const {
         check_shape(dy, -1, w_.rows(), "sparse matmul_t: dy");
         check_shape(dx, dy.rows(), w_.cols(), "sparse matmul_t: dx");
-        const Matrix<float> d = w_.to_dense();
-        for (index_t m = 0; m < dy.rows(); ++m) {
-            float* o = dx.row(m);
-            std::fill(o, o + w_.cols(), 0.f);
-            for (index_t n = 0; n < w_.rows(); ++n) {
-                const float g = dy(m, n);
-                const float* wr = d.row(n);
-                for (index_t k = 0; k < w_.cols(); ++k) o[k] += g * wr[k];
-            }
+        // dx = Σ_blocks dy[:, block]·W[block, :], 256 rows of W decoded at a time (never the whole dense matrix),
+        // each product an Eigen cache-blocked GEMM
+        const index_t N = w_.rows(), K = w_.cols();
+        constexpr index_t block = 256;
+        Matrix<float> wb(std::min(block, N), K);
+        auto out = as_eigen(dx);
+        out.setZero();
+        for (index_t n0 = 0; n0 < N; n0 += block) {
+            const index_t nb = std::min(block, N - n0);
+            auto rows = wb.view().middle_rows(0, nb);
+            w_.dense_rows(n0, rows);
+            out.noalias() += as_eigen(dy).middleCols(n0, nb) * as_eigen(ConstMatrixView<float>(rows));
         }
     }
     Matrix<float> to_dense() const { return w_.to_dense(); }

@@ -28,6 +28,7 @@
 
 #include "cpet/arch/dispatch.hpp"
 #include "cpet/core/buffer.hpp"
+#include "cpet/core/eigen.hpp"
 #include "cpet/core/matrix.hpp"
 #include "cpet/core/parallel.hpp"
 #include "cpet/kernels/activations.hpp"
@@ -585,8 +586,38 @@ inline void gemm_t_block(const float* dyr, index_t N, const packed_weights_f32& 
     }
 }
 
+/// dx = dy·W for many rows (training batches): the GEMV-shaped loop below streams all of W once per row of dy,
+/// which is memory-bound once W leaves L2 (a 384×1536 weight at M = 2048 reads 5 GB). Here blocks of 256 rows of
+/// W are unpacked from the panels (row-major, 256·K floats: never the whole matrix) and multiplied by Eigen's
+/// cache-blocked GEMM, dx += dy[:, block]·W[block, :], so W is read once per call.
+inline void gemm_t_rows(ConstMatrixView<float> dy, const packed_weights_f32& w, MatrixView<float> dx) {
+    const index_t M = dy.rows(), N = w.rows(), K = w.cols();
+    constexpr index_t block = 8 * nr;
+    EigenRowMajor<float> wb(std::min(block, N), K);
+    auto out = as_eigen(dx);
+    out.setZero();
+    for (index_t n0 = 0; n0 < N; n0 += block) {
+        const index_t nb = std::min(block, N - n0);
+        parallel_for(index_t{0}, (nb + nr - 1) / nr, [&](index_t pi) {
+            const index_t p = n0 / nr + pi;
+            const float* src = w.panel(p);
+            const index_t cols = std::min(nr, N - p * nr);
+            for (index_t j = 0; j < cols; ++j) {
+                float* d = wb.data() + (pi * nr + j) * K;
+                for (index_t k = 0; k < K; ++k) d[k] = src[k * nr + j];
+            }
+        });
+        out.noalias() += as_eigen(dy).middleCols(n0, nb) * wb.topRows(nb);
+    }
+    (void)M;
+}
+
 template <class Arch>
 void gemm_t_simd(ConstMatrixView<float> dy, const packed_weights_f32& w, MatrixView<float> dx) {
+    if (dy.rows() >= 16) {
+        gemm_t_rows(dy, w, dx);
+        return;
+    }
     using T = tiling<Arch>;
     constexpr index_t KB = T::registers / 2 / (nr / T::w);  // 8 (AVX-512) or 2 (AVX2): half the registers
     const index_t M = dy.rows(), N = w.rows(), K = w.cols();

@@ -81,10 +81,10 @@ class Embeddings {
 public:
     Embeddings() = default;
     explicit Embeddings(embedding_weights w) : w_(std::move(w)) {
-        word_ = w_.word.empty() ? w_.word_view : ConstMatrixView<float>(w_.word.view());
-        check_shape(word_, -1, -1, "Embeddings: word table");
-        const index_t d = word_.cols();
-        require<shape_error>(word_.rows() > 0 && d > 0, "Embeddings: word table is ", shape_str(word_.rows(), d),
+        const ConstMatrixView<float> table = word();
+        check_shape(table, -1, -1, "Embeddings: word table");
+        const index_t d = table.cols();
+        require<shape_error>(table.rows() > 0 && d > 0, "Embeddings: word table is ", shape_str(table.rows(), d),
                              ", expected a non-empty [vocab, d]");
         if (!w_.position.empty()) check_shape(w_.position.view(), -1, d, "Embeddings: position table");
         if (!w_.token_type.empty()) check_shape(w_.token_type.view(), -1, d, "Embeddings: token_type table");
@@ -96,16 +96,20 @@ public:
         if (!w_.norm_gamma.empty()) norm_ = Norm<norm_kind::layernorm>(w_.norm_gamma, w_.norm_beta, w_.norm_eps);
     }
 
-    index_t vocab() const noexcept { return word_.rows(); }
-    index_t d_model() const noexcept { return word_.cols(); }
+    index_t vocab() const noexcept { return word().rows(); }
+    index_t d_model() const noexcept { return word().cols(); }
     /// Longest sequence the position table covers (unbounded, -1, without one).
     index_t max_positions() const noexcept { return w_.position.empty() ? -1 : w_.position.rows(); }
     index_t type_vocab() const noexcept { return w_.token_type.rows(); }
-    ConstMatrixView<float> word() const noexcept { return word_; }
+    /// The word table: formed on each call from what the embeddings hold (a stored view into an owned matrix would
+    /// dangle in a copy of the object).
+    ConstMatrixView<float> word() const noexcept {
+        return w_.word.empty() ? w_.word_view : ConstMatrixView<float>(w_.word.view());
+    }
     /// Whether the word table is a view into storage the embeddings do not own (a mapped checkpoint).
     bool borrowed() const noexcept { return w_.word.empty(); }
     std::size_t bytes() const noexcept {
-        return std::size_t(word_.size()) * sizeof(float) + w_.position.bytes() + w_.token_type.bytes() +
+        return std::size_t(word().size()) * sizeof(float) + w_.position.bytes() + w_.token_type.bytes() +
                (w_.norm_gamma.size() + w_.norm_beta.size()) * sizeof(float);
     }
 
@@ -133,6 +137,7 @@ public:
     /// x [B·S, d] = embeddings of t (checked by check()); padded rows are zero.
     void forward(const token_batch& t, const batch_layout& L, MatrixView<float> x) const {
         const index_t d = d_model();
+        const ConstMatrixView<float> table = word();
         parallel_for(index_t(0), L.batch, [&](index_t b) {
             for (index_t i = 0; i < L.seq_len; ++i) {
                 const index_t r = b * L.seq_len + i;
@@ -141,7 +146,7 @@ public:
                     for (index_t c = 0; c < d; ++c) xr[c] = 0.f;
                     continue;
                 }
-                const float* wr = word_.row(t.ids[std::size_t(r)]);
+                const float* wr = table.row(t.ids[std::size_t(r)]);
                 for (index_t c = 0; c < d; ++c) xr[c] = wr[c];
                 if (!w_.position.empty()) {
                     const float* pr = w_.position.row(t.position_offset + i);
@@ -159,7 +164,6 @@ public:
 
 private:
     embedding_weights w_;
-    ConstMatrixView<float> word_;
     std::optional<Norm<norm_kind::layernorm>> norm_;
 };
 

@@ -216,10 +216,17 @@ public:
     /// W as a dense [n, k] matrix (zeros where pruned; int8 values dequantised).
     Matrix<float> to_dense() const {
         Matrix<float> d(n_, k_);
-        d.fill(0.f);
-        for (index_t r = 0; r < n_; ++r)
-            for (index_t t = 0; t < slots(); ++t) d(r, (t / keep_) * group_ + kept_index(r, t)) = kept_value(r, t);
+        dense_rows(0, d);
         return d;
+    }
+    /// Rows [r0, r0 + out.rows()) of W, dense, into out [rows, k] (a block at a time: backward passes never need
+    /// the whole dense matrix). Unchecked beyond the debug assertion of the caller's range.
+    void dense_rows(index_t r0, MatrixView<float> out) const {
+        for (index_t i = 0; i < out.rows(); ++i) {
+            float* o = out.row(i);
+            for (index_t c = 0; c < k_; ++c) o[c] = 0.f;
+            for (index_t t = 0; t < slots(); ++t) o[(t / keep_) * group_ + kept_index(r0 + i, t)] = kept_value(r0 + i, t);
+        }
     }
 
 private:
@@ -297,14 +304,22 @@ public:
     /// W as a dense [n, k] matrix (zeros where pruned).
     Matrix<float> to_dense() const {
         Matrix<float> d(n_, k_);
-        d.fill(0.f);
-        for (index_t p = 0; p < panels_; ++p)
-            for (index_t s = offsets_[static_cast<std::size_t>(p)]; s < offsets_[static_cast<std::size_t>(p + 1)]; ++s)
-                for (index_t i = 0; i < sparse_panel_rows && p * sparse_panel_rows + i < n_; ++i) {
-                    const std::size_t at = static_cast<std::size_t>(s * sparse_panel_rows + i);
-                    if (values_[at] != 0.f) d(p * sparse_panel_rows + i, cols_[at]) = values_[at];
-                }
+        dense_rows(0, d);
         return d;
+    }
+    /// Rows [r0, r0 + out.rows()) of W, dense, into out [rows, k] (see nm_sparse_weights::dense_rows).
+    void dense_rows(index_t r0, MatrixView<float> out) const {
+        const index_t r1 = r0 + out.rows();
+        for (index_t i = 0; i < out.rows(); ++i)
+            for (index_t c = 0; c < k_; ++c) out(i, c) = 0.f;
+        for (index_t p = r0 / sparse_panel_rows; p * sparse_panel_rows < r1 && p < panels_; ++p)
+            for (index_t s = offsets_[static_cast<std::size_t>(p)]; s < offsets_[static_cast<std::size_t>(p + 1)]; ++s)
+                for (index_t i = 0; i < sparse_panel_rows; ++i) {
+                    const index_t r = p * sparse_panel_rows + i;
+                    if (r < r0 || r >= r1 || r >= n_) continue;
+                    const std::size_t at = static_cast<std::size_t>(s * sparse_panel_rows + i);
+                    if (values_[at] != 0.f) out(r - r0, cols_[at]) = values_[at];
+                }
     }
 
 private:
