@@ -197,6 +197,16 @@ TEST_CASE("EoRA through nn::init_recovery: a calibration with Σxᵀx selects it
             " -> Gram (EoRA) ", e_gram);
     CHECK(e_gram < before);
     CHECK(e_gram < e_diag);
+
+    // bad statistics at one site: the error names the linear
+    auto bad = with_gram;
+    bad.o_in.hessian(3, 3) = std::numeric_limits<double>::quiet_NaN();
+    CHECK_THROWS_WITH_AS(nn::init_recovery(layer, w, o, &bad), doctest::Contains("recovery_linear of target o:"),
+                         numeric_error);
+    auto small = with_gram;
+    small.down_in.hessian = Matrix<double>(5, 5);
+    CHECK_THROWS_WITH_AS(nn::init_recovery(layer, w, o, &small), doctest::Contains("of target down: recovery SVD "
+                         "init: the calibration Gram matrix (Σxᵀx) is 5x5"), shape_error);
 }
 
 TEST_CASE("EoRA bad input: a Gram matrix of the wrong size, not symmetric, not PSD or with NaN; asking for "

@@ -325,7 +325,16 @@ struct recovery_policy {
         for (int i = 0; i < target_count; ++i) {
             const target t = target(i);
             if (!ts.contains(t)) continue;
-            auto f = svd_residual(weights(t), compressed(t), rank_for(d, o, t), stats(t), o.weighting);
+            residual_factors f;
+            try {
+                f = svd_residual(weights(t), compressed(t), rank_for(d, o, t), stats(t), o.weighting);
+            } catch (const shape_error& e) {  // the same error, told which linear it came from
+                throw shape_error(cpet::detail::concat(name(), " of target ", target_name(t), ": ", e.what()));
+            } catch (const numeric_error& e) {
+                throw numeric_error(cpet::detail::concat(name(), " of target ", target_name(t), ": ", e.what()));
+            } catch (const format_error& e) {
+                throw format_error(cpet::detail::concat(name(), " of target ", target_name(t), ": ", e.what()));
+            }
             m.f.A[std::size_t(i)] = std::move(f.A);
             m.f.B[std::size_t(i)] = std::move(f.B);
         }
