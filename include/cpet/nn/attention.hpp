@@ -40,6 +40,16 @@ public:
           k_(C::compression::compress(w.wk, in_stats), w.bk, "dense_layer_weights.bk"),
           v_(C::compression::compress(w.wv, in_stats), w.bv, "dense_layer_weights.bv"),
           o_(C::compression::compress(w.wo, o_stats), w.bo, "dense_layer_weights.bo") {}
+    /// From built projections (a layer read back from a file): q [q_dim, d_model], k and v [kv_dim, d_model],
+    /// o [d_model, q_dim] as `s` gives them, with biases when the config has them (a part may carry one the config
+    /// lacks: bias compensation of a pruned layer); shape_error naming the part otherwise.
+    Attention(const layer_shape& s, Linear<format> q, Linear<format> k, Linear<format> v, Linear<format> o)
+        : shape_(s), q_(std::move(q)), k_(std::move(k)), v_(std::move(v)), o_(std::move(o)) {
+        check_part(q_, s.q_dim(), s.d_model, "q", "[q_dim, d_model]");
+        check_part(k_, s.kv_dim(), s.d_model, "k", "[kv_dim, d_model]");
+        check_part(v_, s.kv_dim(), s.d_model, "v", "[kv_dim, d_model]");
+        check_part(o_, s.d_model, s.q_dim(), "o", "[d_model, q_dim]");
+    }
 
     const Linear<format>& q() const noexcept { return q_; }
     const Linear<format>& k() const noexcept { return k_; }
@@ -144,6 +154,12 @@ public:
     }
 
 private:
+    static void check_part(const Linear<format>& l, index_t out, index_t in, const char* name, const char* dims) {
+        require<shape_error>(l.out_features() == out && l.in_features() == in, "Attention: part ", name, " is [",
+                             l.out_features(), ", ", l.in_features(), "], expected ", dims, " = [", out, ", ", in, "]");
+        require<shape_error>(!C::bias || l.bias(), "Attention: part ", name,
+                             " has no bias; the layer configuration has biases on every linear");
+    }
     static void copy_rows(ConstMatrixView<float> from, MatrixView<float> to) noexcept {
         for (index_t r = 0; r < from.rows(); ++r) {
             const float* s = from.row(r);

@@ -34,6 +34,17 @@ public:
           down_(C::compression::compress(w.w_down, down_stats), w.b_down, "dense_layer_weights.b_down") {
         if constexpr (gated) gate_.emplace(C::compression::compress(w.w_gate, in_stats));
     }
+    /// From built linears (a layer read back from a file): up (and gate, SwiGLU only) [d_ff, d_model], down
+    /// [d_model, d_ff] as `s` gives them, up and down with biases when the config has them; shape_error naming
+    /// the part otherwise.
+    FFN(const layer_shape& s, Linear<format> up, std::optional<Linear<format>> gate, Linear<format> down)
+        : d_ff_(s.d_ff), up_(std::move(up)), down_(std::move(down)), gate_(std::move(gate)) {
+        check_part(up_, s.d_ff, s.d_model, "up", "[d_ff, d_model]", C::bias);
+        check_part(down_, s.d_model, s.d_ff, "down", "[d_model, d_ff]", C::bias);
+        require<shape_error>(gated == gate_.has_value(), "FFN: part gate is ", gate_ ? "given" : "missing", "; the ",
+                             gated ? "SwiGLU FFN needs one" : "MLP FFN has none");
+        if (gate_) check_part(*gate_, s.d_ff, s.d_model, "gate", "[d_ff, d_model]", false);
+    }
 
     const Linear<format>& up() const noexcept { return up_; }
     const Linear<format>& down() const noexcept { return down_; }
@@ -72,6 +83,14 @@ public:
     }
 
 private:
+    static void check_part(const Linear<format>& l, index_t out, index_t in, const char* name, const char* dims,
+                           bool needs_bias) {
+        require<shape_error>(l.out_features() == out && l.in_features() == in, "FFN: part ", name, " is [",
+                             l.out_features(), ", ", l.in_features(), "], expected ", dims, " = [", out, ", ", in, "]");
+        require<shape_error>(!needs_bias || l.bias(), "FFN: part ", name,
+                             " has no bias; the layer configuration has biases on up and down");
+    }
+
     index_t d_ff_ = 0;
     Linear<format> up_, down_;
     std::optional<Linear<format>> gate_;

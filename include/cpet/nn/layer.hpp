@@ -10,7 +10,9 @@
 // task against the layer once, at its entry (check_task); the kernels below trust it.
 #pragma once
 
+#include <optional>
 #include <span>
+#include <utility>
 
 #include "cpet/arch/dispatch.hpp"
 #include "cpet/compress/calibration.hpp"
@@ -37,6 +39,16 @@ struct layer_calibration {
     compress::calibration down_in;       ///< input of down     [d_ff]
 };
 
+/// A layer's built parts, which TransformerLayer(parts, shape) assembles as they are, compressing nothing (io/
+/// reads a stored backbone into these). `gate` only for SwiGLU configs.
+template <LayerConfig C>
+struct layer_parts {
+    using linear = Linear<typename C::compression::format>;
+    linear q, k, v, o, up, down;
+    std::optional<linear> gate;
+    Norm<C::norm> norm1, norm2;
+};
+
 template <LayerConfig C>
 class TransformerLayer {
 public:
@@ -53,6 +65,15 @@ public:
           norm2_(w.norm2_gamma, w.norm2_beta, s.eps),
           attn_(w, s, stats ? &stats->attention_in : nullptr, stats ? &stats->o_in : nullptr),
           ffn_(w, s, stats ? &stats->ffn_in : nullptr, stats ? &stats->down_in : nullptr) {}
+    /// From built parts, each of the shape `s` gives it (a pruned layer's `s` is its own, smaller shape): the
+    /// linears as Attention's and FFN's part constructors check them, the norms with d_model features, a β for
+    /// LayerNorm and s.eps as their epsilon. shape_error naming the part otherwise.
+    TransformerLayer(layer_parts<C> p, const layer_shape& s)
+        : shape_(checked(s)),
+          norm1_(checked_norm(std::move(p.norm1), s, "norm1")),
+          norm2_(checked_norm(std::move(p.norm2), s, "norm2")),
+          attn_(s, std::move(p.q), std::move(p.k), std::move(p.v), std::move(p.o)),
+          ffn_(s, std::move(p.up), std::move(p.gate), std::move(p.down)) {}
 
     const layer_shape& shape() const noexcept { return shape_; }
     const Attention<C>& attention() const noexcept { return attn_; }
@@ -249,11 +270,25 @@ public:
 private:
     static const layer_shape& checked(const dense_layer_weights& w, const layer_shape& s) {
         check_weights(w, s, kind_of<C>);
+        return checked(s);
+    }
+    static const layer_shape& checked(const layer_shape& s) {
+        s.validate();
         // RoPE rotates pairs of a head's values: an odd head_dim leaves one value without a partner (and the
         // interleaved pairing would reach into the next head, or past the row for the last one)
         require<shape_error>(!C::rope || s.head_dim % 2 == 0, "TransformerLayer: head_dim must be even with RoPE, got ",
                              s.head_dim);
         return s;
+    }
+    static Norm<C::norm> checked_norm(Norm<C::norm> n, const layer_shape& s, const char* name) {
+        require<shape_error>(n.features() == s.d_model, "TransformerLayer: part ", name, " has ", n.features(),
+                             " features, expected d_model = ", s.d_model);
+        if constexpr (C::norm == norm_kind::layernorm)
+            require<shape_error>(index_t(n.beta().size()) == s.d_model, "TransformerLayer: part ", name, " has ",
+                                 n.beta().size(), " β values, expected d_model = ", s.d_model, " (LayerNorm)");
+        require<shape_error>(n.eps() == s.eps, "TransformerLayer: part ", name, " has eps ", n.eps(),
+                             ", the layer_shape ", s.eps);
+        return n;
     }
     /// y = norm(x), with β + Δβ when the task's norm hook tunes this norm's β (summed into scratch: O(d)).
     template <class Arch, class Task>

@@ -3,6 +3,8 @@
 // Free of xsimd and Eigen so io/ and cuda/ can share it. The pruners that fill these formats live in
 // compress/prune.hpp, the kernels that read them in kernels/gemm_sparse.hpp (which repeats the few layout constants;
 // compress::kernel_view static_asserts that both sides agree). Nothing here ever stores the pruned zeros.
+// Both classes can also be rebuilt from the kept entries their accessors return (from_kept, from_rows): the same
+// packed bytes, no re-quantisation, which is how io/ reads them back bit-exact.
 //
 // ---- N:M (nm_sparse_weights) ----------------------------------------------------------------------------------
 // W [n, k] with, in every group of M consecutive inputs k ∈ [g·M, g·M + M), exactly N kept entries (2:4, 1:4, 4:8, …;
@@ -36,6 +38,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "cpet/core/buffer.hpp"
@@ -169,6 +172,84 @@ public:
         return s;
     }
 
+    /// Rebuilds packed weights from their kept entries exactly as kept_index / kept_value (fp32) or kept_code /
+    /// scales (int8) give them back, with no re-quantisation, so the packed bytes equal the original's (io/ reads
+    /// stored weights this way). Row r's kept slot t = g·N + j has in-group index idx[r·slots + t] (strictly
+    /// ascending within its group, below M) and either the value values[r·slots + t] (finite; codes and scales
+    /// null) or the code codes[r·slots + t] ∈ [−127, 127] with the row scale scales[r] (positive, finite; values
+    /// null). Throws shape_error (pattern, shape), format_error (indices, codes, which arrays are given) or
+    /// numeric_error (values, scales); never returns a half-built object.
+    static nm_sparse_weights from_kept(index_t n, index_t k, int n_keep, int m_group, const std::uint8_t* idx,
+                                       const float* values, const std::int8_t* codes = nullptr,
+                                       const float* scales = nullptr) {
+        const char* who = "nm_sparse_weights::from_kept";
+        check_pattern(n_keep, m_group, who);
+        require<shape_error>(n > 0 && k > 0, who, ": weight shape must be positive, got [", n, ", ", k, "]");
+        require<shape_error>(k % m_group == 0, who, ": the N:M block M = ", m_group,
+                             " does not divide the input dimension K = ", k);
+        const bool int8 = values == nullptr;
+        require<format_error>(idx != nullptr && (int8 ? codes && scales : !codes && !scales), who,
+                              ": give the in-group indices and either fp32 values or int8 codes with row scales");
+        const index_t G = k / m_group, slots = G * n_keep;
+        for (index_t r = 0; r < n; ++r) {
+            for (index_t g = 0; g < G; ++g)
+                for (int j = 0; j < n_keep; ++j) {
+                    const index_t t = g * n_keep + j;
+                    const int e = idx[r * slots + t];
+                    require<format_error>(e < m_group && (j == 0 || e > idx[r * slots + t - 1]), who, ": row ", r,
+                                          " group ", g, ": in-group index ", e, " at kept slot ", j,
+                                          " is not below M = ", m_group, " and above the slot before it");
+                    if (int8)
+                        require<format_error>(codes[r * slots + t] >= -127, who, ": row ", r, " slot ", t, ": code ",
+                                              int(codes[r * slots + t]), " is outside [-127, 127]");
+                    else
+                        require<numeric_error>(std::isfinite(values[r * slots + t]), who, ": row ", r, " slot ", t,
+                                               ": value ", values[r * slots + t], " is not finite");
+                }
+            if (int8)
+                require<numeric_error>(std::isfinite(scales[r]) && scales[r] > 0.f, who, ": row ", r, ": scale ",
+                                       scales[r], " is not a positive finite number");
+        }
+
+        // The same fields and padding as from_mask: padding rows keep values 0 at indices 0..N-1 with scale 1.
+        nm_sparse_weights s;
+        s.n_ = n;
+        s.k_ = k;
+        s.keep_ = n_keep;
+        s.group_ = m_group;
+        s.bits_ = std::max(1, sparse_detail::log2_exact(m_group));
+        s.vpw_ = 32 / s.bits_;
+        s.vt_ = int8 ? sparse_values::int8 : sparse_values::f32;
+        s.panels_ = sparse_detail::round_up(n, sparse_panel_rows) / sparse_panel_rows;
+        s.words_ = (slots + s.vpw_ - 1) / s.vpw_;
+        const std::size_t lines = static_cast<std::size_t>(s.panels_ * slots);
+        if (int8)
+            s.qvalues_.reset(lines * sparse_panel_rows);
+        else
+            s.values_.reset(lines * sparse_panel_rows);
+        s.scales_.reset(static_cast<std::size_t>(s.panels_ * sparse_panel_rows));
+        s.idx_.reset(static_cast<std::size_t>(s.panels_ * s.words_ * sparse_panel_rows));
+        for (index_t r = 0; r < s.panels_ * sparse_panel_rows; ++r) {
+            s.scales_[static_cast<std::size_t>(r)] = int8 && r < n ? scales[r] : 1.f;
+            const index_t p = r / sparse_panel_rows, i = r % sparse_panel_rows;
+            for (index_t t = 0; t < slots; ++t) {
+                const std::size_t at = static_cast<std::size_t>((p * slots + t) * sparse_panel_rows + i);
+                if (r < n) {
+                    if (int8)
+                        s.qvalues_[at] = codes[r * slots + t];
+                    else
+                        s.values_[at] = values[r * slots + t];
+                }
+                const int e = r < n ? idx[r * slots + t] : static_cast<int>(t % n_keep);
+                const index_t wd = t / s.vpw_;
+                const int sh = static_cast<int>(t % s.vpw_) * s.bits_;
+                s.idx_[static_cast<std::size_t>((p * s.words_ + wd) * sparse_panel_rows + i)] |=
+                    static_cast<std::uint32_t>(e) << sh;
+            }
+        }
+        return s;
+    }
+
     /// Throws shape_error unless N:M is a supported pattern (M ∈ {2, 4, 8, 16}, 1 ≤ N ≤ M).
     static void check_pattern(int n_keep, int m_group, const char* who) {
         require<shape_error>(m_group == 2 || m_group == 4 || m_group == 8 || m_group == 16, who, ": N:M block M = ",
@@ -212,6 +293,11 @@ public:
         const std::size_t at = static_cast<std::size_t>((p * slots() + t) * sparse_panel_rows + i);
         if (vt_ == sparse_values::f32) return values_[at];
         return scales_[static_cast<std::size_t>(row)] * static_cast<float>(qvalues_[at]);
+    }
+    /// The int8 code at kept slot t of `row` (int8 values only; kept_value = scales()[row] · code).
+    std::int8_t kept_code(index_t row, index_t t) const noexcept {
+        const index_t p = row / sparse_panel_rows, i = row % sparse_panel_rows;
+        return qvalues_[static_cast<std::size_t>((p * slots() + t) * sparse_panel_rows + i)];
     }
     /// W as a dense [n, k] matrix (zeros where pruned; int8 values dequantised).
     Matrix<float> to_dense() const {
@@ -286,6 +372,62 @@ public:
             }
             s.nnz_ += nnz[static_cast<std::size_t>(r)];
         }
+        s.row_nnz_ = std::move(nnz);
+        return s;
+    }
+
+    /// Rebuilds packed weights from their entries row by row, as row_nnz / entry_col / entry_value give them back
+    /// (io/ reads stored weights this way; the packing is the same bytes as from_mask's): row r holds row_nnz[r]
+    /// entries, the rows' entries concatenated in cols / values with strictly ascending columns below k in each
+    /// row. Throws shape_error (shape, K > 65536), format_error (counts, columns) or numeric_error (NaN/Inf);
+    /// never returns a half-built object.
+    static unstructured_sparse_weights from_rows(index_t n, index_t k, const index_t* row_nnz,
+                                                 const std::uint16_t* cols, const float* values) {
+        const char* who = "unstructured_sparse_weights::from_rows";
+        require<shape_error>(n > 0 && k > 0, who, ": weight shape must be positive, got [", n, ", ", k, "]");
+        require<shape_error>(k <= max_cols, who, ": K = ", k, " exceeds the ", max_cols,
+                             " columns 16-bit indices address");
+        require<format_error>(row_nnz != nullptr, who, ": null row counts");
+        index_t total = 0;
+        for (index_t r = 0; r < n; ++r) {
+            const index_t c = row_nnz[r];
+            require<format_error>(c >= 0 && c <= k, who, ": row ", r, " has ", c, " entries, expected 0..", k);
+            require<format_error>(c == 0 || (cols && values), who, ": null entries");
+            for (index_t j = 0; j < c; ++j) {
+                const index_t col = cols[total + j];
+                require<format_error>(col < k && (j == 0 || col > cols[total + j - 1]), who, ": row ", r, " entry ",
+                                      j, ": column ", col, " is not below K = ", k, " and above the entry before it");
+                require<numeric_error>(std::isfinite(values[total + j]), who, ": row ", r, " entry ", j, ": value ",
+                                       values[total + j], " is not finite");
+            }
+            total += c;
+        }
+        unstructured_sparse_weights s;
+        s.n_ = n;
+        s.k_ = k;
+        s.panels_ = sparse_detail::round_up(n, sparse_panel_rows) / sparse_panel_rows;
+        s.offsets_.reset(static_cast<std::size_t>(s.panels_ + 1));
+        s.row_nnz_.assign(row_nnz, row_nnz + n);
+        for (index_t p = 0; p < s.panels_; ++p) {
+            index_t mx = 0;
+            for (index_t r = p * sparse_panel_rows; r < std::min(n, (p + 1) * sparse_panel_rows); ++r)
+                mx = std::max(mx, row_nnz[r]);
+            s.offsets_[static_cast<std::size_t>(p + 1)] = s.offsets_[static_cast<std::size_t>(p)] + mx;
+        }
+        const std::size_t slots = static_cast<std::size_t>(s.offsets_[static_cast<std::size_t>(s.panels_)]);
+        s.values_.reset(slots * sparse_panel_rows);
+        s.cols_.reset(slots * sparse_panel_rows);
+        index_t e = 0;
+        for (index_t r = 0; r < n; ++r) {
+            const index_t p = r / sparse_panel_rows, i = r % sparse_panel_rows;
+            for (index_t j = 0; j < row_nnz[r]; ++j, ++e) {
+                const std::size_t at =
+                    static_cast<std::size_t>((s.offsets_[static_cast<std::size_t>(p)] + j) * sparse_panel_rows + i);
+                s.values_[at] = values[e];
+                s.cols_[at] = cols[e];
+            }
+        }
+        s.nnz_ = total;
         return s;
     }
 
@@ -301,6 +443,11 @@ public:
     std::size_t bytes() const noexcept {
         return values_.size() * 4 + cols_.size() * 2 + offsets_.size() * sizeof(index_t);
     }
+    /// Kept entries of `row` (its padding excluded: a padding entry and a kept 0 at column 0 look alike).
+    index_t row_nnz(index_t row) const noexcept { return row_nnz_[static_cast<std::size_t>(row)]; }
+    /// Column and value of `row`'s j-th kept entry (j < row_nnz(row); ascending columns).
+    std::uint16_t entry_col(index_t row, index_t j) const noexcept { return cols_[entry_at(row, j)]; }
+    float entry_value(index_t row, index_t j) const noexcept { return values_[entry_at(row, j)]; }
     /// W as a dense [n, k] matrix (zeros where pruned).
     Matrix<float> to_dense() const {
         Matrix<float> d(n_, k_);
@@ -323,7 +470,13 @@ public:
     }
 
 private:
+    std::size_t entry_at(index_t row, index_t j) const noexcept {
+        const index_t p = row / sparse_panel_rows, i = row % sparse_panel_rows;
+        return static_cast<std::size_t>((offsets_[static_cast<std::size_t>(p)] + j) * sparse_panel_rows + i);
+    }
+
     index_t n_ = 0, k_ = 0, panels_ = 0, nnz_ = 0;
+    std::vector<index_t> row_nnz_;  ///< kept entries per row (not part of the packed layout: for row_nnz())
     aligned_buffer<index_t> offsets_;
     aligned_buffer<float> values_;
     aligned_buffer<std::uint16_t> cols_;
