@@ -1,5 +1,5 @@
 // tests/io/test_cpet_format.cpp — cpet's own files: a task of every PET method and packed weights of every
-// quantized kind written and read back bit for bit (the re-written file is byte-identical, the repacked weights
+// quantized and sparse kind (N:M with fp32 and int8 values, unstructured SELL-16) written and read back bit for bit (the re-written file is byte-identical, the repacked weights
 // are the same bytes); a file of another version, kind, method or layer count, a foreign file, an unknown tensor
 // and a module that does not fit the layer are refused with a message that says which.
 #include <doctest/doctest.h>
@@ -161,14 +161,28 @@ void weights_round_trip(const Matrix<float>& w) {
     if constexpr (std::is_same_v<F, compress::dense_f32>) {
         CHECK(std::memcmp(g.packed().panel(0), f.packed().panel(0), f.packed().bytes()) == 0);
     } else if constexpr (std::is_same_v<F, compress::nm_sparse_f32>) {
+        // the whole packed layout, padding rows included
         const auto& a = f.packed();
         const auto& b = g.packed();
         REQUIRE(a.slots() == b.slots());
-        for (index_t r = 0; r < a.rows(); ++r)
-            for (index_t t = 0; t < a.slots(); ++t) {
-                CHECK(a.kept_index(r, t) == b.kept_index(r, t));
-                CHECK(a.kept_value(r, t) == b.kept_value(r, t));
-            }
+        REQUIRE(a.value_type() == b.value_type());
+        const std::size_t cells = std::size_t(a.panels() * a.slots() * 16);
+        if (a.value_type() == compress::sparse_values::f32) {
+            CHECK(std::memcmp(a.values(), b.values(), cells * sizeof(float)) == 0);
+        } else {
+            CHECK(std::memcmp(a.qvalues(), b.qvalues(), cells) == 0);
+            CHECK(std::memcmp(a.scales(), b.scales(), std::size_t(a.panels() * 16) * sizeof(float)) == 0);
+        }
+        CHECK(std::memcmp(a.index_words(), b.index_words(), std::size_t(a.panels() * a.words_per_lane() * 16) * 4) == 0);
+    } else if constexpr (std::is_same_v<F, compress::unstructured_sparse_f32>) {
+        const auto& a = f.packed();
+        const auto& b = g.packed();
+        REQUIRE(a.panels() == b.panels());
+        CHECK(a.nnz() == b.nnz());
+        CHECK(std::memcmp(a.offsets(), b.offsets(), std::size_t(a.panels() + 1) * sizeof(index_t)) == 0);
+        const std::size_t cells = std::size_t(a.offsets()[a.panels()] * 16);
+        CHECK(std::memcmp(a.values(), b.values(), cells * sizeof(float)) == 0);
+        CHECK(std::memcmp(a.col_indices(), b.col_indices(), cells * sizeof(std::uint16_t)) == 0);
     } else {
         const auto& a = f.weights();
         const auto& b = g.weights();
@@ -210,6 +224,101 @@ TEST_CASE("cpet weight files: dense and quantized formats repack to the same byt
     weights_round_trip<compress::quantized<compress::int4, compress::per_group<64>, compress::asymmetric, compress::rtn>>(w);
     weights_round_trip<compress::w8a8>(w);
     weights_round_trip<compress::nm_sparse<2, 4>>(w);
+    weights_round_trip<compress::nm_sparse<2, 4, compress::sparsity_score::magnitude, compress::sparse_values::int8>>(w);
+    weights_round_trip<compress::nm_sparse<4, 8, compress::sparsity_score::magnitude, compress::sparse_values::int8>>(w);
+    weights_round_trip<compress::unstructured_sparse<60>>(w);
+    weights_round_trip<compress::unstructured_sparse<0>>(w);
+}
+
+TEST_CASE("cpet weight files: unstructured weights keep a stored zero and refuse bad entries") {
+    // a kept 0 at column 0 looks like SELL padding; the stored row counts keep it
+    Matrix<float> w(20, 40);
+    for (index_t i = 0; i < w.size(); ++i) w.data()[i] = float(i % 5) - 2.f;
+    for (index_t r = 0; r < 20; ++r) w(r, 0) = 0.f;
+    std::vector<std::uint8_t> keep(std::size_t(w.size()), 0);
+    for (index_t r = 0; r < 20; ++r)
+        for (index_t c = 0; c < 40; c += 1 + r % 3) keep[std::size_t(r * 40 + c)] = 1;
+    const compress::unstructured_sparse_f32 f(compress::unstructured_sparse_weights::from_mask(w, keep.data()));
+    const auto p = scratch("sell.safetensors");
+    io::weights_writer wr;
+    wr.add("w", f);
+    wr.save(p);
+    const auto g = io::weights_reader(p).get<compress::unstructured_sparse_f32>("w");
+    CHECK(g.packed().nnz() == f.packed().nnz());
+    for (index_t r = 0; r < 20; ++r) CHECK(g.packed().row_nnz(r) == f.packed().row_nnz(r));
+    CHECK(io::safetensors_file::open(p).metadata().at("cpet.weight.w") == "unstructured:40:f32");
+    // Columns out of order within a row, a count past K, the wrong K: refused naming the weight.
+    auto edit = [&](const std::string& tensor, auto&& change, std::map<std::string, std::string> md = {}) {
+        const auto src = io::safetensors_file::open(p);
+        std::vector<io::tensor_data> ts;
+        std::vector<std::byte> b;
+        for (const auto& t : src.tensors()) {
+            if (t.name() == tensor) {
+                b.assign(t.bytes().begin(), t.bytes().end());
+                change(b);
+                ts.push_back({t.name(), t.type(), t.shape(), b});
+            } else {
+                ts.push_back({t.name(), t.type(), t.shape(), t.bytes()});
+            }
+        }
+        auto m = src.metadata();
+        for (const auto& [k, v] : md) m[k] = v;
+        const auto q = scratch("sell_bad.safetensors");
+        io::save_safetensors(q, ts, m);
+        return q;
+    };
+    CHECK_THROWS_WITH_AS((void)io::weights_reader(edit("w.sp_cols", [](auto& b) { std::swap(b[0], b[2]); }))
+                             .get<compress::unstructured_sparse_f32>("w"),
+                         doctest::Contains("weight 'w': unstructured_sparse_weights::from_rows: row 0 entry 1"), io_error);
+    CHECK_THROWS_WITH_AS((void)io::weights_reader(edit("w.sp_counts", [](auto& b) { b[0] = std::byte(41); }))
+                             .get<compress::unstructured_sparse_f32>("w"),
+                         doctest::Contains("'w.sp_counts': row 0 has 41 entries, expected 0..40"), io_error);
+    CHECK_THROWS_WITH_AS((void)io::weights_reader(edit("w.sp_counts", [](auto& b) { b[0] = std::byte(1); }))
+                             .get<compress::unstructured_sparse_f32>("w"),
+                         doctest::Contains("tensor 'w.sp_cols' is U16"), io_error);
+    CHECK_THROWS_WITH_AS((void)io::weights_reader(edit("w.sp_counts", [](auto&) {}, {{"cpet.weight.w", "unstructured:x:f32"}}))
+                             .get<compress::unstructured_sparse_f32>("w"),
+                         doctest::Contains("format 'unstructured:x:f32' is not unstructured:K:f32"), io_error);
+    fs::remove(p);
+}
+
+TEST_CASE("cpet weight files: N:M int8 codes and scales out of range are refused") {
+    Matrix<float> w(16, 32);
+    for (index_t i = 0; i < w.size(); ++i) w.data()[i] = float(i % 9) - 4.f;
+    const auto f = compress::nm_sparse<2, 4, compress::sparsity_score::magnitude, compress::sparse_values::int8>::compress(w);
+    const auto p = scratch("nm8.safetensors");
+    io::weights_writer wr;
+    wr.add("w", f);
+    wr.save(p);
+    CHECK(io::safetensors_file::open(p).metadata().at("cpet.weight.w") == "nm_sparse:2:4:int8");
+    auto edit = [&](const std::string& tensor, std::size_t at, std::vector<std::byte> bytes) {
+        const auto src = io::safetensors_file::open(p);
+        std::vector<io::tensor_data> ts;
+        std::vector<std::byte> b;
+        for (const auto& t : src.tensors()) {
+            if (t.name() == tensor) {
+                b.assign(t.bytes().begin(), t.bytes().end());
+                std::copy(bytes.begin(), bytes.end(), b.begin() + std::ptrdiff_t(at));
+                ts.push_back({t.name(), t.type(), t.shape(), b});
+            } else {
+                ts.push_back({t.name(), t.type(), t.shape(), t.bytes()});
+            }
+        }
+        const auto q = scratch("nm8_bad.safetensors");
+        io::save_safetensors(q, ts, src.metadata());
+        return q;
+    };
+    using F = compress::nm_sparse_f32;
+    CHECK_THROWS_WITH_AS((void)io::weights_reader(edit("w.nm_codes", 3, {std::byte(0x80)})).get<F>("w"),
+                         doctest::Contains("code -128 is outside [-127, 127]"), io_error);
+    const float neg = -1.f;
+    std::vector<std::byte> nb(4);
+    std::memcpy(nb.data(), &neg, 4);
+    CHECK_THROWS_WITH_AS((void)io::weights_reader(edit("w.nm_scales", 8, nb)).get<F>("w"),
+                         doctest::Contains("row 2: scale -1 is not a positive finite number"), io_error);
+    CHECK_THROWS_WITH_AS((void)io::weights_reader(edit("w.nm_index", 0, {std::byte(4)})).get<F>("w"),
+                         doctest::Contains("in-group index 4 at kept slot 0 is not below M = 4"), io_error);
+    fs::remove(p);
 }
 
 TEST_CASE("cpet weight files: kept-index maps, and N:M weights with a corrupt index are refused") {

@@ -1,38 +1,45 @@
 // cpet/io/cpet_format.hpp — cpet's own files: safetensors with cpet metadata, for task module sets (every PET
-// method) and for packed weight formats (dense, every quantized variant), read back bit-exact.
+// method) and for packed weight formats (dense, every quantized variant, N:M with fp32 or int8 values,
+// unstructured), read back bit-exact. Whole compressed backbones (layers of any policy, pruned ones with their
+// kept-index maps) use the same weight layout: io/backbone_file.hpp.
 //
 // Layout (version 1). Metadata (the safetensors "__metadata__" map):
-//   cpet.format   "task" | "weights"            what the file holds
+//   cpet.format   "task" | "weights" | "backbone"   what the file holds (another kind is refused naming both)
 //   cpet.version  "1"                           layout version; another version is refused naming both
 //   task files:    cpet.method  the PET policy's name (lora, rslora, recovery, recovery_linear, adapter,
 //                               parallel_adapter, scaled_parallel_adapter, ia3, bitfit, prefix_tuning, p_tuning_v2,
 //                               prompt_tuning); cpet.activation for adapters; cpet.layers  N
-//   weight files:  cpet.weight.<name>  the format's name (dense_f32, nm_sparse:N:M:f32, indices, or
-//                                      quantized:<bits>:<granularity>:<sym>:<act>)
+//   weight files:  cpet.weight.<name>  the weight's stored format: dense_f32, nm_sparse:N:M:f32, nm_sparse:N:M:int8,
+//                                      unstructured:K:f32 (K its in_features: no tensor carries it),
+//                                      quantized:<bits>:<granularity>:<sym>:<act>, or indices
 // Tensors, all little-endian, names ASCII:
 //   task   layers.<i>.<field>   one per non-empty field of layer i's modules, e.g. layers.0.q.lora_A [r, in] F32,
 //                               layers.0.q.lora_B [out, r], layers.0.alpha [] F32 (scalars are 0-d tensors, so they
 //                               round-trip bit for bit), layers.3.attention.down, layers.1.k.ia3_l, layers.0.prefix_k
 //   weights <name>.dense [out, in] F32                          dense_f32 (repacked on load: packing is deterministic)
-//           <name>.nm_values [out, slots] F32, <name>.nm_index [out, slots] U8   N:M sparse with fp32 values
-//                                                      (cpet.weight.<name> = nm_sparse:N:M:f32; repacked from the mask)
+//           <name>.nm_index [out, slots] U8 (in-group index of kept slot t = g·N + j, ascending in a group) with
+//           <name>.nm_values [out, slots] F32                   N:M with fp32 values, or
+//           <name>.nm_codes [out, slots] I8 ∈ [−127, 127] and <name>.nm_scales [out] F32 (value = scale·code)
+//                                                               N:M with int8 values (no re-quantisation on load)
+//           <name>.sp_counts [out] I32 (kept entries per row), <name>.sp_cols [nnz] U16 (ascending within a row),
+//           <name>.sp_values [nnz] F32                          unstructured (SELL-16 repacked from the rows)
 //           <name> [n] I64                                       indices (kept heads / neurons of a pruned layer)
 //           <name>.codes [out, in] I8, <name>.scales [out, groups] F32, <name>.zeros [out, groups] F32 (asymmetric
 //           only), <name>.act_scale [in] F32 (SmoothQuant only)  quantized_format<…> (repacked through from_codes)
-// Reading checks every field against the layer it is for (the modules' own check_fits) and refuses tensors it
-// does not know: a file is either read completely or not at all.
-//
-// Not here yet: N:M with int8 values and unstructured sparse weights (refused / no layout), and whole compressed backbones (layers of a compressed type rebuilt from their stored formats, pruned
-// shapes with kept-index maps). TransformerLayer can only be built by compressing dense weights today; a
-// constructor from built Linear<Format> parts is what loading one bit-exact needs (see the io report).
+// Every format is rebuilt from what it stores into the same packed bytes (the tests compare them), so products
+// are bit for bit the same. Reading checks every field against the layer it is for (the modules' own check_fits)
+// and refuses tensors it does not know: a file is either read completely or not at all.
 #pragma once
 
 #include <array>
 #include <cstdio>
 #include <cstring>
+#include <deque>
 #include <filesystem>
 #include <map>
+#include <optional>
 #include <set>
+#include <span>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -254,11 +261,21 @@ template <class B, class G, class S, class A>
 struct is_quantized_format<compress::quantized_format<B, G, S, A>> : std::true_type {};
 
 template <class Format>
+inline constexpr bool is_nm_format = std::is_same_v<Format, compress::sparse_format<compress::nm_sparse_weights>>;
+template <class Format>
+inline constexpr bool is_unstructured_format =
+    std::is_same_v<Format, compress::sparse_format<compress::unstructured_sparse_weights>>;
+
+/// The name a file records for Format; for N:M and unstructured weights only the prefix ("nm_sparse",
+/// "unstructured"): the rest of their name (the pattern, K) comes from the weight itself (stored_format_name).
+template <class Format>
 std::string format_name() {
     if constexpr (std::is_same_v<Format, compress::dense_f32>) {
         return "dense_f32";
-    } else if constexpr (std::is_same_v<Format, compress::nm_sparse_f32>) {
-        return "nm_sparse";  // + ":N:M:f32" in the file
+    } else if constexpr (is_nm_format<Format>) {
+        return "nm_sparse";
+    } else if constexpr (is_unstructured_format<Format>) {
+        return "unstructured";
     } else if constexpr (is_quantized_format<Format>::value) {
         using B = typename Format::bits_type;
         using G = typename Format::granularity_type;
@@ -266,8 +283,304 @@ std::string format_name() {
         using A = typename Format::activations_type;
         return cpet::detail::concat("quantized:", B::name(), ":", G::name(), ":", S::name(), ":", A::name());
     } else {
-        static_assert(sizeof(Format) == 0, "cpet::io weight files: no layout for this weight format yet");
+        static_assert(sizeof(Format) == 0, "cpet::io weight files: no layout for this weight format");
     }
+}
+
+/// The full name recorded for weight w: format_name, with N:M's "N:M:f32|int8" and unstructured's "K:f32".
+template <class Format>
+std::string stored_format_name(const Format& w) {
+    if constexpr (is_nm_format<Format>) {
+        const auto& p = w.packed();
+        return cpet::detail::concat("nm_sparse:", p.n_keep(), ":", p.m_group(), ":",
+                                    p.value_type() == compress::sparse_values::int8 ? "int8" : "f32");
+    } else if constexpr (is_unstructured_format<Format>) {
+        return cpet::detail::concat("unstructured:", w.in_features(), ":f32");
+    } else {
+        return format_name<Format>();
+    }
+}
+
+/// Tensors being written and the bytes they borrow (kept here until the file is saved), plus the metadata.
+class tensor_store {
+public:
+    void add(std::string name, dtype t, std::vector<std::uint64_t> shape, std::vector<std::byte> bytes) {
+        require<io_error>(names_.insert(name).second, "cpet file writer: tensor '", name, "' added twice");
+        const auto& b = bytes_.emplace_back(std::move(bytes));
+        tensors_.push_back({std::move(name), t, std::move(shape), b});
+    }
+    template <class T>
+    void add(std::string name, std::vector<std::uint64_t> shape, const T* p, std::size_t n) {
+        std::vector<std::byte> b(n * sizeof(T));
+        if (n) std::memcpy(b.data(), p, b.size());
+        add(std::move(name), dtype_of<T>, std::move(shape), std::move(b));
+    }
+    std::map<std::string, std::string>& metadata() noexcept { return meta_; }
+    /// Writes the file atomically with the metadata and `header` (cpet.format, cpet.version, ...) added.
+    void save(const std::filesystem::path& path, const std::map<std::string, std::string>& header) const {
+        auto md = meta_;
+        for (const auto& [k, v] : header) md[k] = v;
+        save_safetensors(path, tensors_, md);
+    }
+
+private:
+    std::vector<tensor_data> tensors_;
+    std::map<std::string, std::string> meta_;
+    std::set<std::string> names_;
+    std::deque<std::vector<std::byte>> bytes_;  // a deque: adding never moves what earlier tensors borrow
+};
+
+/// Writes weight w as the tensors of its layout under `name` (see the file comment) and records its format in
+/// the metadata ("cpet.weight.<name>").
+template <class Format>
+void encode_weight(tensor_store& st, const std::string& name, const Format& w) {
+    st.metadata()["cpet.weight." + name] = stored_format_name(w);
+    const auto n = std::uint64_t(w.out_features()), k = std::uint64_t(w.in_features());
+    if constexpr (std::is_same_v<Format, compress::dense_f32>) {
+        const Matrix<float> d = w.to_dense();
+        st.add(name + ".dense", {n, k}, d.data(), std::size_t(d.size()));
+    } else if constexpr (is_nm_format<Format>) {
+        const auto& p = w.packed();
+        const index_t slots = p.slots();
+        const std::size_t cells = std::size_t(index_t(n) * slots);
+        std::vector<std::uint8_t> idx(cells);
+        const bool int8 = p.value_type() == compress::sparse_values::int8;
+        std::vector<float> vals(int8 ? 0 : cells);
+        std::vector<std::int8_t> codes(int8 ? cells : 0);
+        for (index_t r = 0; r < index_t(n); ++r)
+            for (index_t t = 0; t < slots; ++t) {
+                const std::size_t at = std::size_t(r * slots + t);
+                idx[at] = std::uint8_t(p.kept_index(r, t));
+                if (int8) codes[at] = p.kept_code(r, t);
+                else vals[at] = p.kept_value(r, t);
+            }
+        st.add(name + ".nm_index", {n, std::uint64_t(slots)}, idx.data(), cells);
+        if (int8) {
+            st.add(name + ".nm_codes", {n, std::uint64_t(slots)}, codes.data(), cells);
+            st.add(name + ".nm_scales", {n}, p.scales(), std::size_t(n));
+        } else {
+            st.add(name + ".nm_values", {n, std::uint64_t(slots)}, vals.data(), cells);
+        }
+    } else if constexpr (is_unstructured_format<Format>) {
+        const auto& p = w.packed();
+        std::vector<std::int32_t> counts(n);
+        std::vector<std::uint16_t> cols;
+        std::vector<float> vals;
+        cols.reserve(std::size_t(p.nnz()));
+        vals.reserve(std::size_t(p.nnz()));
+        for (index_t r = 0; r < index_t(n); ++r) {
+            counts[std::size_t(r)] = std::int32_t(p.row_nnz(r));
+            for (index_t j = 0; j < p.row_nnz(r); ++j) {
+                cols.push_back(p.entry_col(r, j));
+                vals.push_back(p.entry_value(r, j));
+            }
+        }
+        st.add(name + ".sp_counts", {n}, counts.data(), counts.size());
+        st.add(name + ".sp_cols", {cols.size()}, cols.data(), cols.size());
+        st.add(name + ".sp_values", {vals.size()}, vals.data(), vals.size());
+    } else {
+        const auto& q = w.weights();
+        std::vector<std::int8_t> codes(std::size_t(n * k));
+        for (index_t r = 0; r < q.rows(); ++r)
+            for (index_t c = 0; c < q.cols(); ++c) codes[std::size_t(r * q.cols() + c)] = std::int8_t(q.code(r, c));
+        st.add(name + ".codes", {n, k}, codes.data(), codes.size());
+        const index_t groups = Format::granularity_type::gran == compress::granularity::per_group ? q.groups() : 1;
+        std::vector<float> sc(std::size_t(index_t(n) * groups)), z(sc.size());
+        for (index_t r = 0; r < index_t(n); ++r)
+            for (index_t g = 0; g < groups; ++g) {
+                sc[std::size_t(r * groups + g)] = q.scale(r, g * q.group());
+                z[std::size_t(r * groups + g)] = q.has_zeros() ? q.zero(r, g * q.group()) : 0.f;
+            }
+        st.add(name + ".scales", {n, std::uint64_t(groups)}, sc.data(), sc.size());
+        if (!q.symmetric()) st.add(name + ".zeros", {n, std::uint64_t(groups)}, z.data(), z.size());
+        if (const float* a = w.act_scale(); a && Format::smoothed) st.add(name + ".act_scale", {k}, a, std::size_t(k));
+    }
+}
+
+/// A tensor's elements copied out (the mapping need not be aligned for T: hand-made files may not be).
+template <class T>
+std::vector<T> copy_elements(const tensor_view& t) {
+    std::vector<T> v(t.bytes().size() / sizeof(T));
+    if (!v.empty()) std::memcpy(v.data(), t.bytes().data(), v.size() * sizeof(T));
+    return v;
+}
+
+/// Reads tensors of one file by the rules of its layout: every lookup names the file and the tensor, and the
+/// names it handed out are recorded so a reader can refuse the tensors nobody asked for.
+class tensor_source {
+public:
+    explicit tensor_source(const safetensors_file& f) : f_(f) {}
+    const std::string& file_name() const noexcept { return f_.file_name(); }
+    const safetensors_file& file() const noexcept { return f_; }
+    bool has(const std::string& name) const { return f_.find(name) != nullptr; }
+
+    /// Tensor `name` of dtype t and rank shape.size(); a negative extent in `shape` accepts any.
+    const tensor_view& get(const std::string& name, dtype t, std::vector<std::int64_t> shape) {
+        const tensor_view* v = f_.find(name);
+        require<io_error>(v != nullptr, file_name(), ": tensor '", name, "' is missing");
+        bool ok = v->type() == t && v->rank() == shape.size();
+        for (std::size_t i = 0; ok && i < shape.size(); ++i)
+            ok = shape[i] < 0 || v->shape()[i] == std::uint64_t(shape[i]);
+        if (!ok) {
+            std::string want = "[";
+            for (std::size_t i = 0; i < shape.size(); ++i)
+                want += (i ? ", " : "") + (shape[i] < 0 ? std::string("*") : std::to_string(shape[i]));
+            throw io_error(cpet::detail::concat(file_name(), ": tensor '", name, "' is ", dtype_name(v->type()), " ",
+                                                v->shape_str(), ", expected ", dtype_name(t), " ", want, "]"));
+        }
+        used_.insert(name);
+        return *v;
+    }
+    std::vector<float> f32(const std::string& name, std::vector<std::int64_t> shape) {
+        return copy_elements<float>(get(name, dtype::F32, std::move(shape)));
+    }
+    /// The first tensor not handed out, or null.
+    const tensor_view* unused() const {
+        for (const auto& t : f_.tensors())
+            if (!used_.count(t.name())) return &t;
+        return nullptr;
+    }
+
+private:
+    const safetensors_file& f_;
+    std::set<std::string> used_;
+};
+
+/// Parses the decimal integers of "<prefix>a:b:..." (each 1..9 digits); nullopt when `s` is not of that form.
+inline std::optional<std::vector<index_t>> parse_fields(const std::string& s, const std::string& prefix,
+                                                        std::size_t count, const std::string& tail) {
+    if (s.rfind(prefix, 0) != 0 || s.size() < prefix.size() + tail.size() ||
+        s.compare(s.size() - tail.size(), tail.size(), tail) != 0)
+        return std::nullopt;
+    const std::string mid = s.substr(prefix.size(), s.size() - prefix.size() - tail.size());
+    std::vector<index_t> out;
+    std::size_t at = 0;
+    while (out.size() < count) {
+        const std::size_t end = std::min(mid.find(':', at), mid.size());
+        const std::string d = mid.substr(at, end - at);
+        if (d.empty() || d.size() > 9 || d.find_first_not_of("0123456789") != std::string::npos) return std::nullopt;
+        out.push_back(index_t(std::stol(d)));
+        at = end + 1;
+        if (end == mid.size()) break;
+    }
+    if (out.size() != count || at != mid.size() + 1) return std::nullopt;
+    return out;
+}
+
+/// Reads weight `name` as Format, [n, k] when n, k ≥ 0 (else as stored). `expect`: the full stored name the
+/// caller requires (empty: any of Format's). io_error naming file, weight, tensor and rule; nothing half-built.
+template <class Format>
+Format decode_weight(tensor_source& src, const std::string& name, index_t n, index_t k, const std::string& expect = {}) {
+    const std::string& fn = src.file_name();
+    const auto& md = src.file().metadata();
+    auto it = md.find("cpet.weight." + name);
+    require<io_error>(it != md.end(), fn, ": no weight '", name, "' (no cpet.weight.", name, " metadata)");
+    const std::string& stored = it->second;
+    const std::string prefix = format_name<Format>();
+    const bool kind_ok = expect.empty() ? (is_nm_format<Format> || is_unstructured_format<Format>
+                                               ? stored.rfind(prefix + ":", 0) == 0
+                                               : stored == prefix)
+                                        : stored == expect;
+    require<io_error>(kind_ok, fn, ": weight '", name, "' is stored as ", stored, ", expected ",
+                      expect.empty() ? prefix : expect);
+    auto wrap = [&](auto&& build) -> Format {
+        try {
+            return build();
+        } catch (const io_error&) {
+            throw;
+        } catch (const cpet::error& e) {
+            throw io_error(cpet::detail::concat(fn, ": weight '", name, "': ", e.what()));
+        }
+    };
+    if constexpr (std::is_same_v<Format, compress::dense_f32>) {
+        const auto& t = src.get(name + ".dense", dtype::F32, {n, k});
+        const index_t rows = index_t(t.shape()[0]), cols = index_t(t.shape()[1]);
+        require<io_error>(rows > 0 && cols > 0, fn, ": tensor '", t.name(), "' has an empty shape ", t.shape_str());
+        Matrix<float> d(rows, cols);
+        t.to_f32(d.data());
+        return wrap([&] { return Format(d.view()); });
+    } else if constexpr (is_nm_format<Format>) {
+        const bool int8 = stored.size() > 5 && stored.compare(stored.size() - 5, 5, ":int8") == 0;
+        const auto nm = parse_fields(stored, "nm_sparse:", 2, int8 ? ":int8" : ":f32");
+        require<io_error>(nm.has_value(), fn, ": weight '", name, "': format '", stored,
+                          "' is not nm_sparse:N:M:f32 or nm_sparse:N:M:int8");
+        const int N = int((*nm)[0]), M = int((*nm)[1]);
+        require<io_error>((M == 2 || M == 4 || M == 8 || M == 16) && N >= 1 && N <= M, fn, ": weight '", name,
+                          "': N:M pattern ", N, ":", M, " is not supported (M of 2, 4, 8 or 16, 1 <= N <= M)");
+        const index_t slots = k >= 0 ? k / M * N : -1;
+        require<io_error>(k < 0 || k % M == 0, fn, ": weight '", name, "': ", k, " inputs are not a multiple of M = ", M);
+        const auto& ix = src.get(name + ".nm_index", dtype::U8, {n, slots});
+        const index_t rows = index_t(ix.shape()[0]), sl = index_t(ix.shape()[1]);
+        require<io_error>(rows > 0 && sl > 0 && sl % N == 0, fn, ": tensor '", ix.name(), "' has ", sl,
+                          " kept slots per row, not a positive multiple of N = ", N);
+        const auto idx = copy_elements<std::uint8_t>(ix);
+        const index_t cols = sl / N * M;
+        if (int8) {
+            const auto codes = copy_elements<std::int8_t>(src.get(name + ".nm_codes", dtype::I8, {rows, sl}));
+            const auto scales = src.f32(name + ".nm_scales", {rows});
+            return wrap([&] {
+                return Format(compress::nm_sparse_weights::from_kept(rows, cols, N, M, idx.data(), nullptr,
+                                                                     codes.data(), scales.data()));
+            });
+        }
+        const auto vals = src.f32(name + ".nm_values", {rows, sl});
+        return wrap([&] { return Format(compress::nm_sparse_weights::from_kept(rows, cols, N, M, idx.data(), vals.data())); });
+    } else if constexpr (is_unstructured_format<Format>) {
+        const auto kk = parse_fields(stored, "unstructured:", 1, ":f32");
+        require<io_error>(kk.has_value() && (*kk)[0] > 0 && (k < 0 || (*kk)[0] == k), fn, ": weight '", name,
+                          "': format '", stored, "' is not unstructured:K:f32",
+                          k >= 0 ? cpet::detail::concat(" with K = ", k) : std::string());
+        const index_t cols = (*kk)[0];
+        const auto counts32 = copy_elements<std::int32_t>(src.get(name + ".sp_counts", dtype::I32, {n}));
+        const index_t rows = index_t(counts32.size());
+        require<io_error>(rows > 0, fn, ": tensor '", name, ".sp_counts' is empty");
+        std::vector<index_t> counts(counts32.begin(), counts32.end());
+        std::uint64_t total = 0;
+        for (index_t r = 0; r < rows; ++r) {
+            require<io_error>(counts[std::size_t(r)] >= 0 && counts[std::size_t(r)] <= cols, fn, ": tensor '", name,
+                              ".sp_counts': row ", r, " has ", counts[std::size_t(r)], " entries, expected 0..", cols);
+            total += std::uint64_t(counts[std::size_t(r)]);
+        }
+        const auto sc = copy_elements<std::uint16_t>(src.get(name + ".sp_cols", dtype::U16, {std::int64_t(total)}));
+        const auto vals = src.f32(name + ".sp_values", {std::int64_t(total)});
+        return wrap([&] {
+            return Format(compress::unstructured_sparse_weights::from_rows(rows, cols, counts.data(), sc.data(), vals.data()));
+        });
+    } else {
+        using G = typename Format::granularity_type;
+        const auto& c = src.get(name + ".codes", dtype::I8, {n, k});
+        const index_t rows = index_t(c.shape()[0]), cols = index_t(c.shape()[1]);
+        require<io_error>(rows > 0 && cols > 0, fn, ": weight '", name, "' has an empty shape");
+        index_t group = 0, groups = 1;
+        if constexpr (G::gran == compress::granularity::per_group) {
+            group = G::group;
+            require<io_error>(cols % group == 0, fn, ": weight '", name, "': ", cols,
+                              " inputs are not a multiple of the group ", group);
+            groups = cols / group;
+        }
+        const auto sv = src.f32(name + ".scales", {rows, groups});
+        const auto codes = copy_elements<std::int8_t>(c);
+        const std::vector<std::int32_t> q(codes.begin(), codes.end());
+        constexpr bool sym = Format::symmetry_type::value;
+        std::vector<float> zv;
+        if constexpr (!sym) zv = src.f32(name + ".zeros", {rows, groups});
+        std::vector<float> act;
+        if constexpr (Format::smoothed) act = src.f32(name + ".act_scale", {cols});
+        return wrap([&] {
+            auto qw = compress::quantized_weights::from_codes(Format::bits_type::bits, G::gran, group, sym, rows, cols,
+                                                              q.data(), sv.data(), sym ? nullptr : zv.data());
+            return Format(std::move(qw), act);
+        });
+    }
+}
+
+inline void encode_indices(tensor_store& st, const std::string& name, std::span<const index_t> idx) {
+    std::vector<std::int64_t> v(idx.begin(), idx.end());
+    st.add(name, {idx.size()}, v.data(), v.size());
+}
+inline std::vector<index_t> decode_indices(tensor_source& src, const std::string& name, index_t n = -1) {
+    const auto v = copy_elements<std::int64_t>(src.get(name, dtype::I64, {n}));
+    return {v.begin(), v.end()};
 }
 
 }  // namespace detail
@@ -278,76 +591,21 @@ public:
     template <class Format>
     void add(const std::string& name, const Format& w) {
         require<io_error>(names_.insert(name).second, "weights_writer: weight '", name, "' added twice");
-        meta_["cpet.weight." + name] = detail::format_name<Format>();
-        const auto n = std::uint64_t(w.out_features()), k = std::uint64_t(w.in_features());
-        if constexpr (std::is_same_v<Format, compress::dense_f32>) {
-            auto& d = keep(w.to_dense());
-            tensors_.push_back(detail::f32_tensor(name + ".dense", {n, k}, d.data(), std::size_t(d.size())));
-        } else if constexpr (std::is_same_v<Format, compress::nm_sparse_f32>) {
-            const auto& p = w.packed();
-            require<io_error>(p.value_type() == compress::sparse_values::f32, "weights_writer: weight '", name,
-                              "': N:M weights with int8 values are not in cpet weights layout v1 (only fp32 values)");
-            meta_["cpet.weight." + name] = cpet::detail::concat("nm_sparse:", p.n_keep(), ":", p.m_group(), ":f32");
-            const index_t slots = p.slots();
-            Matrix<float> v(index_t(n), slots);
-            auto& idx = bytes_.emplace_back(std::size_t(index_t(n) * slots));
-            for (index_t r = 0; r < index_t(n); ++r)
-                for (index_t t = 0; t < slots; ++t) {
-                    v(r, t) = p.kept_value(r, t);
-                    idx[std::size_t(r * slots + t)] = std::byte(std::uint8_t(p.kept_index(r, t)));
-                }
-            auto& vk = keep(std::move(v));
-            tensors_.push_back(detail::f32_tensor(name + ".nm_values", {n, std::uint64_t(slots)}, vk.data(), std::size_t(vk.size())));
-            tensors_.push_back({name + ".nm_index", dtype::U8, {n, std::uint64_t(slots)}, idx});
-        } else {
-            const auto& q = w.weights();
-            auto& codes = bytes_.emplace_back(std::size_t(n * k));
-            for (index_t r = 0; r < q.rows(); ++r)
-                for (index_t c = 0; c < q.cols(); ++c)
-                    codes[std::size_t(r * q.cols() + c)] = std::byte(std::uint8_t(std::int8_t(q.code(r, c))));
-            tensors_.push_back({name + ".codes", dtype::I8, {n, k}, codes});
-            const index_t groups = Format::granularity_type::gran == compress::granularity::per_group ? q.groups() : 1;
-            Matrix<float> s(index_t(n), groups), z(index_t(n), groups);
-            for (index_t r = 0; r < index_t(n); ++r)
-                for (index_t g = 0; g < groups; ++g) {
-                    s(r, g) = q.scale(r, g * q.group());
-                    z(r, g) = q.has_zeros() ? q.zero(r, g * q.group()) : 0.f;
-                }
-            auto& sk = keep(std::move(s));
-            tensors_.push_back(detail::f32_tensor(name + ".scales", {n, std::uint64_t(groups)}, sk.data(), std::size_t(sk.size())));
-            if (!q.symmetric()) {
-                auto& zk = keep(std::move(z));
-                tensors_.push_back(detail::f32_tensor(name + ".zeros", {n, std::uint64_t(groups)}, zk.data(), std::size_t(zk.size())));
-            }
-            if (const float* a = w.act_scale(); a && Format::smoothed)
-                tensors_.push_back(detail::f32_tensor(name + ".act_scale", {k}, a, std::size_t(k)));
-        }
+        detail::encode_weight(st_, name, w);
     }
     /// Indices (a pruned layer's kept heads / KV heads / neurons) under `name`, as I64.
     void add_indices(const std::string& name, std::span<const index_t> idx) {
         require<io_error>(names_.insert(name).second, "weights_writer: '", name, "' added twice");
-        meta_["cpet.weight." + name] = "indices";
-        auto& b = bytes_.emplace_back(idx.size() * sizeof(std::int64_t));
-        for (std::size_t i = 0; i < idx.size(); ++i) {
-            const std::int64_t v = idx[i];
-            std::memcpy(b.data() + i * 8, &v, 8);
-        }
-        tensors_.push_back({name, dtype::I64, {idx.size()}, b});
+        st_.metadata()["cpet.weight." + name] = "indices";
+        detail::encode_indices(st_, name, idx);
     }
     void save(const std::filesystem::path& path) const {
-        auto md = meta_;
-        md["cpet.format"] = "weights";
-        md["cpet.version"] = cpet_format_version;
-        save_safetensors(path, tensors_, md);
+        st_.save(path, {{"cpet.format", "weights"}, {"cpet.version", cpet_format_version}});
     }
 
 private:
-    Matrix<float>& keep(Matrix<float> m) { return mats_.emplace_back(std::move(m)); }
-    std::vector<tensor_data> tensors_;
-    std::map<std::string, std::string> meta_;
+    detail::tensor_store st_;
     std::set<std::string> names_;
-    std::vector<Matrix<float>> mats_;
-    std::vector<std::vector<std::byte>> bytes_;
 };
 
 /// An open weights file.
@@ -359,110 +617,19 @@ public:
     /// Weight `name` as Format; io_error when it is absent, stored as another format, or its tensors are wrong.
     template <class Format>
     Format get(const std::string& name) const {
-        const std::string& fn = f_.file_name();
-        auto it = f_.metadata().find("cpet.weight." + name);
-        require<io_error>(it != f_.metadata().end(), fn, ": no weight '", name, "'");
-        const std::string expect = detail::format_name<Format>();
-        const bool nm = std::is_same_v<Format, compress::nm_sparse_f32>;
-        require<io_error>(nm ? it->second.rfind("nm_sparse:", 0) == 0 : it->second == expect, fn, ": weight '", name,
-                          "' is stored as ", it->second, ", expected ", expect);
-        if constexpr (std::is_same_v<Format, compress::nm_sparse_f32>) {
-            int N = 0, M = 0;
-            char tail[8] = {};
-            require<io_error>(std::sscanf(it->second.c_str(), "nm_sparse:%d:%d:%7s", &N, &M, tail) == 3 &&
-                                  std::string(tail) == "f32" && N > 0 && M > N && M <= 64,
-                              fn, ": weight '", name, "': format '", it->second, "' is not nm_sparse:N:M:f32");
-            const auto& v = matrix(name + ".nm_values", dtype::F32, -1, -1);
-            const index_t n = index_t(v.shape()[0]), slots = index_t(v.shape()[1]);
-            require<io_error>(n > 0 && slots > 0 && slots % N == 0, fn, ": weight '", name, "': ", slots,
-                              " kept slots per row is not a positive multiple of N = ", N);
-            const auto& ix = matrix(name + ".nm_index", dtype::U8, n, slots);
-            const index_t k = slots / N * M;
-            Matrix<float> dense(n, k);
-            std::vector<std::uint8_t> mask(std::size_t(n * k), 0);
-            const auto vals = v.to_f32();
-            const auto idx = ix.as<std::uint8_t>();
-            for (index_t r = 0; r < n; ++r)
-                for (index_t t = 0; t < slots; ++t) {
-                    const int j = idx[std::size_t(r * slots + t)];
-                    require<io_error>(j < M, fn, ": weight '", name, "': in-group index ", j, " at row ", r,
-                                      " is not below M = ", M);
-                    const index_t c = t / N * M + j;
-                    dense(r, c) = vals[std::size_t(r * slots + t)];
-                    mask[std::size_t(r * k + c)] = 1;
-                }
-            try {
-                return Format(compress::nm_sparse_weights::from_mask(dense, mask.data(), N, M));
-            } catch (const cpet::error& e) {
-                throw io_error(cpet::detail::concat(fn, ": weight '", name, "': ", e.what()));
-            }
-        } else if constexpr (std::is_same_v<Format, compress::dense_f32>) {
-            const auto& t = matrix(name + ".dense", dtype::F32, -1, -1);
-            Matrix<float> d(index_t(t.shape()[0]), index_t(t.shape()[1]));
-            t.to_f32(d.data());
-            return Format(d.view());
-        } else {
-            using G = typename Format::granularity_type;
-            const auto& c = matrix(name + ".codes", dtype::I8, -1, -1);
-            const index_t n = index_t(c.shape()[0]), k = index_t(c.shape()[1]);
-            require<io_error>(n > 0 && k > 0, fn, ": weight '", name, "' has an empty shape");
-            index_t group = 0, groups = 1;
-            if constexpr (G::gran == compress::granularity::per_group) {
-                group = G::group;
-                require<io_error>(k % group == 0, fn, ": weight '", name, "': ", k, " inputs are not a multiple of the group ",
-                                  group);
-                groups = k / group;
-            }
-            const auto& s = matrix(name + ".scales", dtype::F32, n, groups);
-            std::vector<std::int32_t> q(std::size_t(n * k));
-            const auto codes = c.as<std::int8_t>();
-            for (std::size_t i = 0; i < q.size(); ++i) q[i] = codes[i];
-            const auto sv = s.to_f32();
-            std::vector<float> zv;
-            constexpr bool sym = Format::symmetry_type::value;
-            if constexpr (!sym) zv = matrix(name + ".zeros", dtype::F32, n, groups).to_f32();
-            std::vector<float> act;
-            if constexpr (Format::smoothed) {
-                const auto& a = f_.tensor(name + ".act_scale");
-                require<io_error>(a.rank() == 1 && a.shape()[0] == std::uint64_t(k) && a.type() == dtype::F32, fn,
-                                  ": tensor '", a.name(), "' has shape ", a.shape_str(), ", expected [", k, "] F32");
-                act = a.to_f32();
-            }
-            try {
-                auto qw = compress::quantized_weights::from_codes(Format::bits_type::bits, G::gran, group, sym, n, k,
-                                                                  q.data(), sv.data(), sym ? nullptr : zv.data());
-                return Format(std::move(qw), act);
-            } catch (const cpet::error& e) {
-                throw io_error(cpet::detail::concat(fn, ": weight '", name, "': ", e.what()));
-            }
-        }
+        detail::tensor_source src(f_);
+        return detail::decode_weight<Format>(src, name, -1, -1);
     }
     /// Indices written by add_indices.
     std::vector<index_t> indices(const std::string& name) const {
         auto it = f_.metadata().find("cpet.weight." + name);
         require<io_error>(it != f_.metadata().end() && it->second == "indices", f_.file_name(), ": no indices '", name, "'");
-        const auto& t = f_.tensor(name);
-        require<io_error>(t.type() == dtype::I64 && t.rank() == 1, f_.file_name(), ": tensor '", name, "' is ",
-                          dtype_name(t.type()), " ", t.shape_str(), ", expected I64 [n]");
-        std::vector<index_t> out(t.numel());
-        for (std::size_t i = 0; i < out.size(); ++i) {
-            std::int64_t v;
-            std::memcpy(&v, t.bytes().data() + i * 8, 8);
-            out[i] = index_t(v);
-        }
-        return out;
+        detail::tensor_source src(f_);
+        return detail::decode_indices(src, name);
     }
     const safetensors_file& file() const noexcept { return f_; }
 
 private:
-    const tensor_view& matrix(const std::string& name, dtype t, index_t rows, index_t cols) const {
-        const auto& v = f_.tensor(name);
-        require<io_error>(v.type() == t && v.rank() == 2 && (rows < 0 || v.shape()[0] == std::uint64_t(rows)) &&
-                              (cols < 0 || v.shape()[1] == std::uint64_t(cols)),
-                          f_.file_name(), ": tensor '", name, "' is ", dtype_name(v.type()), " ", v.shape_str(),
-                          ", expected a ", dtype_name(t), " matrix", rows >= 0 ? cpet::detail::concat(" [", rows, ", ", cols, "]") : "");
-        return v;
-    }
     safetensors_file f_;
 };
 
