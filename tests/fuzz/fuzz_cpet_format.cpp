@@ -1,12 +1,14 @@
 // tests/fuzz/fuzz_cpet_format.cpp — cpet's own files on arbitrary bytes: the input is written to a temporary file
-// and read as a task of several PET methods and as weights of every stored format (the readers take paths, as
-// users call them).
+// and read as a task of several PET methods, as weights of every stored format, and as a backbone of several
+// architectures and policies (dense, int8, N:M int8, unstructured; the readers take paths, as users call them).
+// The backbone seeds in corpus/cpet_format/ come from make_seeds_cpet_format.cpp.
 #include <unistd.h>
 
 #include <cstdio>
 #include <fstream>
 #include <string>
 
+#include "cpet/io/backbone_file.hpp"
 #include "cpet/io/cpet_format.hpp"
 #include "fuzz_common.hpp"
 
@@ -33,8 +35,14 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
             cpet::fuzz::guarded([&] { (void)r.get<compress::int8_per_channel::format>(w); });
             cpet::fuzz::guarded([&] { (void)r.get<compress::int4_g128::format>(w); });
             cpet::fuzz::guarded([&] { (void)r.get<compress::nm_sparse_f32>(w); });
+            cpet::fuzz::guarded([&] { (void)r.get<compress::unstructured_sparse_f32>(w); });
             cpet::fuzz::guarded([&] { (void)r.indices(t.name()); });
         }
     });
+    using nm8 = compress::nm_sparse<2, 4, compress::sparsity_score::magnitude, compress::sparse_values::int8>;
+    cpet::fuzz::guarded([&] { (void)io::load_backbone<config::bert<compress::dense>>(path); });
+    cpet::fuzz::guarded([&] { (void)io::load_backbone<config::llama<compress::int8_per_channel>>(path); });
+    cpet::fuzz::guarded([&] { (void)io::load_backbone<config::bert<nm8>>(path); });
+    cpet::fuzz::guarded([&] { (void)io::load_backbone<config::llama<compress::unstructured_sparse<50>>>(path); });
     return 0;
 }
