@@ -16,6 +16,7 @@
 #include <fstream>
 
 #include "cpet/io/backbone_file.hpp"
+#include "io/io_testing.hpp"
 #include "support/testing.hpp"
 
 namespace fs = std::filesystem;
@@ -414,4 +415,16 @@ TEST_CASE("TransformerLayer from parts: a part of the wrong shape or kind is ref
                          doctest::Contains("Attention: part q has no bias"), shape_error);
     CHECK_THROWS_WITH_AS(nn::TransformerLayer<B>(bert_parts(true, false), sb),
                          doctest::Contains("part norm2 has 0 β values"), shape_error);
+}
+
+TEST_CASE("cpet backbone files: the fuzzer's committed seeds are valid files of the current layout") {
+    const auto dir = testing::source_root() / "tests" / "fuzz" / "corpus" / "cpet_format";
+    using nm8 = compress::nm_sparse<2, 4, compress::sparsity_score::magnitude, compress::sparse_values::int8>;
+    CHECK(io::load_backbone<config::bert<compress::dense>>(dir / "backbone_bert_dense", 1).size() == 1);
+    const auto l = io::load_backbone<config::llama<compress::int8_per_channel>>(dir / "backbone_llama_int8_pruned", 2);
+    CHECK(l[1].kept.heads.size() == 2);
+    CHECK(io::load_backbone<config::bert<nm8>>(dir / "backbone_bert_nm24_int8", 1).size() == 1);
+    const io::weights_reader w(dir / "weights_sparse");
+    CHECK(w.get<compress::unstructured_sparse_f32>("layers.0.up").packed().nnz() == 240);
+    CHECK(w.get<compress::nm_sparse_f32>("layers.0.down").packed().value_type() == compress::sparse_values::int8);
 }

@@ -8,6 +8,8 @@
 // any modules type (pet::lora::modules, a pet::stack's, a run-time pet::task of any methods), so the layer's type
 // names architecture and compression only and one layer object serves tasks of every kind. A call checks the
 // task against the layer once, at its entry (check_task); the kernels below trust it.
+// A layer is built by compressing dense weights through the Config's policy, or from built parts (layer_parts:
+// the packed linears and norms as they are, e.g. read back from a cpet backbone file by io/backbone_file.hpp).
 #pragma once
 
 #include <optional>
