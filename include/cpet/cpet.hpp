@@ -8,3 +8,5 @@
 #include "cpet/pet/pet.hpp"
 #include "cpet/nn/nn.hpp"
 #include "cpet/serve/serve.hpp"
+#include "cpet/train/train.hpp"
+#include "cpet/strategy/strategy.hpp"

@@ -12,4 +12,5 @@
 #include "cpet/io/mapped_file.hpp"
 #include "cpet/io/peft.hpp"
 #include "cpet/io/safetensors.hpp"
+#include "cpet/io/train_checkpoint.hpp"
 #include "cpet/io/wordpiece.hpp"

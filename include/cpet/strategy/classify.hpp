@@ -65,7 +65,8 @@ struct tune_options {
     std::function<bool(std::string_view)> trainable;
     bool recompute = false;
     std::uint64_t seed = 0;
-    train::progress_mode progress = train::progress_mode::none;
+    /// A progress line with ETA on a terminal, plain lines every log_every steps otherwise (train::trainer).
+    train::progress_mode progress = train::progress_mode::automatic;
     std::int64_t log_every = 10;
     std::function<void(const train::step_info&)> on_step;
 };
