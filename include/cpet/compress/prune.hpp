@@ -29,9 +29,9 @@
 #include "cpet/compress/formats/sparse.hpp"
 #include "cpet/compress/policy.hpp"
 #include "cpet/compress/split_epilogue.hpp"
-#include "cpet/core/eigen.hpp"
 #include "cpet/core/error.hpp"
 #include "cpet/core/matrix.hpp"
+#include "cpet/kernels/gemm_f32.hpp"
 #include "cpet/kernels/gemm_sparse.hpp"
 
 namespace cpet::compress {
@@ -220,22 +220,20 @@ public:
             });
         });
     }
-    /// dx [M, in] = dy [M, out]·W through a dense copy (a plain, unoptimised loop: backward is not a hot path yet).
+    /// dx [M, in] = dy [M, out]·W (backward passes through the frozen weight).
     void matmul_t(ConstMatrixView<float> dy, MatrixView<float> dx) const {
         check_shape(dy, -1, w_.rows(), "sparse matmul_t: dy");
         check_shape(dx, dy.rows(), w_.cols(), "sparse matmul_t: dx");
         // dx = Σ_blocks dy[:, block]·W[block, :], 256 rows of W decoded at a time (never the whole dense matrix),
-        // each product an Eigen cache-blocked GEMM
+        // each product the fp32 GEMM (kernels::gemm_f32_t_rows)
         const index_t N = w_.rows(), K = w_.cols();
         constexpr index_t block = 256;
         Matrix<float> wb(std::min(block, N), K);
-        auto out = as_eigen(dx);
-        out.setZero();
         for (index_t n0 = 0; n0 < N; n0 += block) {
             const index_t nb = std::min(block, N - n0);
             auto rows = wb.view().middle_rows(0, nb);
             w_.dense_rows(n0, rows);
-            out.noalias() += as_eigen(dy).middleCols(n0, nb) * as_eigen(ConstMatrixView<float>(rows));
+            kernels::gemm_f32_t_rows(dy.middle_cols(n0, nb), rows, dx, n0 > 0);
         }
     }
     Matrix<float> to_dense() const { return w_.to_dense(); }

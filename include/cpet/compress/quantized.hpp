@@ -342,16 +342,15 @@ public:
         check_shape(dx, dy.rows(), in_features(), "quantized_format::matmul_t: dx");
         const index_t M = dy.rows(), N = out_features(), K = in_features();
         if (M == 0 || K == 0) return;
-        auto out = as_eigen(dx);
-        out.setZero();
-        constexpr index_t block = 256;  // 256 rows × K floats (3 MiB at K = 3072): dx is read and written N/256 times
+        // 256 rows of Ŵ dequantised at a time (never the whole dense matrix), each block's product with the
+        // fp32 GEMM (kernels::gemm_f32_t_rows), the blocks' sum accumulated in dx
+        constexpr index_t block = 256;
         float* tile = detail::quantized_scratch(1, static_cast<std::size_t>(block * K));
         for (index_t n0 = 0; n0 < N; n0 += block) {
             const index_t nb = std::min(block, N - n0);
             for (index_t r = 0; r < nb; ++r)
                 for (index_t c = 0; c < K; ++c) tile[r * K + c] = q_.value(n0 + r, c);
-            EigenConstMap<float> t(tile, nb, K, Eigen::OuterStride<>(K));
-            out.noalias() += as_eigen(dy.middle_cols(n0, nb)) * t;
+            kernels::gemm_f32_t_rows(dy.middle_cols(n0, nb), ConstMatrixView<float>(tile, nb, K, K), dx, n0 > 0);
         }
         if constexpr (smoothed)
             for (index_t m = 0; m < M; ++m)

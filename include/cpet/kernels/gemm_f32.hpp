@@ -28,7 +28,6 @@
 
 #include "cpet/arch/dispatch.hpp"
 #include "cpet/core/buffer.hpp"
-#include "cpet/core/eigen.hpp"
 #include "cpet/core/matrix.hpp"
 #include "cpet/core/parallel.hpp"
 #include "cpet/kernels/activations.hpp"
@@ -587,35 +586,41 @@ inline void gemm_t_block(const float* dyr, index_t N, const packed_weights_f32& 
 }
 
 /// dx = dy·W for many rows (training batches): the GEMV-shaped loop below streams all of W once per row of dy,
-/// which is memory-bound once W leaves L2 (a 384×1536 weight at M = 2048 reads 5 GB). Here blocks of 256 rows of
-/// W are unpacked from the panels (row-major, 256·K floats: never the whole matrix) and multiplied by Eigen's
-/// cache-blocked GEMM, dx += dy[:, block]·W[block, :], so W is read once per call.
-inline void gemm_t_rows(ConstMatrixView<float> dy, const packed_weights_f32& w, MatrixView<float> dx) {
-    const index_t M = dy.rows(), N = w.rows(), K = w.cols();
+/// which is memory-bound once W leaves L2 (a 384×1536 weight at M = 2048 reads 5 GB). Here W is taken 256 rows
+/// at a time: the block's transpose [K, 256] is packed into this file's own panel layout (256·K floats, never
+/// the whole matrix) and dx (+)= dy[:, block]·W[block, :] runs as the forward GEMM, y = x·W'ᵀ with x = dy[:, block]
+/// and W' = W[block, :]ᵀ, the accumulation riding in its residual epilogue. Eigen's GEMM on the same blocks ran
+/// at about two thirds of the speed of this kernel on AVX2 (44 vs 66 GFLOP/s at 2048×384×1536).
+template <class Arch>
+void gemm_t_rows(Arch tag, ConstMatrixView<float> dy, const packed_weights_f32& w, MatrixView<float> dx) {
+    const index_t N = w.rows(), K = w.cols();
     constexpr index_t block = 8 * nr;
-    EigenRowMajor<float> wb(std::min(block, N), K);
-    auto out = as_eigen(dx);
-    out.setZero();
+    Matrix<float> wt(K, std::min(block, N));
     for (index_t n0 = 0; n0 < N; n0 += block) {
         const index_t nb = std::min(block, N - n0);
+        auto t = wt.view().middle_cols(0, nb);
         parallel_for(index_t{0}, (nb + nr - 1) / nr, [&](index_t pi) {
             const index_t p = n0 / nr + pi;
             const float* src = w.panel(p);
             const index_t cols = std::min(nr, N - p * nr);
-            for (index_t j = 0; j < cols; ++j) {
-                float* d = wb.data() + (pi * nr + j) * K;
-                for (index_t k = 0; k < K; ++k) d[k] = src[k * nr + j];
-            }
+            for (index_t k = 0; k < K; ++k)
+                for (index_t j = 0; j < cols; ++j) t(k, pi * nr + j) = src[k * nr + j];
         });
-        out.noalias() += as_eigen(dy).middleCols(n0, nb) * wb.topRows(nb);
+        const packed_weights_f32 pw(t);
+        epilogue ep;
+        if (n0 > 0) {
+            ep.residual = dx.data();
+            ep.ld_residual = dx.stride();
+        }
+        gemm_simd<Arch>(dy.middle_cols(n0, nb), pw, dx, ep);
     }
-    (void)M;
+    (void)tag;
 }
 
 template <class Arch>
 void gemm_t_simd(ConstMatrixView<float> dy, const packed_weights_f32& w, MatrixView<float> dx) {
     if (dy.rows() >= 16) {
-        gemm_t_rows(dy, w, dx);
+        gemm_t_rows(Arch{}, dy, w, dx);
         return;
     }
     using T = tiling<Arch>;
@@ -688,6 +693,27 @@ inline void gemm_f32(ConstMatrixView<float> x, const packed_weights_f32& w, Matr
     }
     if (M == 0 || N == 0) return;
     arch::dispatch([&](auto tag) { gemm_f32(tag, x, w, y, ep); });
+}
+
+/// dx [M, K] (+)= dy [M, n] · W_rows [n, K] for a block of rows of some weight, dense and row-major (formats that
+/// decode their weight block by block for backward passes: quantized, sparse). The block's transpose is packed
+/// and multiplied as gemm_t_rows does; with `accumulate` the product is added to dx.
+inline void gemm_f32_t_rows(ConstMatrixView<float> dy, ConstMatrixView<float> w_rows, MatrixView<float> dx,
+                            bool accumulate) {
+    check_shape(dy, -1, w_rows.rows(), "gemm_f32_t_rows: dy");
+    check_shape(dx, dy.rows(), w_rows.cols(), "gemm_f32_t_rows: dx");
+    const index_t n = w_rows.rows(), K = w_rows.cols();
+    if (dy.rows() == 0 || K == 0) return;
+    Matrix<float> t(K, n);
+    for (index_t r = 0; r < n; ++r)
+        for (index_t k = 0; k < K; ++k) t(k, r) = w_rows(r, k);
+    const packed_weights_f32 pw(t);
+    epilogue ep;
+    if (accumulate) {
+        ep.residual = dx.data();
+        ep.ld_residual = dx.stride();
+    }
+    arch::dispatch([&](auto tag) { gemm_f32(tag, dy, pw, dx, ep); });
 }
 
 /// dx [M, K] = dy [M, N] · W (backward through a frozen weight).
