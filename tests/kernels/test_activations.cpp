@@ -107,3 +107,25 @@ TEST_CASE("the batch form agrees with the scalar oracle element by element") {
     }
 #endif
 }
+
+TEST_CASE("multiply_by_derivative matches central differences of the double reference on every ISA") {
+    testing::for_each_isa([](arch::isa) {
+        for (auto a : all)
+            for (index_t n : {1, 7, 17, 33, 127}) {
+                const auto src = testing::random_matrix(1, n, unsigned(n) + 5, -6.f, 6.f);
+                const auto gin = testing::random_matrix(1, n, unsigned(n) + 6);
+                std::vector<float> g(gin.data(), gin.data() + n);
+                arch::dispatch([&](auto tag) { multiply_by_derivative(tag, a, src.data(), g.data(), n); });
+                CAPTURE(std::string(activation_name(a)));
+                CAPTURE(n);
+                double worst = 0;
+                for (index_t i = 0; i < n; ++i) {
+                    const double x = src.data()[i], h = 1e-5;
+                    if (a == activation::relu && std::abs(x) < 2 * h) continue;  // the kink
+                    const double d = a == activation::none ? 1.0 : (reference(a, x + h) - reference(a, x - h)) / (2 * h);
+                    worst = std::max(worst, std::abs(g[std::size_t(i)] - gin.data()[i] * d));
+                }
+                CHECK(worst <= 1e-5);
+            }
+    });
+}

@@ -232,28 +232,6 @@ inline void append_parameters(pet::task& values, pet::task& grads, const std::st
 
 namespace detail {
 
-/// φ'(x) of the activations the layers use.
-inline float activation_grad(kernels::activation a, float xf) noexcept {
-    const double x = xf;
-    switch (a) {
-        case kernels::activation::relu: return x > 0 ? 1.f : 0.f;
-        case kernels::activation::gelu_erf: {
-            constexpr double inv_sqrt2 = 0.70710678118654752440, inv_sqrt_2pi = 0.39894228040143267794;
-            return float(0.5 * (1.0 + std::erf(x * inv_sqrt2)) + x * inv_sqrt_2pi * std::exp(-0.5 * x * x));
-        }
-        case kernels::activation::gelu_tanh: {
-            constexpr double k = 0.79788456080286535588, c = 0.044715;
-            const double t = std::tanh(k * (x + c * x * x * x));
-            return float(0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * k * (1.0 + 3.0 * c * x * x));
-        }
-        case kernels::activation::silu: {
-            const double s = 1.0 / (1.0 + std::exp(-x));
-            return float(s * (1.0 + x * (1.0 - s)));
-        }
-        default: return 1.f;
-    }
-}
-
 /// Saved statistics of a norm over M rows: the normalised rows x̂ and 1/σ.
 struct norm_saved {
     Matrix<float> hat;
@@ -407,7 +385,7 @@ inline void lowrank_backward(const std::vector<lowrank_term>& terms, const std::
             for (index_t m = 0; m < M; ++m) {
                 for (index_t j = 0; j < r; ++j) {
                     g(m, j) = kernels::activate(kernels::activation::gelu_erf, u(m, j));
-                    du(m, j) *= activation_grad(kernels::activation::gelu_erf, u(m, j));
+                    du(m, j) *= kernels::derivative(kernels::activation::gelu_erf, u(m, j));
                 }
             }
             as_eigen(t.gB).noalias() += t.scale * (as_eigen(dy).transpose() * as_eigen(g));
@@ -591,13 +569,20 @@ void forward(const nn::TransformerLayer<C>& layer, ConstMatrixView<float> x, std
             tape.z_gate = Matrix<float>(M, ff);
             detail::linear_forward<C>(tag, layer, pet::target::gate, terms, tape.ffn_in, tape.z_gate, {}, tape);
             parallel_for(index_t(0), M, [&](index_t r) {
-                for (index_t c = 0; c < ff; ++c)
-                    tape.hidden(r, c) = kernels::activate(kernels::activation::silu, tape.z_gate(r, c)) * tape.z_up(r, c);
+                float* h = tape.hidden.row(r);
+                const float* zg = tape.z_gate.row(r);
+                const float* zu = tape.z_up.row(r);
+                for (index_t c = 0; c < ff; ++c) h[c] = zg[c];
+                kernels::activate_inplace(tag, kernels::activation::silu, h, ff);
+                for (index_t c = 0; c < ff; ++c) h[c] *= zu[c];
             });
         } else {
             tape.z_gate = Matrix<float>();
             parallel_for(index_t(0), M, [&](index_t r) {
-                for (index_t c = 0; c < ff; ++c) tape.hidden(r, c) = kernels::activate(C::act, tape.z_up(r, c));
+                float* h = tape.hidden.row(r);
+                const float* z = tape.z_up.row(r);
+                for (index_t c = 0; c < ff; ++c) h[c] = z[c];
+                kernels::activate_inplace(tag, C::act, h, ff);
             });
         }
         // t2 = residual + down(hidden): post-LN the residual is h = N1(t), pre-LN it is t
@@ -643,20 +628,29 @@ void backward(const nn::TransformerLayer<C>& layer, const layer_tape& tape, cons
     Matrix<float> dhidden(M, ff);
     detail::linear_backward<C>(layer, pet::target::down, terms, tape, tape.hidden, dout, dhidden, false);
     Matrix<float> dz_up(M, ff), dz_gate;
-    if constexpr (C::ffn == nn::ffn_kind::swiglu) {
-        dz_gate = Matrix<float>(M, ff);
-        parallel_for(index_t(0), M, [&](index_t r) {
-            for (index_t c = 0; c < ff; ++c) {
-                const float zg = tape.z_gate(r, c), dh = dhidden(r, c);
-                dz_up(r, c) = dh * kernels::activate(kernels::activation::silu, zg);
-                dz_gate(r, c) = dh * tape.z_up(r, c) * detail::activation_grad(kernels::activation::silu, zg);
-            }
-        });
-    } else {
-        parallel_for(index_t(0), M, [&](index_t r) {
-            for (index_t c = 0; c < ff; ++c) dz_up(r, c) = dhidden(r, c) * detail::activation_grad(C::act, tape.z_up(r, c));
-        });
-    }
+    arch::dispatch([&](auto tag) {
+        if constexpr (C::ffn == nn::ffn_kind::swiglu) {
+            dz_gate = Matrix<float>(M, ff);
+            parallel_for(index_t(0), M, [&](index_t r) {
+                const float* zg = tape.z_gate.row(r);
+                const float* zu = tape.z_up.row(r);
+                const float* dh = dhidden.row(r);
+                float* du = dz_up.row(r);
+                float* dg = dz_gate.row(r);
+                for (index_t c = 0; c < ff; ++c) du[c] = zg[c];
+                kernels::activate_inplace(tag, kernels::activation::silu, du, ff);  // silu(z_gate)
+                for (index_t c = 0; c < ff; ++c) du[c] *= dh[c], dg[c] = dh[c] * zu[c];
+                kernels::multiply_by_derivative(tag, kernels::activation::silu, zg, dg, ff);
+            });
+        } else {
+            parallel_for(index_t(0), M, [&](index_t r) {
+                float* du = dz_up.row(r);
+                const float* dh = dhidden.row(r);
+                for (index_t c = 0; c < ff; ++c) du[c] = dh[c];
+                kernels::multiply_by_derivative(tag, C::act, tape.z_up.row(r), du, ff);
+            });
+        }
+    });
     Matrix<float> dffn_in(M, d);
     detail::linear_backward<C>(layer, pet::target::up, terms, tape, tape.ffn_in, dz_up, dffn_in, false);
     if constexpr (C::ffn == nn::ffn_kind::swiglu)
