@@ -1,0 +1,111 @@
+// tests/strategy/test_tune_checks.cpp — strategy::tune / evaluate / cpet on bad input (labels out of range, a task
+// that does not fit the model, a NaN loss, a task method without a backward) on a tiny random BERT model: a clear
+// exception, and the task's values left as they were.
+#include <cmath>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "cpet/nn/nn.hpp"
+#include "cpet/strategy/pipeline.hpp"
+#include "support/testing.hpp"
+
+using namespace cpet;
+using C = config::bert<>;
+
+namespace {
+
+nn::Model<C> tiny_model() {
+    nn::layer_shape s;
+    s.d_model = 16, s.n_heads = 2, s.n_kv_heads = 2, s.head_dim = 8, s.d_ff = 24, s.eps = 1e-12f;
+    nn::model_weights w;
+    w.shape = s;
+    for (unsigned l = 0; l < 2; ++l) w.layers.push_back(nn::random_layer_weights(s, 3 + l, nn::kind_of<C>));
+    w.embeddings.word = testing::random_matrix(30, 16, 9);
+    return nn::Model<C>(w);
+}
+
+std::vector<strategy::labelled_batch> tiny_data(index_t labels) {
+    std::vector<strategy::labelled_batch> out;
+    std::mt19937 gen(4);
+    for (int b = 0; b < 3; ++b) {
+        strategy::labelled_batch lb;
+        lb.tokens.seq_len = 5;
+        lb.tokens.lengths = {5, 3, 1, 4};
+        for (int i = 0; i < 20; ++i) lb.tokens.ids.push_back(std::int32_t(gen() % 30));
+        for (int i = 0; i < 4; ++i) lb.labels.push_back(std::int32_t(gen() % unsigned(labels)));
+        out.push_back(std::move(lb));
+    }
+    return out;
+}
+
+strategy::classifier_task lora_task(const nn::Model<C>& m, index_t labels) {
+    strategy::classifier_task t;
+    for (std::size_t l = 0; l < m.stack().size(); ++l) t.layers.emplace_back(pet::lora::make(m.stack().layer(l).pet_dims(), {}, l));
+    t.head = train::linear_head::make(m.d_model(), labels, 1);
+    return t;
+}
+
+std::vector<float> values_of(const strategy::classifier_task& t) {
+    std::vector<float> v(t.head.W.data(), t.head.W.data() + t.head.W.size());
+    for (const auto& l : t.layers) {
+        const auto& m = l.get<pet::lora::modules>(0);
+        for (const auto& a : m.f.A) v.insert(v.end(), a.data(), a.data() + a.size());
+        for (const auto& b : m.f.B) v.insert(v.end(), b.data(), b.data() + b.size());
+    }
+    return v;
+}
+
+}  // namespace
+
+TEST_CASE("strategy::tune lowers the training loss and refuses bad labels and misfit tasks, changing nothing") {
+    const auto m = tiny_model();
+    auto data = tiny_data(3);
+    auto t = lora_task(m, 3);
+    strategy::tune_options o;
+    o.epochs = 30;
+    o.lr = 1e-2;
+    o.progress = train::progress_mode::none;
+    const double before = strategy::evaluate(m, t, data).loss;
+    const auto rep = strategy::tune(m, t, data, o);
+    CHECK(strategy::evaluate(m, t, data).loss < 0.7 * before);
+    CHECK(rep.trainable_values == 2 * (8 * 16 * 2 + 16 * 8 * 2) + 3 * 16 + 3);
+    CHECK(rep.activation_bytes > 0);
+
+    const auto kept = values_of(t);
+    auto bad = data;
+    bad[1].labels[2] = 3;
+    CHECK_THROWS_WITH_AS(strategy::tune(m, t, bad, o), doctest::Contains("batch 1 sequence 2 has label 3"), shape_error);
+    bad = data;
+    bad[0].labels.pop_back();
+    CHECK_THROWS_WITH_AS(strategy::evaluate(m, t, bad), doctest::Contains("3 labels for 4 sequences"), shape_error);
+    auto short_task = t;
+    short_task.layers.pop_back();
+    CHECK_THROWS_WITH_AS(strategy::tune(m, short_task, data, o), doctest::Contains("modules for 1 layers"), shape_error);
+    CHECK(values_of(t) == kept);
+}
+
+TEST_CASE("a NaN loss stops strategy::tune naming the step, the task's values unchanged") {
+    const auto m = tiny_model();
+    const auto data = tiny_data(2);
+    auto t = lora_task(m, 2);
+    t.head.b(0, 1) = std::numeric_limits<float>::quiet_NaN();
+    const auto kept = values_of(t);
+    strategy::tune_options o;
+    o.epochs = 1;
+    o.progress = train::progress_mode::none;
+    CHECK_THROWS_WITH_AS(strategy::tune(m, t, data, o), doctest::Contains("step 1"), numeric_error);
+    CHECK(values_of(t) == kept);
+}
+
+TEST_CASE("a task holding a method without a backward is refused before any step") {
+    const auto m = tiny_model();
+    const auto data = tiny_data(2);
+    strategy::classifier_task t;
+    for (std::size_t l = 0; l < m.stack().size(); ++l)
+        t.layers.emplace_back(pet::lora::make(m.stack().layer(l).pet_dims(), {}, l), pet::ia3::make(m.stack().layer(l).pet_dims()));
+    t.head = train::linear_head::make(m.d_model(), 2, 1);
+    strategy::tune_options o;
+    o.progress = train::progress_mode::none;
+    CHECK_THROWS_WITH_AS(strategy::tune(m, t, data, o), doctest::Contains("ia3"), format_error);
+}
