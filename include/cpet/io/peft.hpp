@@ -1,5 +1,5 @@
 // cpet/io/peft.hpp — HuggingFace PEFT adapters: adapter_config.json + adapter_model.safetensors, read into cpet's
-// per-layer PET modules (LoRA / rsLoRA, IA3, prefix tuning) and, for LoRA and IA3, written back so PEFT loads them.
+// per-layer PET modules (LoRA / rsLoRA, IA3, prefix tuning) and written back so PEFT loads them.
 //
 // Keys (PEFT strips the adapter name): base_model.model.<module>.lora_A.weight [r, in], .lora_B.weight [out, r];
 // <module>.ia3_l [out, 1] (or [1, in] for a feed-forward module, which IA3 scales at its input); prefix tuning has
@@ -34,6 +34,7 @@
 #include <optional>
 #include <regex>
 #include <set>
+#include <span>
 #include <string>
 #include <utility>
 #include <vector>
@@ -533,6 +534,109 @@ inline peft_prefix read_peft_prefix(const nlohmann::json& cfg, const std::string
 inline peft_prefix read_peft_prefix(const fs::path& dir, const peft_base& base) {
     const auto cfg = detail::read_adapter_config(dir, "PREFIX_TUNING");
     return read_peft_prefix(cfg, (dir / "adapter_config.json").string(), detail::open_adapter_weights(dir), base);
+}
+
+/// Writes a prefix as a PEFT prefix-tuning adapter, the inverse of read_peft_prefix: prompt_embeddings
+/// [P, layers·2·kv_dim] (F32) and adapter_config.json with PEFT 0.21's fields (prefix_projection false: the rows
+/// are the trained parameters themselves), both written atomically. `task_type` picks the PeftModel class PEFT
+/// builds on load, and only the task classes inject the prefix, so it defaults to FEATURE_EXTRACTION (BERT) or
+/// CAUSAL_LM (LLaMA); a sequence classifier wants "SEQ_CLS".
+///
+/// The prefix must be in PEFT's position convention, as read_peft_prefix returns it: position_offset P on a model
+/// with learned positions (its real tokens run at P..P+S−1 in PEFT, which nothing in the rows can change), 0 on a
+/// RoPE model, whose keys are stored re-based and are rotated back here (k = R_{+P} k'). read(write(x)) == x bit
+/// for bit for the values and for every key without RoPE; RoPE keys come back within fp32 rounding (a few ulps:
+/// the two rotations are evaluated in double but each result is stored as float).
+/// Refused with io_error, before anything is written: a layer count other than the model's, an empty layer, a
+/// layer whose rows are not [P, kv_dim] with the same P as layer 0, keys and values of different shapes, a
+/// position_offset other than PEFT's, a head_dim that does not split kv_dim into heads, a task_type PEFT lacks.
+inline void write_peft_prefix(const fs::path& dir, const peft_prefix& prefix, const peft_base& base,
+                              const std::string& base_model_name = "", std::string task_type = "") {
+    const char* who = "write_peft_prefix";
+    const auto& layers = prefix.layers;
+    require<io_error>(!layers.empty(), who, ": the prefix has no layers");
+    require<io_error>(index_t(layers.size()) == base.layers, who, ": ", layers.size(), " layers of prefix rows for a ",
+                      base.layers, "-layer model");
+    const index_t D = base.dims.kv_dim;
+    // PEFT views each layer's D columns as num_attention_heads heads of D / heads: the config must name that split.
+    require<io_error>(base.head_dim > 0 && D % base.head_dim == 0 && (!base.rope || base.head_dim % 2 == 0), who,
+                      ": the model's head_dim ", base.head_dim, " does not split kv_dim ", D,
+                      base.rope ? " into rotary heads" : " into heads");
+    const index_t P = layers[0].length();
+    for (std::size_t l = 0; l < layers.size(); ++l) {
+        const auto& m = layers[l];
+        require<io_error>(!m.k.empty() && !m.v.empty(), who, ": layer ", l, " has no prefix rows (PEFT's prefix ",
+                          "covers every layer)");
+        require<io_error>(m.k.cols() == D && m.v.cols() == D, who, ": layer ", l, " holds keys ",
+                          shape_str(m.k.rows(), m.k.cols()), " and values ", shape_str(m.v.rows(), m.v.cols()),
+                          ", expected [P, ", D, "] (kv_dim of the model)");
+        require<io_error>(m.k.rows() == P && m.v.rows() == P, who, ": layer ", l, " holds keys ",
+                          shape_str(m.k.rows(), m.k.cols()), " and values ", shape_str(m.v.rows(), m.v.cols()),
+                          ", but layer 0 has ", P, " rows (PEFT's num_virtual_tokens is one P for all layers)");
+    }
+    if (base.rope)
+        require<io_error>(prefix.position_offset == 0, who, ": position_offset is ", prefix.position_offset,
+                          ", expected 0: on a RoPE model PEFT's position shift is folded into the keys (as "
+                          "read_peft_prefix returns them)");
+    else
+        require<io_error>(prefix.position_offset == P, who, ": position_offset is ", prefix.position_offset,
+                          ", expected ", P, ": on a model with learned positions PEFT runs the real tokens at "
+                          "P..P+S-1 after the P prefix rows, and no change to the rows can move them");
+    if (task_type.empty()) task_type = base.family == model_family::bert ? "FEATURE_EXTRACTION" : "CAUSAL_LM";
+    // PEFT's TaskType values for one-stack models (SEQ_2_SEQ_LM would need num_transformer_submodules 2).
+    static constexpr const char* tasks[] = {"FEATURE_EXTRACTION", "CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"};
+    require<io_error>(std::find(std::begin(tasks), std::end(tasks), task_type) != std::end(tasks), who,
+                      ": task_type \"", task_type, "\" is not one of PEFT's FEATURE_EXTRACTION, CAUSAL_LM, SEQ_CLS, "
+                      "TOKEN_CLS, QUESTION_ANS");
+
+    Matrix<float> all(P, base.layers * 2 * D);
+    for (index_t l = 0; l < base.layers; ++l) {
+        const auto& m = layers[std::size_t(l)];
+        Matrix<float> k(m.k.view());
+        if (base.rope) detail::rotate_rows(k, base.head_dim, double(base.rope_base), double(P));
+        for (index_t r = 0; r < P; ++r) {
+            std::copy_n(k.row(r), D, all.row(r) + 2 * l * D);
+            std::copy_n(m.v.row(r), D, all.row(r) + (2 * l + 1) * D);
+        }
+    }
+    // Sorted keys, as PEFT's to_json_string writes them (nlohmann's object is a sorted map).
+    const nlohmann::json cfg = {
+        {"auto_mapping", nullptr},
+        {"base_model_name_or_path", base_model_name},
+        {"encoder_hidden_size", D},  // PEFT's default (token_dim); unused without prefix_projection
+        {"inference_mode", true},
+        {"init_weights", nullptr},
+        {"modules_to_save", nullptr},
+        {"num_attention_heads", D / base.head_dim},
+        {"num_layers", base.layers},
+        {"num_transformer_submodules", 1},
+        {"num_virtual_tokens", P},
+        {"peft_type", "PREFIX_TUNING"},
+        {"prefix_projection", false},
+        {"revision", nullptr},
+        {"task_type", task_type},
+        {"token_dim", D},
+    };
+    fs::create_directories(dir);
+    const std::vector<tensor_data> tensors{
+        {"prompt_embeddings", dtype::F32, {std::uint64_t(P), std::uint64_t(all.cols())},
+         std::as_bytes(std::span<const float>(all.data(), std::size_t(all.size())))}};
+    save_safetensors(dir / "adapter_model.safetensors", tensors, {{"format", "pt"}});
+    const std::string text = cfg.dump(2);
+    atomic_write(dir / "adapter_config.json", text.size(), [&](auto&& sink) { sink(text.data(), text.size()); });
+}
+
+/// Writes cpet prefix modules (one per layer) as a PEFT prefix adapter. On a RoPE model this is exact: PEFT then
+/// computes what cpet computes with these rows. On a model with learned positions PEFT runs the real tokens at
+/// P..P+S−1, so its outputs are cpet's with nn::token_batch::position_offset = P (rows trained with positions
+/// from 0 give PEFT other outputs; train them with that offset to match).
+inline void write_peft_prefix(const fs::path& dir, const std::vector<pet::prefix_tuning::modules>& layers,
+                              const peft_base& base, const std::string& base_model_name = "",
+                              std::string task_type = "") {
+    peft_prefix p;
+    p.layers = layers;
+    p.position_offset = base.rope || layers.empty() ? 0 : layers[0].length();
+    write_peft_prefix(dir, p, base, base_model_name, std::move(task_type));
 }
 
 }  // namespace cpet::io
