@@ -17,8 +17,9 @@ committed, so the C++ tests need no Python:
   peft       peft_<name>/ (PEFT save_pretrained: adapter_config.json + adapter_model.safetensors) for LoRA (BERT with
              rank_pattern / alpha_pattern, LLaMA rsLoRA with a regex target), IA3 and prefix tuning on both tiny
              models, adapter weights randomised; peft_<name>_reference.safetensors holds the adapted outputs.
-  --check-cpet-adapter DIR...  loads adapters cpet wrote (tests/io/test_peft.cpp writes them when
-             CPET_WRITE_ADAPTERS=dir is set) in PEFT and compares PEFT's outputs with cpet's.
+  --check-cpet-adapter DIR...  loads adapters cpet wrote (tests/io/test_peft.cpp and test_peft_write.cpp write
+             them when CPET_WRITE_ADAPTERS=dir is set: LoRA, IA3, prefix tuning) in PEFT and compares PEFT's outputs
+             with cpet's, and with the committed reference of the PEFT adapter they came from where cpet names it.
   llama      tiny-llama/ (save_pretrained of a seeded 2-layer LlamaForCausalLM with GQA and RoPE, ~450 KB) and
              tiny_llama_reference.safetensors (its input ids and logits).
 """
@@ -266,8 +267,18 @@ def check_cpet_adapter(d):
     from peft import PeftModel
     from transformers import BertModel, LlamaForCausalLM
 
+    from safetensors import safe_open
+
     cfg = json.load(open(os.path.join(d, "adapter_config.json")))
     outs = safe_load(os.path.join(d, "cpet_outputs.safetensors"))
+    with safe_open(os.path.join(d, "cpet_outputs.safetensors"), "pt") as f:
+        meta = f.metadata() or {}
+    # A prefix adapter acts only through the task classes (PeftModelForFeatureExtraction / ForCausalLM), which
+    # from_pretrained picks from task_type: without one PEFT would run the bare base model and this check would
+    # compare the wrong thing.
+    if cfg["peft_type"] == "PREFIX_TUNING" and cfg.get("task_type") not in ("FEATURE_EXTRACTION", "CAUSAL_LM"):
+        sys.exit(f"{d}: a prefix adapter for this check needs task_type FEATURE_EXTRACTION or CAUSAL_LM, "
+                 f"has {cfg.get('task_type')!r}")
     if "hidden" in outs:
         base = BertModel.from_pretrained(os.path.join(HERE, "tiny-bert"), add_pooling_layer=False).eval()
         ref = safe_load(os.path.join(HERE, "tiny_bert_reference.safetensors"))
@@ -284,11 +295,21 @@ def check_cpet_adapter(d):
         with torch.no_grad():
             got = model(input_ids=ref["ids"].long()).logits
         want = outs["logits"]
+    if cfg["peft_type"] == "PREFIX_TUNING":
+        assert type(model).__name__ in ("PeftModelForFeatureExtraction", "PeftModelForCausalLM"), type(model)
+        assert model.peft_config["default"].num_virtual_tokens == cfg["num_virtual_tokens"]
     want = want.reshape(got.shape)  # cpet writes [B·S, d]
     err = ((got - want).norm() / want.norm()).item()
-    print(f"{d}: {cfg['peft_type']} adapter written by cpet, loaded by PEFT: relative difference {err:.3e}")
+    print(f"{d}: {cfg['peft_type']} adapter written by cpet, loaded by PEFT ({type(model).__name__}): relative "
+          f"difference from cpet's outputs {err:.3e}")
     if err > 1e-4:
         sys.exit(f"{d}: PEFT's output differs from cpet's (relative {err:.3e})")
+    if "reference" in meta:  # the outputs of the PEFT-made adapter cpet read before writing this one
+        src = safe_load(os.path.join(HERE, meta["reference"]))[next(iter(outs))].reshape(got.shape)
+        err = ((got - src).norm() / src.norm()).item()
+        print(f"{d}: relative difference from {meta['reference']} (PEFT on the adapter cpet read) {err:.3e}")
+        if err > 1e-4:
+            sys.exit(f"{d}: PEFT's output on cpet's file differs from PEFT's on the original (relative {err:.3e})")
 
 
 def safe_load(path):
