@@ -103,9 +103,9 @@ TEST_CASE("a task holding a method without a backward is refused before any step
     const auto data = tiny_data(2);
     strategy::classifier_task t;
     for (std::size_t l = 0; l < m.stack().size(); ++l)
-        t.layers.emplace_back(pet::lora::make(m.stack().layer(l).pet_dims(), {}, l), pet::ia3::make(m.stack().layer(l).pet_dims()));
+        t.layers.emplace_back(pet::lora::make(m.stack().layer(l).pet_dims(), {}, l), pet::parallel_adapter::make(m.stack().layer(l).pet_dims(), {.bottleneck = 4}, 1));
     t.head = train::linear_head::make(m.d_model(), 2, 1);
     strategy::tune_options o;
     o.progress = train::progress_mode::none;
-    CHECK_THROWS_WITH_AS(strategy::tune(m, t, data, o), doctest::Contains("ia3"), format_error);
+    CHECK_THROWS_WITH_AS(strategy::tune(m, t, data, o), doctest::Contains("parallel_adapter"), format_error);
 }

@@ -29,11 +29,18 @@ struct term_ref {
     bool gelu;
 };
 
-/// The reference hooks of a list of terms (read through the pointer, so a test can perturb them).
-testing::reference_hooks hooks_of(const std::vector<term_ref>* terms) {
+/// IA3 scales and BitFit bias deltas in double (empty: none).
+struct vec_refs {
+    std::array<Eigen::VectorXd, pet::target_count> scale, bias;
+};
+
+/// The reference hooks of a list of terms (read through the pointers, so a test can perturb them).
+testing::reference_hooks hooks_of(const std::vector<term_ref>* terms, const vec_refs* vr) {
     testing::reference_hooks h;
-    h.linear_delta = [terms](pet::target t, const MatD& x) -> MatD {
+    h.scale = [vr](pet::target t) -> Eigen::VectorXd { return vr->scale[std::size_t(t)]; };
+    h.linear_delta = [terms, vr](pet::target t, const MatD& x) -> MatD {
         MatD out;
+        if (const auto& b = vr->bias[std::size_t(t)]; b.size()) out = MatD::Ones(x.rows(), 1) * b.transpose();
         for (const auto& tr : *terms) {
             if (tr.t != t) continue;
             MatD u = x * tr.A.transpose();
@@ -65,10 +72,27 @@ void randomise_b(M& m, unsigned seed) {
     }
 }
 
+vec_refs vec_refs_of(const train::layer_terms& lt) {
+    vec_refs v;
+    for (int i = 0; i < pet::target_count; ++i) {
+        auto to_vec = [](std::span<const float> f) {
+            Eigen::VectorXd e(Eigen::Index(f.size()));
+            for (std::size_t j = 0; j < f.size(); ++j) e(Eigen::Index(j)) = f[j];
+            return e;
+        };
+        if (lt.scale[std::size_t(i)]) v.scale[std::size_t(i)] = to_vec(lt.scale[std::size_t(i)].v);
+        if (lt.bias[std::size_t(i)]) v.bias[std::size_t(i)] = to_vec(lt.bias[std::size_t(i)].v);
+    }
+    return v;
+}
+
+vec_refs no_vec_refs;
+
 template <class C>
 double ref_loss(const std::vector<nn::dense_layer_weights>& w, const nn::layer_shape& s, const MatD& x,
-                const std::vector<index_t>& lengths, const std::vector<term_ref>& terms, const MatD& G) {
-    const MatD y = testing::reference_batch<C>(w, s, x, lengths, {hooks_of(&terms)});
+                const std::vector<index_t>& lengths, const std::vector<term_ref>& terms, const MatD& G,
+                const vec_refs& vr = no_vec_refs) {
+    const MatD y = testing::reference_batch<C>(w, s, x, lengths, {hooks_of(&terms, &vr)});
     return (y.array() * G.array()).sum();
 }
 
@@ -79,7 +103,8 @@ struct grad_check {
         worst_abs = std::max(worst_abs, std::abs(analytic - fd));
         scale = std::max(scale, std::abs(fd));
     }
-    double rel() const { return worst_abs / std::max(scale, 1e-12); }
+    // a gradient that is exactly zero (a Δb on k: softmax ignores a shift common to all keys) leaves float noise
+    double rel() const { return worst_abs / std::max(scale, 1e-4); }
 };
 
 /// Checks forward (against the layer's own inference forward) and backward (dx and every factor's gradient
@@ -88,7 +113,7 @@ template <class C, class Task>
 void check_layer(const nn::layer_shape& s, const std::vector<index_t>& lengths, index_t S, Task task, unsigned seed) {
     const auto wd = nn::random_layer_weights(s, seed, nn::kind_of<C>);
     const nn::TransformerLayer<C> layer(wd, s);
-    const auto w = nn::dense_weights_of(layer);  // what the compressed layer computes with
+    auto w = nn::dense_weights_of(layer);  // what the compressed layer computes with
     const index_t B = index_t(lengths.size()), M = B * S, d = s.d_model;
     Matrix<float> x = testing::random_matrix(M, d, seed + 1);
     nn::detail::zero_padding(x, nn::batch_layout::of(M, lengths, "test"));
@@ -118,6 +143,12 @@ void check_layer(const nn::layer_shape& s, const std::vector<index_t>& lengths, 
 
     const MatD xd = testing::to_double(x);
     auto refs = refs_of(terms);
+    auto vr = vec_refs_of(terms);
+    for (int i = 0; i < pet::norm_site_count; ++i)  // BitFit's Δβ folded into the reference's β
+        if (const auto& db = terms.norm_beta[std::size_t(i)]) {
+            auto& b = i == 0 ? w.norm1_beta : w.norm2_beta;
+            for (std::size_t c = 0; c < b.size(); ++c) b[c] += db.v[c];
+        }
     const double h = 1e-5;
     std::mt19937 gen(seed + 3);
     // dx at sampled real rows
@@ -130,7 +161,7 @@ void check_layer(const nn::layer_shape& s, const std::vector<index_t>& lengths, 
             MatD xp = xd, xm = xd;
             xp(r, c) += h;
             xm(r, c) -= h;
-            const double fd = (ref_loss<C>({w}, s, xp, lengths, refs, Gd) - ref_loss<C>({w}, s, xm, lengths, refs, Gd)) / (2 * h);
+            const double fd = (ref_loss<C>({w}, s, xp, lengths, refs, Gd, vr) - ref_loss<C>({w}, s, xm, lengths, refs, Gd, vr)) / (2 * h);
             gc.add(dx(r, c), fd);
         }
         INFO("dx: worst |analytic - fd| = " << gc.worst_abs << " of scale " << gc.scale);
@@ -149,9 +180,9 @@ void check_layer(const nn::layer_shape& s, const std::vector<index_t>& lengths, 
                     const index_t r = index_t(gen() % unsigned(P.rows())), c = index_t(gen() % unsigned(P.cols()));
                     const double v0 = P(r, c);
                     P(r, c) = v0 + h;
-                    const double lp = ref_loss<C>({w}, s, xd, lengths, refs, Gd);
+                    const double lp = ref_loss<C>({w}, s, xd, lengths, refs, Gd, vr);
                     P(r, c) = v0 - h;
-                    const double lm = ref_loss<C>({w}, s, xd, lengths, refs, Gd);
+                    const double lm = ref_loss<C>({w}, s, xd, lengths, refs, Gd, vr);
                     P(r, c) = v0;
                     gc.add(g(r, c), (lp - lm) / (2 * h));
                 }
@@ -161,6 +192,50 @@ void check_layer(const nn::layer_shape& s, const std::vector<index_t>& lengths, 
                 CHECK(gc.rel() < 2e-3);
             }
         }
+    // IA3 scales and BitFit bias deltas (double copies perturbed)
+    for (int i = 0; i < pet::target_count; ++i)
+        for (int which = 0; which < 2; ++which) {
+            const auto& vt = which == 0 ? terms.scale[std::size_t(i)] : terms.bias[std::size_t(i)];
+            if (!vt) continue;
+            Eigen::VectorXd& P = which == 0 ? vr.scale[std::size_t(i)] : vr.bias[std::size_t(i)];
+            grad_check gc;
+            for (int n = 0; n < 8; ++n) {
+                const Eigen::Index c = Eigen::Index(gen() % unsigned(P.size()));
+                const double v0 = P(c);
+                P(c) = v0 + h;
+                const double lp = ref_loss<C>({w}, s, xd, lengths, refs, Gd, vr);
+                P(c) = v0 - h;
+                const double lm = ref_loss<C>({w}, s, xd, lengths, refs, Gd, vr);
+                P(c) = v0;
+                gc.add(vt.g[std::size_t(c)], (lp - lm) / (2 * h));
+            }
+            INFO("target " << std::string(pet::target_name(pet::target(i))) << std::string(which == 0 ? " IA3 scale" : " BitFit bias")
+                           << ": worst |analytic - fd| = " << gc.worst_abs << " of scale " << gc.scale);
+            CHECK(gc.rel() < 2e-3);
+        }
+    // BitFit's Δβ: the reference's β is float, so the step is 1e-3 and the difference quotient uses the step the
+    // float really took
+    for (int i = 0; i < pet::norm_site_count; ++i) {
+        const auto& vt = terms.norm_beta[std::size_t(i)];
+        if (!vt) continue;
+        auto& b = i == 0 ? w.norm1_beta : w.norm2_beta;
+        grad_check gc;
+        for (int n = 0; n < 6; ++n) {
+            const std::size_t c = gen() % unsigned(b.size());
+            const float v0 = b[c];
+            b[c] = v0 + 1e-3f;
+            const double up = double(b[c]) - double(v0);
+            const double lp = ref_loss<C>({w}, s, xd, lengths, refs, Gd, vr);
+            b[c] = v0 - 1e-3f;
+            const double down = double(v0) - double(b[c]);
+            const double lm = ref_loss<C>({w}, s, xd, lengths, refs, Gd, vr);
+            b[c] = v0;
+            gc.add(vt.g[c], (lp - lm) / (up + down));
+        }
+        INFO(pet::norm_site_name(pet::norm_site(i)) << " BitFit beta: worst |analytic - fd| = " << gc.worst_abs
+                                                    << " of scale " << gc.scale);
+        CHECK(gc.rel() < 2e-3);
+    }
 }
 
 nn::layer_shape bert_shape() {
@@ -222,14 +297,56 @@ TEST_CASE("train::backward through compressed weights (int8, 2:4 sparse) uses wh
                                                            cpet_task<config::llama<compress::nm_sparse<2, 4>>>(llama_shape(), 10), 15);
 }
 
+/// IA3 (random scales near 1) and BitFit (random Δb on every linear that exists, Δβ where the norms have one).
+template <class C>
+pet::task ia3_bitfit_task(const nn::layer_shape& s, unsigned seed, bool with_lora) {
+    nn::TransformerLayer<C> probe(nn::random_layer_weights(s, 1, nn::kind_of<C>), s);
+    const auto dims = probe.pet_dims();
+    pet::ia3::options io;
+    io.targets = pet::target_set{pet::target::q, pet::target::k, pet::target::v, pet::target::down};
+    auto ia = pet::ia3::make(dims, io);
+    for (auto& l : ia.l)
+        for (std::size_t j = 0; j < l.size(); ++j) l[j] = 0.8f + 0.4f * float((j * 37 + seed) % 11) / 10.f;
+    pet::bitfit::modules bf;
+    bf.dims = dims;
+    for (int i = 0; i < pet::target_count; ++i)
+        if (dims.has(pet::target(i))) {
+            const auto r = testing::random_matrix(1, dims.out(pet::target(i)), seed + unsigned(i), -0.2f, 0.2f);
+            bf.delta[std::size_t(i)].assign(r.data(), r.data() + r.size());
+        }
+    if (dims.norm_bias)
+        for (int i = 0; i < pet::norm_site_count; ++i) {
+            const auto r = testing::random_matrix(1, dims.d_model, seed + 20 + unsigned(i), -0.2f, 0.2f);
+            bf.norm_delta[std::size_t(i)].assign(r.data(), r.data() + r.size());
+        }
+    pet::task t(std::move(ia), std::move(bf));
+    if (with_lora) {
+        pet::lora::options lo;
+        lo.rank = 2;
+        lo.targets = pet::target_set{pet::target::v, pet::target::down};
+        auto l = pet::lora::make(dims, lo, seed);
+        randomise_b(l, seed + 3);
+        t.add(std::move(l));
+    }
+    return t;
+}
+
+TEST_CASE("train::backward with IA3 and BitFit (alone and beside LoRA) matches finite differences") {
+    check_layer<config::bert<>>(bert_shape(), {3, 5}, 5, ia3_bitfit_task<config::bert<>>(bert_shape(), 3, false), 21);
+    check_layer<config::bert<>>(bert_shape(), {4, 1, 2}, 4, ia3_bitfit_task<config::bert<>>(bert_shape(), 4, true), 22);
+    check_layer<config::llama<>>(llama_shape(), {5, 2}, 5, ia3_bitfit_task<config::llama<>>(llama_shape(), 5, true), 23);
+    check_layer<config::gpt2<compress::int8_per_channel>>(
+        bert_shape(), {2, 3}, 3, ia3_bitfit_task<config::gpt2<compress::int8_per_channel>>(bert_shape(), 6, false), 24);
+}
+
 TEST_CASE("train::bind refuses methods without a backward and gradient stores that do not mirror the task") {
     using C = config::bert<>;
     nn::TransformerLayer<C> layer(nn::random_layer_weights(bert_shape(), 1, nn::kind_of<C>), bert_shape());
     const auto dims = layer.pet_dims();
-    pet::task t(pet::lora::make(dims, {}, 1), pet::ia3::make(dims, {}));
+    pet::task t(pet::lora::make(dims, {}, 1), pet::parallel_adapter::make(dims, {.bottleneck = 4}, 1));
     pet::task g = pet::task(pet::lora::make(dims, {}, 1));
     CHECK_THROWS_WITH_AS(train::bind(dims, t, g), doctest::Contains("2 methods"), shape_error);
-    CHECK_THROWS_WITH_AS(train::zeros_like(t), doctest::Contains("ia3"), format_error);
+    CHECK_THROWS_WITH_AS(train::zeros_like(t), doctest::Contains("parallel_adapter"), format_error);
 
     // a module for a wider layer is refused at bind time, not read past in a kernel
     nn::layer_shape wide = bert_shape();

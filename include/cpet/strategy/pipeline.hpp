@@ -176,13 +176,27 @@ pet::task recovery_modules(const compressed_model<C>& cm, std::size_t l, recover
 }
 
 /// Fresh modules of the same methods, targets and ranks as `t` for a layer of dims `d` (LoRA's init: A
-/// Kaiming-uniform, B zero): the "no inheritance" baseline.
+/// Kaiming-uniform, B zero; IA3 ones; BitFit zero): the "no inheritance" baseline.
 inline pet::task fresh_like(const pet::task& t, const pet::layer_dims& d, std::uint64_t seed) {
     pet::task out;
     for (std::size_t i = 0; i < t.size(); ++i)
         t.visit_method(i, [&](const auto& m) {
             using M = std::decay_t<decltype(m)>;
-            if constexpr (train::trainable_method<M>) {
+            if constexpr (std::is_same_v<M, pet::ia3::modules>) {  // IA3 starts at ones, BitFit at zero
+                pet::ia3::options io;
+                io.targets = pet::target_set{};
+                for (int j = 0; j < pet::target_count; ++j)
+                    if (!m.l[std::size_t(j)].empty()) io.targets.insert(pet::target(j));
+                out.add(pet::ia3::make(d, io));
+            } else if constexpr (std::is_same_v<M, pet::bitfit::modules>) {
+                M f = m;
+                f.dims = d;
+                for (int j = 0; j < pet::target_count; ++j)
+                    if (!f.delta[std::size_t(j)].empty()) f.delta[std::size_t(j)].assign(std::size_t(d.out(pet::target(j))), 0.f);
+                for (auto& v : f.norm_delta)
+                    if (!v.empty()) v.assign(std::size_t(d.d_model), 0.f);
+                out.add(std::move(f));
+            } else if constexpr (train::lowrank_method<M>) {
                 M f = m;
                 f.f.dims = d;
                 for (int j = 0; j < pet::target_count; ++j) {

@@ -19,11 +19,13 @@
 // activation, and U = x·Aᵀ of every low-rank term: layer_tape::bytes() reports it; train/model.hpp offers to keep
 // only the layers' inputs and recompute each layer's tape during the backward.
 //
-// Which methods train: LoRA, rsLoRA, recovery (GELU) and linear recovery, alone or together in a pet::task (CPET's
-// recovery + LoRA) — every method whose only hook is the linear one. A task holding any other method (adapters,
-// prefix, prompt, IA3, BitFit) is refused by bind() with a format_error naming it, never trained partially.
+// Which methods train: LoRA, rsLoRA, recovery (GELU) and linear recovery (linear hook), IA3 (scale hook: the
+// outputs of q, k, v and the input of down) and BitFit (Δb of the linears, Δβ of the LayerNorms), alone or together
+// in a pet::task (CPET's recovery + LoRA). A task holding any other method (adapters, prefix / P-tuning v2, prompt
+// tuning) is refused by bind() with a format_error naming it, never trained partially.
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstddef>
@@ -43,6 +45,8 @@
 #include "cpet/nn/batch.hpp"
 #include "cpet/nn/config.hpp"
 #include "cpet/nn/layer.hpp"
+#include "cpet/pet/bitfit.hpp"
+#include "cpet/pet/ia3.hpp"
 #include "cpet/pet/lora.hpp"
 #include "cpet/pet/none.hpp"
 #include "cpet/pet/recovery.hpp"
@@ -55,11 +59,16 @@ namespace cpet::train {
 // Trainable methods and their tensors
 // ---------------------------------------------------------------------------------------------------------------
 
-/// Whether modules of type M train here: the methods whose only hook is the linear one.
+/// The methods whose terms are low-rank linear-hook terms.
 template <class M>
-inline constexpr bool trainable_method =
+inline constexpr bool lowrank_method =
     std::is_same_v<M, pet::lora::modules> || std::is_same_v<M, pet::rslora::modules> ||
     std::is_same_v<M, pet::recovery::modules> || std::is_same_v<M, pet::recovery_linear::modules>;
+
+/// Whether modules of type M train here: the low-rank methods, IA3 (scale hook) and BitFit (bias and norm hooks).
+template <class M>
+inline constexpr bool trainable_method =
+    lowrank_method<M> || std::is_same_v<M, pet::ia3::modules> || std::is_same_v<M, pet::bitfit::modules>;
 
 /// One low-rank term of one linear: y += s·φ(x·Aᵀ)·Bᵀ, and where its gradients go.
 struct lowrank_term {
@@ -72,13 +81,29 @@ struct lowrank_term {
     index_t rank() const noexcept { return A.rows(); }
 };
 
+/// A trainable vector (IA3's l, BitFit's Δb or Δβ) and its gradient.
+struct vector_term {
+    std::span<const float> v;
+    std::span<float> g;
+    explicit operator bool() const noexcept { return !v.empty(); }
+};
+
 /// One layer's trainable terms, per target, in the task's order (what bind() found).
 struct layer_terms {
     std::array<std::vector<lowrank_term>, pet::target_count> at;
+    std::array<vector_term, pet::target_count> scale;       ///< IA3: outputs of q, k, v; the input of down
+    std::array<vector_term, pet::target_count> bias;        ///< BitFit: Δb of a linear
+    std::array<vector_term, pet::norm_site_count> norm_beta;  ///< BitFit: Δβ of a LayerNorm
     const std::vector<lowrank_term>& of(pet::target t) const noexcept { return at[std::size_t(t)]; }
     bool empty() const noexcept {
         for (const auto& v : at)
             if (!v.empty()) return false;
+        for (const auto& v : scale)
+            if (v) return false;
+        for (const auto& v : bias)
+            if (v) return false;
+        for (const auto& v : norm_beta)
+            if (v) return false;
         return true;
     }
 };
@@ -90,40 +115,93 @@ constexpr const char* method_name() {
     if constexpr (std::is_same_v<M, pet::lora::modules>) return "lora";
     else if constexpr (std::is_same_v<M, pet::rslora::modules>) return "rslora";
     else if constexpr (std::is_same_v<M, pet::recovery::modules>) return "recovery";
-    else return "recovery_linear";
+    else if constexpr (std::is_same_v<M, pet::recovery_linear::modules>) return "recovery_linear";
+    else if constexpr (std::is_same_v<M, pet::ia3::modules>) return "ia3";
+    else return "bitfit";
+}
+
+inline std::span<float> span_of(Matrix<float>& m) noexcept { return {m.data(), std::size_t(m.size())}; }
+inline std::span<float> span_of(std::vector<float>& v) noexcept { return {v.data(), v.size()}; }
+
+/// f(name, values span, decay) for every trainable tensor of m, in a fixed order.
+template <class M, class F>
+void each_tensor(M& m, F&& f) {
+    using D = std::remove_const_t<M>;
+    if constexpr (lowrank_method<D>) {
+        const bool rec = !std::is_same_v<D, pet::lora::modules> && !std::is_same_v<D, pet::rslora::modules>;
+        for (int i = 0; i < pet::target_count; ++i) {
+            const auto t = pet::target(i);
+            if (m.rank(t) == 0) continue;
+            f(cpet::detail::concat(pet::target_name(t), rec ? ".recovery_A1" : ".lora_A"), span_of(m.f.A[std::size_t(i)]), true);
+            f(cpet::detail::concat(pet::target_name(t), rec ? ".recovery_A2" : ".lora_B"), span_of(m.f.B[std::size_t(i)]), true);
+        }
+    } else if constexpr (std::is_same_v<D, pet::ia3::modules>) {
+        for (int i = 0; i < pet::target_count; ++i)
+            if (!m.l[std::size_t(i)].empty())
+                f(cpet::detail::concat(pet::target_name(pet::target(i)), ".ia3_l"), span_of(m.l[std::size_t(i)]), false);
+    } else {
+        for (int i = 0; i < pet::target_count; ++i)
+            if (!m.delta[std::size_t(i)].empty())
+                f(cpet::detail::concat(pet::target_name(pet::target(i)), ".bitfit_bias"), span_of(m.delta[std::size_t(i)]), false);
+        for (int i = 0; i < pet::norm_site_count; ++i)
+            if (!m.norm_delta[std::size_t(i)].empty())
+                f(cpet::detail::concat(pet::norm_site_name(pet::norm_site(i)), ".bitfit_beta"),
+                  span_of(m.norm_delta[std::size_t(i)]), false);
+    }
+}
+
+inline vector_term vector_of(const std::vector<float>& v, std::vector<float>& g, const char* who, const char* method,
+                             std::string_view what) {
+    require<shape_error>(g.size() == v.size(), who, ": the gradient store of ", method, " ", what, " has ", g.size(),
+                         " values, the task ", v.size(), " (make it with zeros_like)");
+    return {std::span<const float>(v), std::span<float>(g)};
+}
+
+inline void claim(vector_term& slot, vector_term t, const char* who, const char* what, std::string_view where) {
+    require<format_error>(!slot, who, ": two methods of the task train the ", what, " of ", where);
+    slot = t;
 }
 
 template <class M>
 void add_terms(const M& v, M& g, layer_terms& out, const char* who) {
-    for (int i = 0; i < pet::target_count; ++i) {
-        const auto t = pet::target(i);
-        if (v.rank(t) == 0) continue;
-        auto& ga = g.f.A[std::size_t(i)];
-        auto& gb = g.f.B[std::size_t(i)];
-        require<shape_error>(ga.rows() == v.f.A[std::size_t(i)].rows() && ga.cols() == v.f.A[std::size_t(i)].cols() &&
-                                 gb.rows() == v.f.B[std::size_t(i)].rows() && gb.cols() == v.f.B[std::size_t(i)].cols(),
-                             who, ": the gradient store of ", method_name<M>(), " target ", pet::target_name(t),
-                             " does not have the values' shapes (make it with zeros_like)");
-        lowrank_term term;
-        term.A = v.f.A[std::size_t(i)];
-        term.B = v.f.B[std::size_t(i)];
-        term.gA = ga;
-        term.gB = gb;
-        term.scale = v.lowrank_scale(t);
-        term.gelu = std::is_same_v<M, pet::recovery::modules>;
-        out.at[std::size_t(i)].push_back(term);
-    }
-}
-
-template <class M, class F>
-void each_tensor(M& m, F&& f) {
-    for (int i = 0; i < pet::target_count; ++i) {
-        const auto t = pet::target(i);
-        if (m.rank(t) == 0) continue;
-        const bool rec = !std::is_same_v<std::remove_const_t<M>, pet::lora::modules> &&
-                         !std::is_same_v<std::remove_const_t<M>, pet::rslora::modules>;
-        f(cpet::detail::concat(pet::target_name(t), rec ? ".recovery_A1" : ".lora_A"), m.f.A[std::size_t(i)]);
-        f(cpet::detail::concat(pet::target_name(t), rec ? ".recovery_A2" : ".lora_B"), m.f.B[std::size_t(i)]);
+    if constexpr (lowrank_method<M>) {
+        for (int i = 0; i < pet::target_count; ++i) {
+            const auto t = pet::target(i);
+            if (v.rank(t) == 0) continue;
+            auto& ga = g.f.A[std::size_t(i)];
+            auto& gb = g.f.B[std::size_t(i)];
+            require<shape_error>(ga.rows() == v.f.A[std::size_t(i)].rows() && ga.cols() == v.f.A[std::size_t(i)].cols() &&
+                                     gb.rows() == v.f.B[std::size_t(i)].rows() &&
+                                     gb.cols() == v.f.B[std::size_t(i)].cols(),
+                                 who, ": the gradient store of ", method_name<M>(), " target ", pet::target_name(t),
+                                 " does not have the values' shapes (make it with zeros_like)");
+            lowrank_term term;
+            term.A = v.f.A[std::size_t(i)];
+            term.B = v.f.B[std::size_t(i)];
+            term.gA = ga;
+            term.gB = gb;
+            term.scale = v.lowrank_scale(t);
+            term.gelu = std::is_same_v<M, pet::recovery::modules>;
+            out.at[std::size_t(i)].push_back(term);
+        }
+    } else if constexpr (std::is_same_v<M, pet::ia3::modules>) {
+        for (int i = 0; i < pet::target_count; ++i)
+            if (!v.l[std::size_t(i)].empty())
+                claim(out.scale[std::size_t(i)],
+                      vector_of(v.l[std::size_t(i)], g.l[std::size_t(i)], who, "ia3", pet::target_name(pet::target(i))),
+                      who, "scale", pet::target_name(pet::target(i)));
+    } else {
+        for (int i = 0; i < pet::target_count; ++i)
+            if (!v.delta[std::size_t(i)].empty())
+                claim(out.bias[std::size_t(i)],
+                      vector_of(v.delta[std::size_t(i)], g.delta[std::size_t(i)], who, "bitfit", pet::target_name(pet::target(i))),
+                      who, "bias", pet::target_name(pet::target(i)));
+        for (int i = 0; i < pet::norm_site_count; ++i)
+            if (!v.norm_delta[std::size_t(i)].empty())
+                claim(out.norm_beta[std::size_t(i)],
+                      vector_of(v.norm_delta[std::size_t(i)], g.norm_delta[std::size_t(i)], who, "bitfit",
+                                pet::norm_site_name(pet::norm_site(i))),
+                      who, "β", pet::norm_site_name(pet::norm_site(i)));
     }
 }
 
@@ -131,7 +209,7 @@ template <class M>
 [[noreturn]] void refuse(const char* who, std::string_view name) {
     throw format_error(cpet::detail::concat(
         who, ": the task holds ", name, ", which has no backward in cpet yet; trainable methods are lora, rslora, "
-        "recovery and recovery_linear (alone or together in a pet::task)"));
+        "recovery, recovery_linear, ia3 and bitfit (alone or together in a pet::task)"));
 }
 
 }  // namespace detail
@@ -174,7 +252,7 @@ template <class M>
     requires trainable_method<M>
 M zeros_like(const M& m) {
     M g = m;
-    detail::each_tensor(g, [](const std::string&, Matrix<float>& t) { t.fill(0.f); });
+    detail::each_tensor(g, [](const std::string&, std::span<float> t, bool) { std::fill(t.begin(), t.end(), 0.f); });
     return g;
 }
 inline pet::task zeros_like(const pet::task& m) {
@@ -183,7 +261,9 @@ inline pet::task zeros_like(const pet::task& m) {
         g.visit_method(i, [&](auto& mm) {
             using M = std::decay_t<decltype(mm)>;
             if constexpr (trainable_method<M>) {
-                detail::each_tensor(mm, [](const std::string&, Matrix<float>& t) { t.fill(0.f); });
+                detail::each_tensor(mm, [](const std::string&, std::span<float> t, bool) {
+                    std::fill(t.begin(), t.end(), 0.f);
+                });
             } else {
                 detail::refuse<M>("train::zeros_like", m.method_name(i));
             }
@@ -192,23 +272,26 @@ inline pet::task zeros_like(const pet::task& m) {
 }
 
 /// The parameters of `values` (names "<prefix><method>.<target>.<tensor>", e.g. "layer.0.lora.q.lora_A") with their
-/// gradients in `grads` (zeros_like).
+/// gradients in `grads` (zeros_like). IA3 and BitFit vectors take no weight decay (HF's Trainer exempts biases and
+/// norm parameters).
 template <class M>
     requires trainable_method<M>
 void append_parameters(M& values, M& grads, const std::string& prefix, std::vector<parameter>& out) {
-    std::vector<std::pair<std::string, Matrix<float>*>> vs, gs;
-    detail::each_tensor(values, [&](const std::string& n, Matrix<float>& t) { vs.emplace_back(n, &t); });
-    detail::each_tensor(grads, [&](const std::string& n, Matrix<float>& t) { gs.emplace_back(n, &t); });
+    struct entry {
+        std::string name;
+        std::span<float> t;
+        bool decay;
+    };
+    std::vector<entry> vs, gs;
+    detail::each_tensor(values, [&](const std::string& n, std::span<float> t, bool d) { vs.push_back({n, t, d}); });
+    detail::each_tensor(grads, [&](const std::string& n, std::span<float> t, bool d) { gs.push_back({n, t, d}); });
     require<shape_error>(vs.size() == gs.size(), "train::append_parameters: the gradient store of ", prefix,
                          " does not mirror its values (make it with zeros_like)");
     for (std::size_t i = 0; i < vs.size(); ++i) {
-        auto& v = *vs[i].second;
-        auto& g = *gs[i].second;
-        require<shape_error>(v.size() == g.size(), "train::append_parameters: ", prefix, vs[i].first, " has ",
-                             v.size(), " values but ", g.size(), " gradients");
-        out.push_back({cpet::detail::concat(prefix, detail::method_name<M>(), '.', vs[i].first),
-                       std::span<float>(v.data(), std::size_t(v.size())),
-                       std::span<float>(g.data(), std::size_t(g.size())), true});
+        require<shape_error>(vs[i].t.size() == gs[i].t.size(), "train::append_parameters: ", prefix, vs[i].name,
+                             " has ", vs[i].t.size(), " values but ", gs[i].t.size(), " gradients");
+        out.push_back({cpet::detail::concat(prefix, detail::method_name<M>(), '.', vs[i].name), vs[i].t, gs[i].t,
+                       vs[i].decay});
     }
 }
 inline void append_parameters(pet::task& values, pet::task& grads, const std::string& prefix,
@@ -418,7 +501,9 @@ struct layer_tape {
     Matrix<float> ffn_in;          ///< input of up / gate
     Matrix<float> z_up, z_gate;    ///< pre-activations (z_gate: SwiGLU only)
     Matrix<float> hidden;          ///< input of down
+    Matrix<float> hidden_raw;      ///< the hidden activation before IA3's down scale (empty without one)
     std::array<std::vector<Matrix<float>>, pet::target_count> u;  ///< U = x·Aᵀ per term
+    std::array<Matrix<float>, pet::target_count> pre_scale;       ///< q, k, v before IA3's scale (empty without)
 
     nn::batch_layout layout() const noexcept {
         nn::batch_layout L;
@@ -432,6 +517,8 @@ struct layer_tape {
         std::size_t n = x.bytes() + attn_in.bytes() + q.bytes() + k.bytes() + v.bytes() + ctx.bytes() + n1.hat.bytes() +
                         n2.hat.bytes() + ffn_in.bytes() + z_up.bytes() + z_gate.bytes() + hidden.bytes() +
                         (n1.rstd.size() + n2.rstd.size()) * sizeof(float);
+        n += hidden_raw.bytes();
+        for (const auto& p : pre_scale) n += p.bytes();
         for (const auto& p : probs) n += p.bytes();
         for (const auto& us : u)
             for (const auto& m : us) n += m.bytes();
@@ -458,13 +545,53 @@ struct layer_access {
     }
 };
 
-/// out = lin(x) + the terms of target t (U saved on the tape); `ep` brings activation / residual.
+/// g += Σ_rows d (a bias-like parameter's gradient).
+inline void add_colsum(std::span<float> g, ConstMatrixView<float> d) noexcept {
+    for (index_t r = 0; r < d.rows(); ++r) {
+        const float* dr = d.row(r);
+        for (index_t c = 0; c < d.cols(); ++c) g[std::size_t(c)] += dr[c];
+    }
+}
+/// g += Σ_rows d ⊙ a (a per-column scale's gradient).
+inline void add_colsum_product(std::span<float> g, ConstMatrixView<float> d, ConstMatrixView<float> a) noexcept {
+    for (index_t r = 0; r < d.rows(); ++r) {
+        const float* dr = d.row(r);
+        const float* ar = a.row(r);
+        for (index_t c = 0; c < d.cols(); ++c) g[std::size_t(c)] += dr[c] * ar[c];
+    }
+}
+/// m(r, c) *= l[c].
+inline void scale_cols(MatrixView<float> m, std::span<const float> l) noexcept {
+    for (index_t r = 0; r < m.rows(); ++r) {
+        float* mr = m.row(r);
+        for (index_t c = 0; c < m.cols(); ++c) mr[c] *= l[std::size_t(c)];
+    }
+}
+
+/// out = lin(x) + the terms of target t (U saved on the tape), with BitFit's Δb in the bias and IA3's scale on the
+/// outputs of q, k, v (the value before it saved); `ep` brings activation / residual.
 template <nn::LayerConfig C, class Arch>
 void linear_forward(Arch tag, const nn::TransformerLayer<C>& layer, pet::target t, const layer_terms& terms,
                     ConstMatrixView<float> x, MatrixView<float> out, kernels::epilogue ep, layer_tape& tape) {
     lowrank_pack pack;
     lowrank_prepare(terms.of(t), x, tape.u[std::size_t(t)], pack, ep);
-    layer_access<C>::lin(layer, t).forward(tag, x, out, ep);
+    const auto& lin = layer_access<C>::lin(layer, t);
+    if (const auto& db = terms.bias[std::size_t(t)]) {
+        std::vector<float> b(db.v.begin(), db.v.end());
+        if (const float* b0 = lin.bias())
+            for (std::size_t c = 0; c < b.size(); ++c) b[c] += b0[c];
+        ep.bias = b.data();
+        compress::matmul_on(tag, lin.weight(), x, out, ep);
+    } else {
+        lin.forward(tag, x, out, ep);
+    }
+    auto& pre = tape.pre_scale[std::size_t(t)];
+    if (const auto& l = terms.scale[std::size_t(t)]; l && t != pet::target::down) {
+        pre = Matrix<float>(ConstMatrixView<float>(out));
+        scale_cols(out, l.v);
+    } else {
+        pre = Matrix<float>();
+    }
 }
 
 /// dx (=, or += with accumulate) dy·W + the terms' dx; the terms' dA, dB accumulated.
@@ -473,6 +600,14 @@ void linear_backward(const nn::TransformerLayer<C>& layer, pet::target t, const 
                      const layer_tape& tape, ConstMatrixView<float> x, ConstMatrixView<float> dy, MatrixView<float> dx,
                      bool accumulate) {
     const auto& w = layer_access<C>::lin(layer, t).weight();
+    Matrix<float> scaled;
+    if (const auto& l = terms.scale[std::size_t(t)]; l && t != pet::target::down) {
+        add_colsum_product(l.g, dy, tape.pre_scale[std::size_t(t)]);  // y = l ⊙ pre
+        scaled = Matrix<float>(dy);
+        scale_cols(scaled, l.v);
+        dy = scaled;
+    }
+    if (const auto& db = terms.bias[std::size_t(t)]) add_colsum(db.g, dy);
     if (accumulate) {
         Matrix<float> tmp(dx.rows(), dx.cols());
         w.matmul_t(dy, tmp);
@@ -503,8 +638,13 @@ void forward(const nn::TransformerLayer<C>& layer, ConstMatrixView<float> x, std
     const auto L = tape.layout();
     tape.x = Matrix<float>(x);
     constexpr bool post = C::placement == nn::norm_placement::post;
-    const auto g1 = layer.norm1().gamma(), b1 = layer.norm1().beta();
-    const auto g2 = layer.norm2().gamma(), b2 = layer.norm2().beta();
+    const auto g1 = layer.norm1().gamma(), g2 = layer.norm2().gamma();
+    auto b1 = layer.norm1().beta(), b2 = layer.norm2().beta();
+    for (int i = 0; i < pet::norm_site_count; ++i)  // BitFit's Δβ (bind checked the norms are LayerNorms)
+        if (const auto& db = terms.norm_beta[std::size_t(i)]) {
+            auto& b = i == 0 ? b1 : b2;
+            for (std::size_t c = 0; c < b.size(); ++c) b[c] += db.v[c];
+        }
     arch::dispatch([&](auto tag) {
         ConstMatrixView<float> a_in = tape.x;
         if constexpr (!post) {
@@ -585,6 +725,12 @@ void forward(const nn::TransformerLayer<C>& layer, ConstMatrixView<float> x, std
                 kernels::activate_inplace(tag, C::act, h, ff);
             });
         }
+        if (const auto& l = terms.scale[std::size_t(pet::target::down)]) {  // IA3 on the input of down
+            tape.hidden_raw = Matrix<float>(ConstMatrixView<float>(tape.hidden));
+            detail::scale_cols(tape.hidden, l.v);
+        } else {
+            tape.hidden_raw = Matrix<float>();
+        }
         // t2 = residual + down(hidden): post-LN the residual is h = N1(t), pre-LN it is t
         kernels::epilogue res2;
         if constexpr (post) {
@@ -623,10 +769,20 @@ void backward(const nn::TransformerLayer<C>& layer, const layer_tape& tape, cons
     // post-LN: dt2 = N2'(dy); the FFN output's gradient is dt2 and the residual h receives it too.
     // pre-LN: the FFN output's gradient is dy, and dt = dy + N2'(dffn_in).
     Matrix<float> dout(M, d);  // gradient at the FFN's output (= at t2 for post-LN)
-    if constexpr (post) detail::norm_backward<C::norm>(tape.n2, g2, dy, dout);
-    else dout = Matrix<float>(dy);
+    const auto& beta1 = terms.norm_beta[0];
+    const auto& beta2 = terms.norm_beta[1];
+    if constexpr (post) {
+        if (beta2) detail::add_colsum(beta2.g, dy);
+        detail::norm_backward<C::norm>(tape.n2, g2, dy, dout);
+    } else {
+        dout = Matrix<float>(dy);
+    }
     Matrix<float> dhidden(M, ff);
     detail::linear_backward<C>(layer, pet::target::down, terms, tape, tape.hidden, dout, dhidden, false);
+    if (const auto& l = terms.scale[std::size_t(pet::target::down)]) {  // hidden = l ⊙ raw
+        detail::add_colsum_product(l.g, dhidden, tape.hidden_raw);
+        detail::scale_cols(dhidden, l.v);
+    }
     Matrix<float> dz_up(M, ff), dz_gate;
     arch::dispatch([&](auto tag) {
         if constexpr (C::ffn == nn::ffn_kind::swiglu) {
@@ -658,8 +814,10 @@ void backward(const nn::TransformerLayer<C>& layer, const layer_tape& tape, cons
     Matrix<float> dt(M, d);  // gradient at t = x + o(ctx)
     if constexpr (post) {
         detail::add_to(dffn_in, dout);  // the residual h
+        if (beta1) detail::add_colsum(beta1.g, dffn_in);
         detail::norm_backward<C::norm>(tape.n1, g1, dffn_in, dt);
     } else {
+        if (beta2) detail::add_colsum(beta2.g, dffn_in);
         detail::norm_backward<C::norm>(tape.n2, g2, dffn_in, dt);
         detail::add_to(dt, dy);
     }
@@ -706,7 +864,10 @@ void backward(const nn::TransformerLayer<C>& layer, const layer_tape& tape, cons
     detail::linear_backward<C>(layer, pet::target::q, terms, tape, a_in, dq, din, false);
     detail::linear_backward<C>(layer, pet::target::k, terms, tape, a_in, dk, din, true);
     detail::linear_backward<C>(layer, pet::target::v, terms, tape, a_in, dv, din, true);
-    if constexpr (!post) detail::norm_backward<C::norm>(tape.n1, g1, din, din);
+    if constexpr (!post) {
+        if (beta1) detail::add_colsum(beta1.g, din);
+        detail::norm_backward<C::norm>(tape.n1, g1, din, din);
+    }
     for (index_t r = 0; r < M; ++r)
         for (index_t c = 0; c < d; ++c) dx(r, c) = dt(r, c) + din(r, c);
     nn::detail::zero_padding(dx, L);
