@@ -42,6 +42,8 @@ struct adapter_policy {
 
     struct modules {
         static constexpr hook_set hooks{hook::sublayer};
+        static constexpr adapter_form form = Form;      ///< (what a backward needs to know of the type)
+        static constexpr kernels::activation act = Act;
         /// Per sublayer (index sublayer::attention = 0, ffn = 1); empty: no adapter there.
         std::array<Matrix<float>, 2> down, up;            ///< [r, d], [d, r]
         std::array<std::vector<float>, 2> b_down, b_up;  ///< [r], [d]

@@ -1,28 +1,36 @@
-// cpet/train/layer.hpp — the backward pass of a TransformerLayer with respect to a task's low-rank modules and the
+// cpet/train/layer.hpp — the backward pass of a TransformerLayer with respect to a task's PET modules and the
 // layer's input, the backbone frozen.
 //
 // Training runs in two halves, as autograd does, but with the graph written out by hand for the one graph a layer
 // is: `forward` computes the layer's output exactly as TransformerLayer::forward does (same weight formats, same
 // SIMD GEMMs with bias / residual fused, packed once at load) and keeps on a tape what the backward needs; then
-// `backward` takes dL/dy and returns dL/dx while accumulating dL/dA, dL/dB into the task's gradient store.
+// `backward` takes dL/dy and returns dL/dx while accumulating the modules' gradients into the task's gradient store.
 // Every frozen weight contributes dx = dy·W through its format's matmul_t (never a dense copy of a compressed
 // weight). Norm parameters and biases are frozen too.
 //
-//   post-LN (BERT):  t = x + o(att(q,k,v of x));  h = N1(t);  t2 = h + ffn(h);   y = N2(t2)
-//   pre-LN (LLaMA):  t = x + o(att(q,k,v of N1(x)));          y = t + ffn(N2(t))
-//   attention per sequence b and head h (KV group g):  P = softmax(q_h·k_gᵀ/√d_h + mask), ctx_h = P·v_g
+//   post-LN (BERT):  t = x + A(o(att(q,k,v of x)));  h = N1(t);  t2 = h + F(ffn(h));   y = N2(t2)
+//   pre-LN (LLaMA):  t = x + A(o(att(q,k,v of N1(x))));          y = t + F(ffn(N2(t)))
+//   attention per sequence b and head h (KV group g):  P = softmax(q_h·[pk_g; k_g]ᵀ/√d_h + mask), ctx_h = P·[pv_g; v_g]
+//   (pk, pv: the prefix rows of prefix tuning / P-tuning v2, no RoPE, seen by every query, causal or not)
 //   a linear with low-rank terms:  y = x·Wᵀ + b + Σ s·φ(x·Aᵀ)·Bᵀ,  φ = identity (LoRA, linear recovery) or GELU
 //   (the paper's recovery bypass)
+//   A, F: the adapters of the attention / FFN sublayer chained in the task's order, each out ← out + s·(f(src·W_dᵀ +
+//   b_d)·W_uᵀ + b_u) with src = out (sequential, Houlsby) or the sublayer's input (parallel, scaled parallel);
+//   identity without adapters (the residual then rides in the o / down GEMM again)
 //
 // The tape holds, per layer: the input, q/k/v after RoPE, the attention probabilities of every (sequence, head)
-// (B·H·S² values), the o-input, the normalised rows and 1/σ of both norms, the FFN pre-activations and hidden
-// activation, and U = x·Aᵀ of every low-rank term: layer_tape::bytes() reports it; train/model.hpp offers to keep
-// only the layers' inputs and recompute each layer's tape during the backward.
+// (B·H·S·(P+S) values), the o-input, the normalised rows and 1/σ of both norms, the FFN pre-activations and hidden
+// activation, U = x·Aᵀ of every low-rank term and each adapter's pre-activation, activation (and, sequential, its
+// input): layer_tape::bytes() reports it; train/model.hpp offers to keep only the layers' inputs and recompute each
+// layer's tape during the backward.
 //
-// Which methods train: LoRA, rsLoRA, recovery (GELU) and linear recovery (linear hook), IA3 (scale hook: the
-// outputs of q, k, v and the input of down) and BitFit (Δb of the linears, Δβ of the LayerNorms), alone or together
-// in a pet::task (CPET's recovery + LoRA). A task holding any other method (adapters, prefix / P-tuning v2, prompt
-// tuning) is refused by bind() with a format_error naming it, never trained partially.
+// Which methods train: every method a pet::task can hold — LoRA, rsLoRA, recovery (GELU) and linear recovery
+// (linear hook), IA3 (scale hook: the outputs of q, k, v and the input of down), BitFit (Δb of the linears, Δβ of
+// the LayerNorms), adapters in all three forms (sublayer hook: W_d, b_d, W_u, b_u), prefix tuning / P-tuning v2
+// (attention hook: the per-layer rows pk, pv; prefix tuning's reparametrisation MLP is folded before training, so
+// both train the rows directly) and prompt tuning (input hook: the virtual tokens, which train/model.hpp puts before
+// each sequence and whose gradient it gathers from layer 0's input gradient) — alone, together in a pet::task, or
+// in a pet::stack (MAM's prefix + scaled parallel adapter, CPET's recovery + LoRA).
 #pragma once
 
 #include <algorithm>
@@ -32,7 +40,9 @@
 #include <limits>
 #include <span>
 #include <string>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cpet/arch/dispatch.hpp"
@@ -45,11 +55,15 @@
 #include "cpet/nn/batch.hpp"
 #include "cpet/nn/config.hpp"
 #include "cpet/nn/layer.hpp"
+#include "cpet/pet/adapter.hpp"
 #include "cpet/pet/bitfit.hpp"
 #include "cpet/pet/ia3.hpp"
 #include "cpet/pet/lora.hpp"
 #include "cpet/pet/none.hpp"
+#include "cpet/pet/prefix.hpp"
+#include "cpet/pet/prompt.hpp"
 #include "cpet/pet/recovery.hpp"
+#include "cpet/pet/stack.hpp"
 #include "cpet/pet/task.hpp"
 #include "cpet/train/parameter.hpp"
 
@@ -65,10 +79,34 @@ inline constexpr bool lowrank_method =
     std::is_same_v<M, pet::lora::modules> || std::is_same_v<M, pet::rslora::modules> ||
     std::is_same_v<M, pet::recovery::modules> || std::is_same_v<M, pet::recovery_linear::modules>;
 
-/// Whether modules of type M train here: the low-rank methods, IA3 (scale hook) and BitFit (bias and norm hooks).
+/// Adapters of the three forms and any nonlinearity (sublayer hook): the modules of some pet::adapter_policy.
 template <class M>
-inline constexpr bool trainable_method =
-    lowrank_method<M> || std::is_same_v<M, pet::ia3::modules> || std::is_same_v<M, pet::bitfit::modules>;
+concept adapter_method = requires {
+    M::form;
+    M::act;
+} && std::is_same_v<M, typename pet::adapter_policy<M::form, M::act>::modules>;
+/// Prefix tuning and P-tuning v2 (attention hook): both train their per-layer key / value rows.
+template <class M>
+inline constexpr bool prefix_method =
+    std::is_same_v<M, pet::prefix_tuning::modules> || std::is_same_v<M, pet::p_tuning_v2::modules>;
+
+/// Whether modules of type M train here: the low-rank methods, IA3 (scale hook), BitFit (bias and norm hooks),
+/// adapters (sublayer hook), prefix tuning / P-tuning v2 (attention hook) and prompt tuning (input hook).
+template <class M>
+inline constexpr bool trainable_method = lowrank_method<M> || std::is_same_v<M, pet::ia3::modules> ||
+                                         std::is_same_v<M, pet::bitfit::modules> || adapter_method<M> ||
+                                         prefix_method<M> || std::is_same_v<M, pet::prompt_tuning::modules>;
+
+namespace detail {
+template <class T>
+struct all_trainable : std::false_type {};
+template <class... Ms>
+struct all_trainable<std::tuple<Ms...>> : std::bool_constant<(trainable_method<Ms> && ...)> {};
+}  // namespace detail
+
+/// The modules of a pet::stack<P...> whose members all train here (their tuple `parts`).
+template <class M>
+concept trainable_stack = requires(M& m) { m.parts; } && detail::all_trainable<decltype(M::parts)>::value;
 
 /// One low-rank term of one linear: y += s·φ(x·Aᵀ)·Bᵀ, and where its gradients go.
 struct lowrank_term {
@@ -88,13 +126,46 @@ struct vector_term {
     explicit operator bool() const noexcept { return !v.empty(); }
 };
 
+/// One adapter after a sublayer: out ← out + s·(f(src·W_dᵀ + b_d)·W_uᵀ + b_u), and where its gradients go.
+struct adapter_term {
+    ConstMatrixView<float> down;  ///< W_d [r, d]
+    ConstMatrixView<float> up;    ///< W_u [d, r]
+    std::span<const float> b_down, b_up;
+    MatrixView<float> g_down, g_up;  ///< accumulated
+    std::span<float> gb_down, gb_up;
+    float scale = 1.f;
+    kernels::activation act = kernels::activation::relu;
+    bool sequential = true;  ///< src = the sublayer's output (Houlsby); else its input (parallel forms)
+    index_t bottleneck() const noexcept { return down.rows(); }
+};
+
+/// The prefix rows of one layer (prefix tuning / P-tuning v2) and their gradients.
+struct prefix_term {
+    ConstMatrixView<float> k, v;  ///< [P, kv_dim]
+    MatrixView<float> gk, gv;     ///< accumulated
+    index_t length() const noexcept { return k.rows(); }
+    explicit operator bool() const noexcept { return k.rows() > 0; }
+};
+
+/// Prompt tuning's virtual tokens (layer 0 only; train/model.hpp puts them before each sequence) and their gradient.
+struct prompt_term {
+    ConstMatrixView<float> tokens;  ///< [P, d_model]
+    MatrixView<float> g;            ///< accumulated
+    index_t length() const noexcept { return tokens.rows(); }
+    explicit operator bool() const noexcept { return tokens.rows() > 0; }
+};
+
 /// One layer's trainable terms, per target, in the task's order (what bind() found).
 struct layer_terms {
     std::array<std::vector<lowrank_term>, pet::target_count> at;
     std::array<vector_term, pet::target_count> scale;       ///< IA3: outputs of q, k, v; the input of down
     std::array<vector_term, pet::target_count> bias;        ///< BitFit: Δb of a linear
     std::array<vector_term, pet::norm_site_count> norm_beta;  ///< BitFit: Δβ of a LayerNorm
+    std::array<std::vector<adapter_term>, 2> adapters;        ///< [pet::sublayer]: chained in the task's order
+    prefix_term prefix;                                       ///< attention hook
+    prompt_term prompt;                                       ///< input hook (layer 0)
     const std::vector<lowrank_term>& of(pet::target t) const noexcept { return at[std::size_t(t)]; }
+    const std::vector<adapter_term>& after(pet::sublayer w) const noexcept { return adapters[std::size_t(w)]; }
     bool empty() const noexcept {
         for (const auto& v : at)
             if (!v.empty()) return false;
@@ -104,7 +175,9 @@ struct layer_terms {
             if (v) return false;
         for (const auto& v : norm_beta)
             if (v) return false;
-        return true;
+        for (const auto& v : adapters)
+            if (!v.empty()) return false;
+        return !prefix && !prompt;
     }
 };
 
@@ -117,7 +190,11 @@ constexpr const char* method_name() {
     else if constexpr (std::is_same_v<M, pet::recovery::modules>) return "recovery";
     else if constexpr (std::is_same_v<M, pet::recovery_linear::modules>) return "recovery_linear";
     else if constexpr (std::is_same_v<M, pet::ia3::modules>) return "ia3";
-    else return "bitfit";
+    else if constexpr (std::is_same_v<M, pet::bitfit::modules>) return "bitfit";
+    else if constexpr (adapter_method<M>) return pet::adapter_policy<M::form, M::act>::name();
+    else if constexpr (std::is_same_v<M, pet::prefix_tuning::modules>) return pet::prefix_tuning::name();
+    else if constexpr (std::is_same_v<M, pet::p_tuning_v2::modules>) return pet::p_tuning_v2::name();
+    else return pet::prompt_tuning::name();
 }
 
 inline std::span<float> span_of(Matrix<float>& m) noexcept { return {m.data(), std::size_t(m.size())}; }
@@ -139,7 +216,7 @@ void each_tensor(M& m, F&& f) {
         for (int i = 0; i < pet::target_count; ++i)
             if (!m.l[std::size_t(i)].empty())
                 f(cpet::detail::concat(pet::target_name(pet::target(i)), ".ia3_l"), span_of(m.l[std::size_t(i)]), false);
-    } else {
+    } else if constexpr (std::is_same_v<D, pet::bitfit::modules>) {
         for (int i = 0; i < pet::target_count; ++i)
             if (!m.delta[std::size_t(i)].empty())
                 f(cpet::detail::concat(pet::target_name(pet::target(i)), ".bitfit_bias"), span_of(m.delta[std::size_t(i)]), false);
@@ -147,7 +224,32 @@ void each_tensor(M& m, F&& f) {
             if (!m.norm_delta[std::size_t(i)].empty())
                 f(cpet::detail::concat(pet::norm_site_name(pet::norm_site(i)), ".bitfit_beta"),
                   span_of(m.norm_delta[std::size_t(i)]), false);
+    } else if constexpr (adapter_method<D>) {  // weights decay, biases do not (HF's Trainer)
+        for (auto w : {pet::sublayer::attention, pet::sublayer::ffn}) {
+            const auto i = std::size_t(w);
+            if (m.down[i].empty()) continue;
+            const auto n = pet::sublayer_name(w);
+            f(cpet::detail::concat(n, ".down.weight"), span_of(m.down[i]), true);
+            f(cpet::detail::concat(n, ".down.bias"), span_of(m.b_down[i]), false);
+            f(cpet::detail::concat(n, ".up.weight"), span_of(m.up[i]), true);
+            f(cpet::detail::concat(n, ".up.bias"), span_of(m.b_up[i]), false);
+        }
+    } else if constexpr (prefix_method<D>) {  // embeddings decay in HF's Trainer (neither bias nor norm)
+        if (!m.k.empty()) {
+            f(std::string("prefix_k"), span_of(m.k), true);
+            f(std::string("prefix_v"), span_of(m.v), true);
+        }
+    } else {
+        static_assert(std::is_same_v<D, pet::prompt_tuning::modules>);
+        if (!m.tokens.empty()) f(std::string("prompt_embeddings"), span_of(m.tokens), true);
     }
+}
+
+inline void check_same_shape(ConstMatrixView<float> g, ConstMatrixView<float> v, const char* who, const char* method,
+                             std::string_view what) {
+    require<shape_error>(g.rows() == v.rows() && g.cols() == v.cols(), who, ": the gradient store of ", method, " ",
+                         what, " is ", shape_str(g.rows(), g.cols()), ", the task's ", shape_str(v.rows(), v.cols()),
+                         " (make it with zeros_like)");
 }
 
 inline vector_term vector_of(const std::vector<float>& v, std::vector<float>& g, const char* who, const char* method,
@@ -190,6 +292,37 @@ void add_terms(const M& v, M& g, layer_terms& out, const char* who) {
                 claim(out.scale[std::size_t(i)],
                       vector_of(v.l[std::size_t(i)], g.l[std::size_t(i)], who, "ia3", pet::target_name(pet::target(i))),
                       who, "scale", pet::target_name(pet::target(i)));
+    } else if constexpr (adapter_method<M>) {
+        for (auto w : {pet::sublayer::attention, pet::sublayer::ffn}) {
+            const auto i = std::size_t(w);
+            if (!v.has(w)) continue;
+            const auto where = cpet::detail::concat(pet::sublayer_name(w), " adapter");
+            check_same_shape(g.down[i], v.down[i], who, method_name<M>(), where + " W_down");
+            check_same_shape(g.up[i], v.up[i], who, method_name<M>(), where + " W_up");
+            adapter_term a;
+            a.down = v.down[i];
+            a.up = v.up[i];
+            a.g_down = g.down[i];
+            a.g_up = g.up[i];
+            const vector_term bd = vector_of(v.b_down[i], g.b_down[i], who, method_name<M>(), where + " b_down");
+            const vector_term bu = vector_of(v.b_up[i], g.b_up[i], who, method_name<M>(), where + " b_up");
+            a.b_down = bd.v, a.gb_down = bd.g, a.b_up = bu.v, a.gb_up = bu.g;
+            a.scale = v.scale();
+            a.act = M::act;
+            a.sequential = M::form == pet::adapter_form::sequential;
+            out.adapters[i].push_back(a);
+        }
+    } else if constexpr (prefix_method<M>) {
+        if (v.k.empty()) return;
+        check_same_shape(g.k, v.k, who, method_name<M>(), "prefix k");
+        check_same_shape(g.v, v.v, who, method_name<M>(), "prefix v");
+        require<format_error>(!out.prefix, who, ": two methods of the task train the attention prefix");
+        out.prefix = prefix_term{v.k, v.v, g.k, g.v};
+    } else if constexpr (std::is_same_v<M, pet::prompt_tuning::modules>) {
+        if (v.tokens.empty()) return;
+        check_same_shape(g.tokens, v.tokens, who, method_name<M>(), "virtual tokens");
+        require<format_error>(!out.prompt, who, ": two methods of the task train virtual tokens");
+        out.prompt = prompt_term{v.tokens, g.tokens};
     } else {
         for (int i = 0; i < pet::target_count; ++i)
             if (!v.delta[std::size_t(i)].empty())
@@ -205,11 +338,25 @@ void add_terms(const M& v, M& g, layer_terms& out, const char* who) {
     }
 }
 
+/// f(values member, gradient member) for every member of two pet::stack modules of one type, in order.
+template <class V, class G, class F>
+void each_part(V& values, G& grads, F&& f) {
+    [&]<std::size_t... I>(std::index_sequence<I...>) {
+        (f(std::get<I>(values.parts), std::get<I>(grads.parts)), ...);
+    }(std::make_index_sequence<std::tuple_size_v<decltype(G::parts)>>{});
+}
+
+template <class M>
+void zero_all(M& m) {
+    each_tensor(m, [](const std::string&, std::span<float> t, bool) { std::fill(t.begin(), t.end(), 0.f); });
+}
+
 template <class M>
 [[noreturn]] void refuse(const char* who, std::string_view name) {
     throw format_error(cpet::detail::concat(
         who, ": the task holds ", name, ", which has no backward in cpet yet; trainable methods are lora, rslora, "
-        "recovery, recovery_linear, ia3 and bitfit (alone or together in a pet::task)"));
+        "recovery, recovery_linear, ia3, bitfit, the adapters, prefix_tuning, p_tuning_v2 and prompt_tuning (alone, "
+        "in a pet::task or a pet::stack)"));
 }
 
 }  // namespace detail
@@ -243,6 +390,14 @@ inline layer_terms bind(const pet::layer_dims& d, const pet::task& values, pet::
         });
     return out;
 }
+/// A pet::stack's modules: every member's terms, in the stack's order (the order its sublayer hooks chain in).
+template <trainable_stack M>
+layer_terms bind(const pet::layer_dims& d, const M& values, M& grads, const char* who = "train::bind") {
+    values.check_fits(d, who);
+    layer_terms out;
+    detail::each_part(values, grads, [&](const auto& v, auto& g) { detail::add_terms(v, g, out, who); });
+    return out;
+}
 inline layer_terms bind(const pet::layer_dims&, const pet::none::modules&, pet::none::modules&, const char* = "") {
     return {};
 }
@@ -252,7 +407,7 @@ template <class M>
     requires trainable_method<M>
 M zeros_like(const M& m) {
     M g = m;
-    detail::each_tensor(g, [](const std::string&, std::span<float> t, bool) { std::fill(t.begin(), t.end(), 0.f); });
+    detail::zero_all(g);
     return g;
 }
 inline pet::task zeros_like(const pet::task& m) {
@@ -271,9 +426,16 @@ inline pet::task zeros_like(const pet::task& m) {
     return g;
 }
 
-/// The parameters of `values` (names "<prefix><method>.<target>.<tensor>", e.g. "layer.0.lora.q.lora_A") with their
-/// gradients in `grads` (zeros_like). IA3 and BitFit vectors take no weight decay (HF's Trainer exempts biases and
-/// norm parameters).
+template <trainable_stack M>
+M zeros_like(const M& m) {
+    M g = m;
+    std::apply([](auto&... mm) { (detail::zero_all(mm), ...); }, g.parts);
+    return g;
+}
+
+/// The parameters of `values` (names "<prefix><method>.<target>.<tensor>", e.g. "layer.0.lora.q.lora_A",
+/// "layer.0.adapter.ffn.up.weight", "layer.0.prefix_tuning.prefix_k") with their gradients in `grads` (zeros_like).
+/// IA3 and BitFit vectors and adapter biases take no weight decay (HF's Trainer exempts biases and norm parameters).
 template <class M>
     requires trainable_method<M>
 void append_parameters(M& values, M& grads, const std::string& prefix, std::vector<parameter>& out) {
@@ -307,6 +469,12 @@ inline void append_parameters(pet::task& values, pet::task& grads, const std::st
                 detail::refuse<M>("train::append_parameters", values.method_name(i));
             }
         });
+}
+/// A pet::stack's members, in order (two members of one method would give two parameters of one name, which
+/// check_parameters refuses).
+template <trainable_stack M>
+void append_parameters(M& values, M& grads, const std::string& prefix, std::vector<parameter>& out) {
+    detail::each_part(values, grads, [&](auto& v, auto& g) { append_parameters(v, g, prefix, out); });
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -504,6 +672,13 @@ struct layer_tape {
     Matrix<float> hidden_raw;      ///< the hidden activation before IA3's down scale (empty without one)
     std::array<std::vector<Matrix<float>>, pet::target_count> u;  ///< U = x·Aᵀ per term
     std::array<Matrix<float>, pet::target_count> pre_scale;       ///< q, k, v before IA3's scale (empty without)
+    index_t prefix = 0;  ///< prefix rows every query saw (probs then have P + len_b columns)
+    /// Per adapter of each sublayer ([pet::sublayer], in order): its pre-activation z, activation f(z), and for the
+    /// sequential form its input (the sublayer output as the previous adapters left it).
+    struct adapter_saved {
+        Matrix<float> src, z, fz;
+    };
+    std::array<std::vector<adapter_saved>, 2> adapters;
 
     nn::batch_layout layout() const noexcept {
         nn::batch_layout L;
@@ -522,6 +697,8 @@ struct layer_tape {
         for (const auto& p : probs) n += p.bytes();
         for (const auto& us : u)
             for (const auto& m : us) n += m.bytes();
+        for (const auto& as : adapters)
+            for (const auto& a : as) n += a.src.bytes() + a.z.bytes() + a.fz.bytes();
         return n;
     }
 };
@@ -545,11 +722,11 @@ struct layer_access {
     }
 };
 
-/// g += Σ_rows d (a bias-like parameter's gradient).
-inline void add_colsum(std::span<float> g, ConstMatrixView<float> d) noexcept {
+/// g += s·Σ_rows d (a bias-like parameter's gradient).
+inline void add_colsum(std::span<float> g, ConstMatrixView<float> d, float s = 1.f) noexcept {
     for (index_t r = 0; r < d.rows(); ++r) {
         const float* dr = d.row(r);
-        for (index_t c = 0; c < d.cols(); ++c) g[std::size_t(c)] += dr[c];
+        for (index_t c = 0; c < d.cols(); ++c) g[std::size_t(c)] += s * dr[c];
     }
 }
 /// g += Σ_rows d ⊙ a (a per-column scale's gradient).
@@ -618,17 +795,78 @@ void linear_backward(const nn::TransformerLayer<C>& layer, pet::target t, const 
     lowrank_backward(terms.of(t), tape.u[std::size_t(t)], x, dy, dx);
 }
 
+/// out ← out + s·(f(src·W_dᵀ + b_d)·W_uᵀ + b_u) for each adapter in order (src = out as the previous ones left it, or
+/// `in`), as pet::adapter_policy's sublayer hook computes it, saving what adapters_backward needs.
+template <class Arch>
+void adapters_forward(Arch tag, const std::vector<adapter_term>& ts, ConstMatrixView<float> in, MatrixView<float> out,
+                      std::vector<layer_tape::adapter_saved>& saved) {
+    saved.resize(ts.size());
+    const index_t M = out.rows(), d = out.cols();
+    for (std::size_t i = 0; i < ts.size(); ++i) {
+        const auto& a = ts[i];
+        auto& sv = saved[i];
+        const index_t r = a.bottleneck();
+        sv.src = a.sequential ? Matrix<float>(ConstMatrixView<float>(out)) : Matrix<float>();
+        const ConstMatrixView<float> src = a.sequential ? ConstMatrixView<float>(sv.src) : in;
+        sv.z = Matrix<float>(M, r);
+        as_eigen(sv.z).noalias() = as_eigen(src) * as_eigen(a.down).transpose();
+        as_eigen(sv.z).rowwise() += Eigen::Map<const Eigen::RowVectorXf>(a.b_down.data(), r);
+        sv.fz = Matrix<float>(ConstMatrixView<float>(sv.z));
+        for (index_t row = 0; row < M; ++row) kernels::activate_inplace(tag, a.act, sv.fz.row(row), r);
+        as_eigen(out).noalias() += a.scale * (as_eigen(sv.fz) * as_eigen(a.up).transpose());
+        as_eigen(out).rowwise() += a.scale * Eigen::Map<const Eigen::RowVectorXf>(a.b_up.data(), d);
+    }
+}
+
+/// The adapters' backward, last first: dout is dL/d(out after them) on entry and dL/d(the sublayer's own output) on
+/// return; what the parallel forms send to the sublayer's input is added to din. Their gradients accumulate.
+template <class Arch>
+void adapters_backward(Arch tag, const std::vector<adapter_term>& ts,
+                       const std::vector<layer_tape::adapter_saved>& saved, ConstMatrixView<float> in,
+                       MatrixView<float> dout, MatrixView<float> din) {
+    const index_t M = dout.rows();
+    for (std::size_t i = ts.size(); i-- > 0;) {
+        const auto& a = ts[i];
+        const auto& sv = saved[i];
+        const index_t r = a.bottleneck();
+        const ConstMatrixView<float> src = a.sequential ? ConstMatrixView<float>(sv.src) : in;
+        as_eigen(a.g_up).noalias() += a.scale * (as_eigen(dout).transpose() * as_eigen(sv.fz));
+        add_colsum(a.gb_up, dout, a.scale);
+        Matrix<float> dz(M, r);
+        as_eigen(dz).noalias() = a.scale * (as_eigen(dout) * as_eigen(a.up));
+        for (index_t row = 0; row < M; ++row) kernels::multiply_by_derivative(tag, a.act, sv.z.row(row), dz.row(row), r);
+        add_colsum(a.gb_down, dz);
+        as_eigen(a.g_down).noalias() += as_eigen(dz).transpose() * as_eigen(src);
+        if (a.sequential) as_eigen(dout).noalias() += as_eigen(dz) * as_eigen(a.down);
+        else as_eigen(din).noalias() += as_eigen(dz) * as_eigen(a.down);
+    }
+}
+
+/// kc, vc [P + len, kv_dim] = [prefix; rows r0 .. r0 + len of k, v].
+inline void concat_prefix(const prefix_term& p, const Matrix<float>& k, const Matrix<float>& v, index_t r0, index_t len,
+                          Matrix<float>& kc, Matrix<float>& vc) {
+    const index_t P = p.length(), kvd = k.cols();
+    kc = Matrix<float>(P + len, kvd);
+    vc = Matrix<float>(P + len, kvd);
+    for (index_t r = 0; r < P; ++r)
+        for (index_t c = 0; c < kvd; ++c) kc(r, c) = p.k(r, c), vc(r, c) = p.v(r, c);
+    for (index_t r = 0; r < len; ++r)
+        for (index_t c = 0; c < kvd; ++c) kc(P + r, c) = k(r0 + r, c), vc(P + r, c) = v(r0 + r, c);
+}
+
 template <class T>
 using emap = Eigen::Map<std::conditional_t<std::is_const_v<T>, const EigenRowMajor<std::remove_const_t<T>>, EigenRowMajor<T>>,
                         Eigen::Unaligned, Eigen::OuterStride<>>;
 
 }  // namespace detail
 
-/// y = layer(x) as TransformerLayer::forward computes it with the task whose terms are `terms` (bind), keeping on
-/// `tape` what backward needs. Padded rows of y are zero.
+namespace detail {
+
+/// The layer's forward with the tape (see forward below); the virtual tokens of a prompt term are the caller's
+/// (train/model.hpp puts them before each sequence of x).
 template <nn::LayerConfig C>
-void forward(const nn::TransformerLayer<C>& layer, ConstMatrixView<float> x, std::span<const index_t> lengths,
-             MatrixView<float> y, const layer_terms& terms, layer_tape& tape) {
+void layer_forward(const nn::TransformerLayer<C>& layer, ConstMatrixView<float> x, std::span<const index_t> lengths,
+                   MatrixView<float> y, const layer_terms& terms, layer_tape& tape) {
     const auto L0 = layer.check_call(x, lengths, y, "train::forward");
     const nn::layer_shape& s = layer.shape();
     const index_t M = x.rows(), d = s.d_model, H = s.n_heads, G = s.n_kv_heads, hd = s.head_dim, S = L0.seq_len;
@@ -662,6 +900,8 @@ void forward(const nn::TransformerLayer<C>& layer, ConstMatrixView<float> x, std
         detail::linear_forward<C>(tag, layer, pet::target::v, terms, a_in, tape.v, {}, tape);
         tape.ctx = Matrix<float>(M, qd);
         tape.probs.assign(std::size_t(L.batch * H), Matrix<float>());
+        const index_t P = terms.prefix.length();
+        tape.prefix = P;
         const float scale = 1.f / std::sqrt(float(hd));
         parallel_for(index_t(0), L.batch, [&](index_t b) {
             const index_t len = L.length(b);
@@ -670,35 +910,51 @@ void forward(const nn::TransformerLayer<C>& layer, ConstMatrixView<float> x, std
                 kernels::rope(tag, tape.q.view().middle_rows(b * S, len), H, hd, 0, s.rope_base, s.rope);
                 kernels::rope(tag, tape.k.view().middle_rows(b * S, len), G, hd, 0, s.rope_base, s.rope);
             }
+            // the keys and values this sequence's queries see: [prefix; its own] (no RoPE on the prefix)
+            Matrix<float> kc, vc;
+            if (P > 0) detail::concat_prefix(terms.prefix, tape.k, tape.v, b * S, len, kc, vc);
+            const index_t n_keys = P + len;
+            const float* kp = P > 0 ? kc.data() : tape.k.row(b * S);
+            const float* vp = P > 0 ? vc.data() : tape.v.row(b * S);
+            const index_t kstride = P > 0 ? kc.stride() : tape.k.stride();
+            const index_t vstride = P > 0 ? vc.stride() : tape.v.stride();
             for (index_t h = 0; h < H; ++h) {
                 const index_t g = h / group;
                 detail::emap<float> Q(tape.q.row(b * S) + h * hd, len, hd, Eigen::OuterStride<>(tape.q.stride()));
-                detail::emap<float> K(tape.k.row(b * S) + g * hd, len, hd, Eigen::OuterStride<>(tape.k.stride()));
-                detail::emap<float> V(tape.v.row(b * S) + g * hd, len, hd, Eigen::OuterStride<>(tape.v.stride()));
+                detail::emap<const float> K(kp + g * hd, n_keys, hd, Eigen::OuterStride<>(kstride));
+                detail::emap<const float> V(vp + g * hd, n_keys, hd, Eigen::OuterStride<>(vstride));
                 detail::emap<float> O(tape.ctx.row(b * S) + h * hd, len, hd, Eigen::OuterStride<>(tape.ctx.stride()));
-                auto& P = tape.probs[std::size_t(b * H + h)];
-                P = Matrix<float>(len, len);
-                as_eigen(P).noalias() = scale * (Q * K.transpose());
+                auto& Pr = tape.probs[std::size_t(b * H + h)];
+                Pr = Matrix<float>(len, n_keys);
+                as_eigen(Pr).noalias() = scale * (Q * K.transpose());
                 for (index_t i = 0; i < len; ++i) {
-                    float* p = P.row(i);
-                    const index_t n = C::mask == nn::attention_mask::causal ? i + 1 : len;
+                    float* p = Pr.row(i);
+                    const index_t n = C::mask == nn::attention_mask::causal ? P + i + 1 : n_keys;
                     float mx = -std::numeric_limits<float>::infinity();
                     for (index_t j = 0; j < n; ++j) mx = std::max(mx, p[j]);
                     double sum = 0;
                     for (index_t j = 0; j < n; ++j) sum += (p[j] = std::exp(p[j] - mx));
                     const float inv = float(1.0 / sum);
                     for (index_t j = 0; j < n; ++j) p[j] *= inv;
-                    for (index_t j = n; j < len; ++j) p[j] = 0.f;
+                    for (index_t j = n; j < n_keys; ++j) p[j] = 0.f;
                 }
-                O.noalias() = as_eigen(P) * V;
+                O.noalias() = as_eigen(Pr) * V;
             }
         });
-        // t = x + o(ctx): the residual rides in the o GEMM (post-LN: x; pre-LN: x as well)
+        // t = x + A(o(ctx)): without adapters the residual rides in the o GEMM (post-LN: x; pre-LN: x as well)
         Matrix<float> t(M, d);
-        kernels::epilogue res;
-        res.residual = tape.x.data();
-        res.ld_residual = tape.x.stride();
-        detail::linear_forward<C>(tag, layer, pet::target::o, terms, tape.ctx, t, res, tape);
+        const auto& ad_att = terms.after(pet::sublayer::attention);
+        if (ad_att.empty()) {
+            kernels::epilogue res;
+            res.residual = tape.x.data();
+            res.ld_residual = tape.x.stride();
+            detail::linear_forward<C>(tag, layer, pet::target::o, terms, tape.ctx, t, res, tape);
+        } else {
+            detail::linear_forward<C>(tag, layer, pet::target::o, terms, tape.ctx, t, {}, tape);
+            detail::adapters_forward(tag, ad_att, a_in, t, tape.adapters[0]);
+            detail::add_to(t, tape.x);
+        }
+        if (ad_att.empty()) tape.adapters[0].clear();
         tape.ffn_in = Matrix<float>(M, d);
         if constexpr (post) detail::norm_forward<C::norm>(t, g1, b1, layer.norm1().eps(), tape.ffn_in, tape.n1);
         else detail::norm_forward<C::norm>(t, g2, b2, layer.norm2().eps(), tape.ffn_in, tape.n2);
@@ -731,21 +987,43 @@ void forward(const nn::TransformerLayer<C>& layer, ConstMatrixView<float> x, std
         } else {
             tape.hidden_raw = Matrix<float>();
         }
-        // t2 = residual + down(hidden): post-LN the residual is h = N1(t), pre-LN it is t
-        kernels::epilogue res2;
+        // t2 = residual + F(down(hidden)): post-LN the residual is h = N1(t), pre-LN it is t
+        const auto& ad_ffn = terms.after(pet::sublayer::ffn);
+        const ConstMatrixView<float> res_in = post ? ConstMatrixView<float>(tape.ffn_in) : ConstMatrixView<float>(t);
+        Matrix<float> t2;
+        MatrixView<float> out2 = y;
         if constexpr (post) {
-            res2.residual = tape.ffn_in.data();
-            res2.ld_residual = tape.ffn_in.stride();
-            Matrix<float> t2(M, d);
-            detail::linear_forward<C>(tag, layer, pet::target::down, terms, tape.hidden, t2, res2, tape);
-            detail::norm_forward<C::norm>(t2, g2, b2, layer.norm2().eps(), y, tape.n2);
-        } else {
-            res2.residual = t.data();
-            res2.ld_residual = t.stride();
-            detail::linear_forward<C>(tag, layer, pet::target::down, terms, tape.hidden, y, res2, tape);
+            t2 = Matrix<float>(M, d);
+            out2 = t2;
         }
+        if (ad_ffn.empty()) {
+            kernels::epilogue res2;
+            res2.residual = res_in.data();
+            res2.ld_residual = res_in.stride();
+            detail::linear_forward<C>(tag, layer, pet::target::down, terms, tape.hidden, out2, res2, tape);
+            tape.adapters[1].clear();
+        } else {
+            detail::linear_forward<C>(tag, layer, pet::target::down, terms, tape.hidden, out2, {}, tape);
+            detail::adapters_forward(tag, ad_ffn, tape.ffn_in, out2, tape.adapters[1]);
+            detail::add_to(out2, res_in);
+        }
+        if constexpr (post) detail::norm_forward<C::norm>(t2, g2, b2, layer.norm2().eps(), y, tape.n2);
     });
     nn::detail::zero_padding(y, L);
+}
+
+}  // namespace detail
+
+/// y = layer(x) as TransformerLayer::forward computes it with the task whose terms are `terms` (bind), keeping on
+/// `tape` what backward needs. Padded rows of y are zero. Terms with prompt tuning's virtual tokens are refused (as
+/// TransformerLayer::forward refuses them): the model's forward puts them before each sequence (train/model.hpp).
+template <nn::LayerConfig C>
+void forward(const nn::TransformerLayer<C>& layer, ConstMatrixView<float> x, std::span<const index_t> lengths,
+             MatrixView<float> y, const layer_terms& terms, layer_tape& tape) {
+    require<shape_error>(!terms.prompt, "train::forward: the terms carry ", terms.prompt.length(),
+                         " virtual tokens (prompt tuning), which a single layer cannot apply: train::forward of a "
+                         "model puts them before each sequence (for one layer, pet::prepend_virtual_tokens)");
+    detail::layer_forward(layer, x, lengths, y, terms, tape);
 }
 
 /// dx = dL/dx of the layer whose forward filled `tape`, given dy = dL/dy, accumulating the terms' gradients
@@ -760,6 +1038,13 @@ void backward(const nn::TransformerLayer<C>& layer, const layer_tape& tape, cons
     const index_t qd = s.q_dim(), kvd = s.kv_dim(), ff = s.d_ff, group = H / G;
     check_shape(dy_in, M, d, "train::backward: dy");
     check_shape(dx, M, d, "train::backward: dx");
+    require<shape_error>(tape.prefix == terms.prefix.length() &&
+                             tape.adapters[0].size() == terms.after(pet::sublayer::attention).size() &&
+                             tape.adapters[1].size() == terms.after(pet::sublayer::ffn).size(),
+                         "train::backward: the tape was filled with other terms (", tape.prefix, " prefix rows, ",
+                         tape.adapters[0].size(), " + ", tape.adapters[1].size(), " adapters; the terms have ",
+                         terms.prefix.length(), ", ", terms.after(pet::sublayer::attention).size(), " + ",
+                         terms.after(pet::sublayer::ffn).size(), ")");
     constexpr bool post = C::placement == nn::norm_placement::post;
     const auto g1 = layer.norm1().gamma(), g2 = layer.norm2().gamma();
     Matrix<float> dy(dy_in);
@@ -777,8 +1062,19 @@ void backward(const nn::TransformerLayer<C>& layer, const layer_tape& tape, cons
     } else {
         dout = Matrix<float>(dy);
     }
+    // the FFN adapters: dsub = dL/d(down's output), the parallel forms' share of dL/d(ffn_in) in dffn_extra
+    const auto& ad_ffn = terms.after(pet::sublayer::ffn);
+    Matrix<float> dsub, dffn_extra;
+    if (!ad_ffn.empty()) {
+        dsub = Matrix<float>(ConstMatrixView<float>(dout));
+        dffn_extra = Matrix<float>(M, d);
+        arch::dispatch([&](auto tag) {
+            detail::adapters_backward(tag, ad_ffn, tape.adapters[1], tape.ffn_in, dsub, dffn_extra);
+        });
+    }
     Matrix<float> dhidden(M, ff);
-    detail::linear_backward<C>(layer, pet::target::down, terms, tape, tape.hidden, dout, dhidden, false);
+    detail::linear_backward<C>(layer, pet::target::down, terms, tape, tape.hidden, ad_ffn.empty() ? dout : dsub,
+                               dhidden, false);
     if (const auto& l = terms.scale[std::size_t(pet::target::down)]) {  // hidden = l ⊙ raw
         detail::add_colsum_product(l.g, dhidden, tape.hidden_raw);
         detail::scale_cols(dhidden, l.v);
@@ -811,6 +1107,7 @@ void backward(const nn::TransformerLayer<C>& layer, const layer_tape& tape, cons
     detail::linear_backward<C>(layer, pet::target::up, terms, tape, tape.ffn_in, dz_up, dffn_in, false);
     if constexpr (C::ffn == nn::ffn_kind::swiglu)
         detail::linear_backward<C>(layer, pet::target::gate, terms, tape, tape.ffn_in, dz_gate, dffn_in, true);
+    if (!ad_ffn.empty()) detail::add_to(dffn_in, dffn_extra);
     Matrix<float> dt(M, d);  // gradient at t = x + o(ctx)
     if constexpr (post) {
         detail::add_to(dffn_in, dout);  // the residual h
@@ -823,47 +1120,86 @@ void backward(const nn::TransformerLayer<C>& layer, const layer_tape& tape, cons
     }
 
     // ---- attention ----
+    ConstMatrixView<float> a_in = post ? ConstMatrixView<float>(tape.x) : ConstMatrixView<float>(tape.attn_in);
+    const auto& ad_att = terms.after(pet::sublayer::attention);
+    Matrix<float> dsub_a, din_extra;
+    if (!ad_att.empty()) {
+        dsub_a = Matrix<float>(ConstMatrixView<float>(dt));
+        din_extra = Matrix<float>(M, d);
+        arch::dispatch([&](auto tag) {
+            detail::adapters_backward(tag, ad_att, tape.adapters[0], a_in, dsub_a, din_extra);
+        });
+    }
     Matrix<float> dctx(M, qd);
-    detail::linear_backward<C>(layer, pet::target::o, terms, tape, tape.ctx, dt, dctx, false);
+    detail::linear_backward<C>(layer, pet::target::o, terms, tape, tape.ctx, ad_att.empty() ? dt : dsub_a, dctx, false);
     Matrix<float> dq(M, qd), dk(M, kvd), dv(M, kvd);
     const float scale = 1.f / std::sqrt(float(hd));
+    const index_t P = tape.prefix;
+    // each sequence's share of the prefix rows' gradients, summed in sequence order below (deterministic)
+    std::vector<Matrix<float>> dpk(P > 0 ? std::size_t(L.batch) : 0), dpv(dpk.size());
     parallel_for(index_t(0), L.batch, [&](index_t b) {
         const index_t len = L.length(b);
         if (len == 0) return;
-        Matrix<float> dP(len, len);
+        const index_t n_keys = P + len;
+        Matrix<float> kc, vc, dkc, dvc;  // with a prefix: [prefix; own] keys / values and their gradients
+        if (P > 0) {
+            detail::concat_prefix(terms.prefix, tape.k, tape.v, b * S, len, kc, vc);
+            dkc = Matrix<float>(n_keys, kvd);
+            dvc = Matrix<float>(n_keys, kvd);
+        }
+        const float* kp = P > 0 ? kc.data() : tape.k.row(b * S);
+        const float* vp = P > 0 ? vc.data() : tape.v.row(b * S);
+        float* dkp = P > 0 ? dkc.data() : dk.row(b * S);
+        float* dvp = P > 0 ? dvc.data() : dv.row(b * S);
+        const index_t ks = P > 0 ? kvd : tape.k.stride(), vs = P > 0 ? kvd : tape.v.stride();
+        const index_t dks = P > 0 ? kvd : dk.stride(), dvs = P > 0 ? kvd : dv.stride();
+        Matrix<float> dP(len, n_keys);
         for (index_t h = 0; h < H; ++h) {
             const index_t g = h / group;
             const auto os = [](const Matrix<float>& m) { return Eigen::OuterStride<>(m.stride()); };
             detail::emap<const float> Q(tape.q.row(b * S) + h * hd, len, hd, os(tape.q));
-            detail::emap<const float> K(tape.k.row(b * S) + g * hd, len, hd, os(tape.k));
-            detail::emap<const float> V(tape.v.row(b * S) + g * hd, len, hd, os(tape.v));
+            detail::emap<const float> K(kp + g * hd, n_keys, hd, Eigen::OuterStride<>(ks));
+            detail::emap<const float> V(vp + g * hd, n_keys, hd, Eigen::OuterStride<>(vs));
             detail::emap<const float> dC(dctx.row(b * S) + h * hd, len, hd, os(dctx));
             detail::emap<float> dQ(dq.row(b * S) + h * hd, len, hd, os(dq));
-            detail::emap<float> dK(dk.row(b * S) + g * hd, len, hd, os(dk));
-            detail::emap<float> dV(dv.row(b * S) + g * hd, len, hd, os(dv));
-            const auto& P = tape.probs[std::size_t(b * H + h)];
+            detail::emap<float> dK(dkp + g * hd, n_keys, hd, Eigen::OuterStride<>(dks));
+            detail::emap<float> dV(dvp + g * hd, n_keys, hd, Eigen::OuterStride<>(dvs));
+            const auto& Pr = tape.probs[std::size_t(b * H + h)];
             as_eigen(dP).noalias() = dC * V.transpose();
-            dV.noalias() += as_eigen(P).transpose() * dC;
+            dV.noalias() += as_eigen(Pr).transpose() * dC;
             for (index_t i = 0; i < len; ++i) {
-                const float* p = P.row(i);
+                const float* p = Pr.row(i);
                 float* g_ = dP.row(i);
                 double dot = 0;
-                for (index_t j = 0; j < len; ++j) dot += double(g_[j]) * p[j];
-                for (index_t j = 0; j < len; ++j) g_[j] = p[j] * (g_[j] - float(dot)) * scale;
+                for (index_t j = 0; j < n_keys; ++j) dot += double(g_[j]) * p[j];
+                for (index_t j = 0; j < n_keys; ++j) g_[j] = p[j] * (g_[j] - float(dot)) * scale;
             }
             dQ.noalias() += as_eigen(dP) * K;
             dK.noalias() += as_eigen(dP).transpose() * Q;
+        }
+        if (P > 0) {
+            dpk[std::size_t(b)] = Matrix<float>(P, kvd);
+            dpv[std::size_t(b)] = Matrix<float>(P, kvd);
+            for (index_t r = 0; r < P; ++r)
+                for (index_t c = 0; c < kvd; ++c) dpk[std::size_t(b)](r, c) = dkc(r, c), dpv[std::size_t(b)](r, c) = dvc(r, c);
+            for (index_t r = 0; r < len; ++r)
+                for (index_t c = 0; c < kvd; ++c) dk(b * S + r, c) = dkc(P + r, c), dv(b * S + r, c) = dvc(P + r, c);
         }
         if constexpr (C::rope) {
             detail::rope_transpose(dq.view().middle_rows(b * S, len), H, hd, s.rope_base, s.rope);
             detail::rope_transpose(dk.view().middle_rows(b * S, len), G, hd, s.rope_base, s.rope);
         }
     });
-    ConstMatrixView<float> a_in = post ? ConstMatrixView<float>(tape.x) : ConstMatrixView<float>(tape.attn_in);
+    for (std::size_t b = 0; b < dpk.size(); ++b) {
+        if (dpk[b].empty()) continue;
+        detail::add_to(terms.prefix.gk, dpk[b]);
+        detail::add_to(terms.prefix.gv, dpv[b]);
+    }
     Matrix<float> din(M, d);
     detail::linear_backward<C>(layer, pet::target::q, terms, tape, a_in, dq, din, false);
     detail::linear_backward<C>(layer, pet::target::k, terms, tape, a_in, dk, din, true);
     detail::linear_backward<C>(layer, pet::target::v, terms, tape, a_in, dv, din, true);
+    if (!ad_att.empty()) detail::add_to(din, din_extra);
     if constexpr (!post) {
         if (beta1) detail::add_colsum(beta1.g, din);
         detail::norm_backward<C::norm>(tape.n1, g1, din, din);

@@ -4,6 +4,12 @@
 //   forward:  x = Embeddings(ids);  h_l = layer_l(h_{l-1});  h = N_final(h_L);  then pool + head, or the LM head
 //   backward: dh → N_final' → layer_L' → … → layer_1' (the embeddings are frozen: their gradient is not formed)
 //
+// Prompt tuning: layer 0's terms may carry the task's P virtual tokens (the only place nn::Stack takes them from);
+// the forward puts them before each sequence after the embeddings, runs the layers on P + S rows per sequence and
+// keeps the real tokens' rows as the hidden states, as nn::Stack::forward does; the backward runs the layers on the
+// same rows and adds the rows of layer 0's input gradient at the virtual tokens, summed over the sequences, to
+// their gradient.
+//
 // Memory: the tape keeps every layer's activations (layer_tape::bytes()), or with model_options::recompute only each
 // layer's input, and the backward re-runs that layer's forward right before its backward — one extra forward for
 // roughly 1/(layers) of the activation memory, what long sequences need.
@@ -105,6 +111,8 @@ struct model_tape {
     std::vector<index_t> lengths;
     index_t seq_len = 0;
     bool recompute = false;
+    index_t prompt = 0;                  ///< virtual tokens before each sequence (prompt tuning)
+    std::vector<index_t> layer_lengths;  ///< lengths + prompt: what the layers ran on (seq_len + prompt rows each)
     std::vector<layer_tape> layers;     ///< one per layer (none when recomputing)
     std::vector<Matrix<float>> inputs;  ///< each layer's input (recomputing only)
     detail::norm_saved final_norm;      ///< when the model has a final norm
@@ -127,12 +135,33 @@ struct model_tape {
     }
 };
 
-/// The stack's per-layer terms: one layer_terms per layer of m.
+/// The stack's per-layer terms: one layer_terms per layer of m; virtual tokens (prompt tuning) only in layer 0's,
+/// d_model wide (nn::Stack's rule).
 template <nn::LayerConfig C>
 void check_terms(const nn::Model<C>& m, std::span<const layer_terms> terms, const char* who) {
     require<shape_error>(terms.size() == m.stack().size(), who, ": ", terms.size(), " layer_terms for ",
                          m.stack().size(), " layers");
+    for (std::size_t l = 1; l < terms.size(); ++l)
+        require<shape_error>(!terms[l].prompt, who, ": layer ", l, "'s terms carry ", terms[l].prompt.length(),
+                             " virtual tokens (prompt tuning); only layer 0's are put before the sequence");
+    if (!terms.empty() && terms[0].prompt)
+        check_shape(terms[0].prompt.tokens, -1, m.d_model(),
+                    cpet::detail::concat(who, ": layer 0's virtual tokens (prompt tuning)").c_str());
 }
+
+namespace detail {
+/// out [B·(S+P), d] = [tokens; x_b] per sequence (padded rows zero).
+inline void prepend_prompt(ConstMatrixView<float> x, index_t B, index_t S, ConstMatrixView<float> tokens,
+                           MatrixView<float> out) {
+    const index_t P = tokens.rows(), d = x.cols(), Se = S + P;
+    for (index_t b = 0; b < B; ++b) {
+        for (index_t r = 0; r < P; ++r)
+            for (index_t c = 0; c < d; ++c) out(b * Se + r, c) = tokens(r, c);
+        for (index_t r = 0; r < S; ++r)
+            for (index_t c = 0; c < d; ++c) out(b * Se + P + r, c) = x(b * S + r, c);
+    }
+}
+}  // namespace detail
 
 /// tape.hidden = the model's last hidden states for `t` with the task whose per-layer terms are `terms`.
 template <nn::LayerConfig C>
@@ -146,9 +175,20 @@ void forward(const nn::Model<C>& m, const nn::token_batch& t, std::span<const la
     tape.seq_len = L0.seq_len;
     tape.recompute = o.recompute;
     const auto L = tape.layout();
-    const index_t M = L.rows(), d = m.d_model();
-    Matrix<float> x(M, d), y(M, d);
+    const index_t M = L.rows(), d = m.d_model(), B = L.batch, S = L.seq_len;
+    const prompt_term pt = terms.empty() ? prompt_term{} : terms[0].prompt;
+    const index_t P = pt.length(), Se = S + P;
+    tape.prompt = P;
+    tape.layer_lengths = t.lengths;
+    for (auto& n : tape.layer_lengths) n += P;
+    Matrix<float> x(M, d);
     if (M > 0) m.embeddings().forward(t, L, x);
+    if (P > 0) {
+        Matrix<float> xe(B * Se, d);
+        detail::prepend_prompt(x, B, S, pt.tokens, xe);
+        x = std::move(xe);
+    }
+    Matrix<float> y(x.rows(), d);
     const std::size_t n = m.stack().size();
     tape.layers.clear();
     tape.inputs.clear();
@@ -157,8 +197,16 @@ void forward(const nn::Model<C>& m, const nn::token_batch& t, std::span<const la
     layer_tape scratch;
     for (std::size_t l = 0; l < n; ++l) {
         if (o.recompute) tape.inputs.emplace_back(x);
-        forward(m.stack().layer(l), x, tape.lengths, y, terms[l], o.recompute ? scratch : tape.layers[l]);
+        detail::layer_forward(m.stack().layer(l), x, tape.layer_lengths, y, terms[l],
+                              o.recompute ? scratch : tape.layers[l]);
         std::swap(x, y);
+    }
+    if (P > 0) {  // the real tokens' rows
+        Matrix<float> h(M, d);
+        for (index_t b = 0; b < B; ++b)
+            for (index_t r = 0; r < S; ++r)
+                for (index_t c = 0; c < d; ++c) h(b * S + r, c) = x(b * Se + P + r, c);
+        x = std::move(h);
     }
     tape.hidden = Matrix<float>(M, d);
     if (const auto* fn = m.final_norm()) {
@@ -182,16 +230,32 @@ void backward(const nn::Model<C>& m, const model_tape& tape, std::span<const lay
     Matrix<float> g(dhidden);
     nn::detail::zero_padding(g, L);
     if (const auto* fn = m.final_norm()) detail::norm_backward<C::norm>(tape.final_norm, fn->gamma(), g, g);
+    const index_t P = tape.prompt, B = L.batch, S = L.seq_len, Se = S + P;
+    require<shape_error>(P == (terms.empty() ? 0 : terms[0].prompt.length()), who, ": the tape was filled with ", P,
+                         " virtual tokens, the terms have ", terms.empty() ? 0 : terms[0].prompt.length());
+    if (P > 0) {  // the virtual tokens' rows receive nothing from above
+        Matrix<float> ge(B * Se, d);
+        for (index_t b = 0; b < B; ++b)
+            for (index_t r = 0; r < S; ++r)
+                for (index_t c = 0; c < d; ++c) ge(b * Se + P + r, c) = g(b * S + r, c);
+        g = std::move(ge);
+    }
     layer_tape scratch;
-    Matrix<float> y(M, d);
+    Matrix<float> y(g.rows(), d);
     for (std::size_t l = m.stack().size(); l-- > 0;) {
         const auto& layer = m.stack().layer(l);
         if (tape.recompute) {
-            forward(layer, tape.inputs[l], tape.lengths, y, terms[l], scratch);
+            detail::layer_forward(layer, tape.inputs[l], tape.layer_lengths, y, terms[l], scratch);
             backward(layer, scratch, terms[l], g, g);
         } else {
             backward(layer, tape.layers[l], terms[l], g, g);
         }
+    }
+    if (P > 0) {  // dL/d(tokens) = Σ_b the rows of layer 0's input gradient at the virtual tokens
+        const MatrixView<float> gt = terms[0].prompt.g;
+        for (index_t b = 0; b < B; ++b)
+            for (index_t r = 0; r < P; ++r)
+                for (index_t c = 0; c < d; ++c) gt(r, c) += g(b * Se + r, c);
     }
 }
 
