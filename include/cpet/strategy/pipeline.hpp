@@ -23,6 +23,7 @@
 #include <span>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "cpet/compress/policy.hpp"
@@ -176,7 +177,10 @@ pet::task recovery_modules(const compressed_model<C>& cm, std::size_t l, recover
 }
 
 /// Fresh modules of the same methods, targets and ranks as `t` for a layer of dims `d` (LoRA's init: A
-/// Kaiming-uniform, B zero; IA3 ones; BitFit zero): the "no inheritance" baseline.
+/// Kaiming-uniform, B zero; IA3 ones; BitFit zero; adapters as their make() starts them, the identity: W_d
+/// Kaiming-uniform, W_u and the biases zero, same bottleneck, sublayers and scale; prefix rows and virtual tokens
+/// random as make() draws them, same length; a layer without virtual tokens keeps none): the "no inheritance"
+/// baseline.
 inline pet::task fresh_like(const pet::task& t, const pet::layer_dims& d, std::uint64_t seed) {
     pet::task out;
     for (std::size_t i = 0; i < t.size(); ++i)
@@ -206,6 +210,27 @@ inline pet::task fresh_like(const pet::task& t, const pet::layer_dims& d, std::u
                     f.f.B[std::size_t(j)] = Matrix<float>(d.out(tg), m.rank(tg));
                 }
                 out.add(std::move(f));
+            } else if constexpr (train::adapter_method<M>) {
+                using A = pet::adapter_policy<M::form, M::act>;
+                const auto w = m.has(pet::sublayer::attention) ? pet::sublayer::attention : pet::sublayer::ffn;
+                typename A::options ao;
+                ao.bottleneck = m.bottleneck(w);
+                ao.scale = m.s;
+                ao.attention = m.has(pet::sublayer::attention);
+                ao.ffn = m.has(pet::sublayer::ffn);
+                if (!ao.attention && !ao.ffn) out.add(M{});  // an empty module stays empty
+                else out.add(A::make(d, ao, seed));
+            } else if constexpr (train::prefix_method<M>) {
+                if (m.k.empty()) {
+                    out.add(M{});
+                } else {
+                    using Pol = std::conditional_t<std::is_same_v<M, pet::prefix_tuning::modules>, pet::prefix_tuning,
+                                                   pet::p_tuning_v2>;
+                    out.add(Pol::make(d, {.length = m.length()}, seed));
+                }
+            } else if constexpr (std::is_same_v<M, pet::prompt_tuning::modules>) {
+                if (m.tokens.empty()) out.add(M{});
+                else out.add(pet::prompt_tuning::make(d, {.length = m.tokens.rows()}, seed));
             } else {
                 throw format_error(cpet::detail::concat("strategy::fresh_like: ", t.method_name(i),
                                                         " cannot be re-initialised here (trainable methods only)"));
