@@ -3,11 +3,11 @@
 //   cmake --build build --target multitask && ./build/examples/multitask
 //
 // A 2-layer LLaMA-shaped decoder is compressed once (int8 per channel) and shared by every task; each task adds
-// only its modules (LoRA / rsLoRA of several ranks, CPET's recovery + LoRA, adapters, prefixes, IA3, BitFit). A
-// request stream is served in batches: requests of low-rank tasks share one mixed batch (the backbone runs once,
-// each sequence gets its own task's term), requests of the other kinds are batched per task. Every request's
-// output is checked against running it alone with its task, and the throughput of the batched stream is printed
-// beside serving the requests one at a time.
+// only its modules (LoRA / rsLoRA of several ranks, CPET's recovery + LoRA, adapters, prefixes, IA3, BitFit,
+// prompt tuning, MAM's prefix + scaled parallel adapter). A request stream is served in mixed batches of 16
+// requests in arrival order, whatever their tasks' kinds (the backbone runs once per batch, each sequence gets its
+// own task's modules). Every request's output is checked against running it alone with its task, and the
+// throughput of the batched stream is printed beside serving the requests one at a time.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -46,7 +46,7 @@ void randomize_b(M& m, const pet::layer_dims& d, unsigned seed) {
 /// Task `k` of the catalogue; returns its kind's name.
 std::string make_task(const Stack<C>& bb, int k, std::vector<pet::task>& layers) {
     layers.assign(bb.size(), pet::task{});
-    const int kind = k % 7;
+    const int kind = k % 9;
     for (std::size_t l = 0; l < bb.size(); ++l) {
         const auto d = bb.layer(l).pet_dims();
         const unsigned seed = 1000u * unsigned(k) + unsigned(l);
@@ -85,24 +85,27 @@ std::string make_task(const Stack<C>& bb, int k, std::vector<pet::task>& layers)
                 layers[l].add(std::move(m));
                 break;
             }
-            default: {
+            case 6: {
                 auto m = pet::bitfit::make(d);
                 std::vector<float> v(std::size_t(d.d_model), 0.05f * float(k % 5 + 1));
                 m.set(pet::target::o, v);
                 layers[l].add(std::move(m));
+                break;
+            }
+            case 7:  // prompt tuning: tokens before each sequence, in the first layer's modules
+                if (l == 0) layers[l].add(pet::prompt_tuning::make(d, {.length = 4 + index_t(k % 3)}, seed));
+                break;
+            default: {  // MAM: prefix + scaled parallel adapter
+                layers[l].add(pet::prefix_tuning::make(d, {.length = 4}, seed));
+                auto a = pet::scaled_parallel_adapter::make(d, {.bottleneck = 8, .scale = 2}, seed + 5);
+                a.set(pet::sublayer::attention, a.down[0], random_matrix(d.d_model, 8, seed + 6, -0.1f, 0.1f));
+                layers[l].add(std::move(a));
             }
         }
     }
-    static const char* kinds[] = {"lora", "rslora", "recovery+lora", "adapter", "prefix", "ia3", "bitfit"};
+    static const char* kinds[] = {"lora", "rslora", "recovery+lora", "adapter", "prefix", "ia3", "bitfit",
+                                  "prompt", "mam"};
     return kinds[kind];
-}
-
-bool low_rank_only(const serve::task_version& t) {
-    for (const auto& l : t.layers)
-        for (pet::hook h : {pet::hook::sublayer, pet::hook::attention, pet::hook::input, pet::hook::scale,
-                            pet::hook::bias, pet::hook::norm})
-            if (l.active(h)) return false;
-    return true;
 }
 
 struct request {
@@ -147,24 +150,11 @@ int main() {
     index_t tokens = 0;
     for (const auto& r : stream) tokens += r.x.rows();
 
-    // batches: low-rank requests mixed (up to 16 sequences), the others per task
+    // mixed batches of 16 requests in arrival order, tasks of every kind together
     std::vector<std::vector<std::size_t>> batches;
-    {
-        std::vector<std::size_t> mixed;
-        std::map<std::string, std::vector<std::size_t>> per_task;
-        for (std::size_t i = 0; i < stream.size(); ++i) {
-            if (low_rank_only(*reg.get(stream[i].task))) {
-                mixed.push_back(i);
-                if (mixed.size() == 16) batches.push_back(std::move(mixed)), mixed.clear();
-            } else {
-                auto& q = per_task[stream[i].task];
-                q.push_back(i);
-                if (q.size() == 16) batches.push_back(std::move(q)), q.clear();
-            }
-        }
-        if (!mixed.empty()) batches.push_back(std::move(mixed));
-        for (auto& [n, q] : per_task)
-            if (!q.empty()) batches.push_back(std::move(q));
+    for (std::size_t i = 0; i < stream.size(); ++i) {
+        if (i % 16 == 0) batches.emplace_back();
+        batches.back().push_back(i);
     }
 
     nn::workspace ws;

@@ -1,8 +1,8 @@
 // Heterogeneous batches: each sequence names its task, the backbone runs once over the batch, and every sequence
 // gets the output it gets alone with its task (≤ 1e-6 relative) on every ISA and several backbones; decode with
-// sequences joining and leaving between steps equals the full recomputation of each sequence; bad input (a task
-// with non-low-rank hooks in a mixed batch, a name list that does not match the sequences, an unknown task) is
-// refused and changes no cache.
+// sequences joining and leaving between steps equals the full recomputation of each sequence; bad input (a name
+// list that does not match the sequences, an unknown task) is refused and changes no cache. (Tasks of every other
+// PET method in a mixed batch: test_mixed_methods.cpp.)
 #include <algorithm>
 #include <map>
 #include <memory>
@@ -182,19 +182,17 @@ TEST_CASE("mixed-batch bad input is refused with a clear error and changes no ca
     const auto s = testing::llama_shape();
     auto owner = registry_with_tasks<C>(backbone_for<C>(s, 600), 8);
     auto& reg = *owner;
-    std::vector<pet::task> adapter(2);
-    for (std::size_t l = 0; l < 2; ++l)
-        adapter[l].add(testing::random_adapter<pet::adapter>(reg.backbone().layer(l).pet_dims(), {.bottleneck = 4}, 1));
-    reg.add("adapter", adapter);
     const auto x = testing::random_matrix(4, s.d_model, 601);
     const std::vector<index_t> lengths{2, 2};
     Matrix<float> y(4, s.d_model);
     nn::workspace ws;
     auto caches = reg.backbone().make_cache(2, 8);
-    const std::vector<std::string_view> with_adapter{"lora", "adapter"};
-    CHECK_THROWS_WITH_AS(reg.decode_batch(with_adapter, x, lengths, y, caches, ws),
-                         doctest::Contains("uses the sublayer hook; a mixed batch carries low-rank methods only"),
-                         format_error);
+    const std::vector<index_t> too_long{2, 9};
+    const auto x9 = testing::random_matrix(18, s.d_model, 602);
+    Matrix<float> y9(18, s.d_model);
+    const std::vector<std::string_view> two{"lora", "cpet"};
+    CHECK_THROWS_WITH_AS(reg.decode_batch(two, x9, too_long, y9, caches, ws),
+                         doctest::Contains("exceed the kv_cache capacity of 8"), shape_error);
     CHECK(caches[0].length(0) == 0);
     CHECK(caches[1].length(1) == 0);
     const std::vector<std::string_view> one{"lora"};
@@ -203,7 +201,4 @@ TEST_CASE("mixed-batch bad input is refused with a clear error and changes no ca
     const std::vector<std::string_view> unknown{"lora", "nope"};
     CHECK_THROWS_WITH_AS(reg.forward_batch(unknown, x, lengths, y, ws), doctest::Contains("unknown task \"nope\""),
                          format_error);
-    // an adapter task alone is fine (its own path)
-    const std::vector<std::string_view> both{"adapter", "adapter"};
-    reg.forward_batch(both, x, lengths, y, ws);
 }

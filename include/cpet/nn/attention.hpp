@@ -6,7 +6,9 @@
 //   out = a·Woᵀ (+bo) (+ residual, fused into the o GEMM's epilogue)
 #pragma once
 
+#include <algorithm>
 #include <optional>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -57,9 +59,12 @@ public:
     const Linear<format>& o() const noexcept { return o_; }
     std::size_t bytes() const noexcept { return q_.bytes() + k_.bytes() + v_.bytes() + o_.bytes(); }
 
-    /// Checks what `forward` will need from a task's attention hook; returns the prefix length.
+    /// Checks what `forward` will need from a task's attention hook; returns the prefix length. (Modules that
+    /// differ per sequence have one per sequence: prefix_rows_of.)
     template <class Modules>
     index_t prefix_rows(const Modules& m) const {
+        static_assert(!SequenceTasks<Modules>, "cpet Attention::prefix_rows: these modules differ per sequence; ask "
+                                               "prefix_rows_of(modules, b) for sequence b");
         if constexpr (pet::uses_hook<Modules, pet::hook::attention>) {
             if (auto p = m.prefix()) {
                 check_shape(p->k, -1, shape_.kv_dim(), "PET attention hook: prefix k");
@@ -68,6 +73,17 @@ public:
             }
         }
         return 0;
+    }
+    /// The prefix rows sequence b starts with (its own task's where the modules differ per sequence).
+    template <class Modules>
+    index_t prefix_rows_of(const Modules& m, index_t b) const {
+        if constexpr (SequenceTasks<Modules>) {
+            const auto* t = m.task_of(b);
+            return t ? prefix_rows(*t) : 0;
+        } else {
+            (void)b;
+            return prefix_rows(m);
+        }
     }
 
     /// out [M, d] = o(attention(h)) (+ residual [M, d] with row stride ld_res when non-null; it may alias out).
@@ -89,12 +105,27 @@ public:
         detail::project(tag, k_, pet::target::k, h, k, {}, m, ps);
         detail::project(tag, v_, pet::target::v, h, v, {}, m, ps);
 
-        std::optional<pet::prefix_kv> prefix;
-        if constexpr (pet::uses_hook<Modules, pet::hook::attention>) prefix = m.prefix();
-        const index_t P = prefix ? prefix->k.rows() : 0;
-        const index_t keys_max = P + S;
+        // the prefix every sequence sees, or (modules that differ per sequence) sequence b's own task's
+        std::optional<pet::prefix_kv> common;
+        if constexpr (pet::uses_hook<Modules, pet::hook::attention>) common = m.prefix();
+        auto prefix_of = [&](index_t b) -> std::optional<pet::prefix_kv> {
+            if constexpr (SequenceTasks<Modules>) {
+                using T = std::decay_t<decltype(*m.task_of(b))>;
+                if constexpr (pet::uses_hook<T, pet::hook::attention>)
+                    if (const auto* t = m.task_of(b)) return t->prefix();
+                return std::nullopt;
+            } else {
+                (void)b;
+                return common;
+            }
+        };
+        index_t P_max = common ? common->k.rows() : 0;
+        if constexpr (SequenceTasks<Modules>)
+            for (index_t b = 0; b < B; ++b)
+                if (auto p = prefix_of(b)) P_max = std::max(P_max, p->k.rows());
+        const index_t keys_max = P_max + S;
         MatrixView<float> kcat, vcat;
-        if (P > 0 && !cache) {  // with a cache the prefix lives at the front of it (see kv_cache.hpp)
+        if (P_max > 0 && !cache) {  // with a cache the prefix lives at the front of it (see kv_cache.hpp)
             kcat = ws.get(workspace::prefix_k, B * keys_max, kvd);
             vcat = ws.get(workspace::prefix_v, B * keys_max, kvd);
         }
@@ -102,6 +133,8 @@ public:
         auto a = ws.get(workspace::attn, M, qd);
         parallel_for(index_t(0), B, [&](index_t b) {
             const index_t len = L.length(b);
+            const std::optional<pet::prefix_kv> prefix = prefix_of(b);
+            const index_t P = prefix ? prefix->k.rows() : 0;
             const bool starts = cache && P > 0 && cache->length(b) == 0;
             if (starts) {  // the prefix goes to the front of the cache (committed with the tokens)
                 auto K = cache->keys(b), V = cache->values(b);

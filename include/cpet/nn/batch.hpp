@@ -7,6 +7,7 @@
 
 #include <span>
 #include <string_view>
+#include <type_traits>
 
 #include "cpet/compress/format.hpp"
 #include "cpet/core/error.hpp"
@@ -43,6 +44,32 @@ struct batch_layout {
         return l;
     }
 };
+
+/// Modules whose task differs per sequence of the batch (serve's mixed batches, serve/mixed.hpp). Besides the pet
+/// hooks they declare (which the layer calls on the whole batch, as for any modules) they name each sequence's
+/// own modules: `sequences()` (B), `task_of(b)` (a pointer to sequence b's modules, null for none) and `runs()`
+/// (consecutive sequences of one task: elements with .first, .count, .task). The layer asks the hooks whose values
+/// are per task and cannot ride in one batched term — IA3 scales, BitFit's Δβ, a prefix, prompt tokens — of each
+/// sequence's own modules, on that sequence's rows: a matrix of R rows holds R / B rows per sequence, whatever
+/// its padded length (a prompt-extended batch has more), so the modules hold sequences, never row counts.
+template <class M>
+concept SequenceTasks = requires(const M& m, index_t b) {
+    { m.sequences() } -> std::convertible_to<index_t>;
+    { m.task_of(b) != nullptr } -> std::convertible_to<bool>;
+    { m.runs().begin()->first } -> std::convertible_to<index_t>;
+    { m.runs().begin()->count } -> std::convertible_to<index_t>;
+    { m.runs().begin()->task != nullptr } -> std::convertible_to<bool>;
+};
+
+/// f(rows, task) for every run of sequences that has a task: `rows` the run's rows of y (R / B per sequence).
+template <SequenceTasks M, class View, class F>
+void for_each_run(const M& m, View y, F&& f) {
+    const index_t B = m.sequences();
+    if (B == 0) return;
+    const index_t S = y.rows() / B;
+    for (const auto& r : m.runs())
+        if (r.task) f(y.middle_rows(r.first * S, r.count * S), *r.task);
+}
 
 namespace detail {
 
@@ -89,6 +116,13 @@ void project(Arch tag, const Linear<F>& lin, pet::target t, ConstMatrixView<floa
     if constexpr (pet::uses_hook<Modules, pet::hook::scale>) {
         if (t == pet::target::q || t == pet::target::k || t == pet::target::v)
             if (auto l = m.scale(t)) scale_columns(y, *l, tn);
+    }
+    if constexpr (SequenceTasks<Modules>) {  // each sequence's own IA3 scale, on its rows
+        if (t == pet::target::q || t == pet::target::k || t == pet::target::v)
+            for_each_run(m, y, [&](MatrixView<float> rows, const auto& task) {
+                if constexpr (pet::uses_hook<std::decay_t<decltype(task)>, pet::hook::scale>)
+                    if (auto l = task.scale(t)) scale_columns(rows, *l, tn);
+            });
     }
 }
 

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <optional>
+#include <type_traits>
 #include <utility>
 
 #include "cpet/compress/calibration.hpp"
@@ -76,6 +77,12 @@ public:
         }
         if constexpr (pet::uses_hook<Modules, pet::hook::scale>)
             if (auto l = m.scale(pet::target::down)) detail::scale_columns(f1, *l, "FFN hidden (input of down)");
+        if constexpr (SequenceTasks<Modules>)  // each sequence's own IA3 scale of the hidden, on its rows
+            for_each_run(m, f1, [&](MatrixView<float> rows, const auto& task) {
+                if constexpr (pet::uses_hook<std::decay_t<decltype(task)>, pet::hook::scale>)
+                    if (auto l = task.scale(pet::target::down))
+                        detail::scale_columns(rows, *l, "FFN hidden (input of down)");
+            });
         kernels::epilogue ep;
         ep.residual = residual;
         ep.ld_residual = ld_res;

@@ -12,8 +12,10 @@
 // the packed linears and norms as they are, e.g. read back from a cpet backbone file by io/backbone_file.hpp).
 #pragma once
 
+#include <concepts>
 #include <optional>
 #include <span>
+#include <type_traits>
 #include <utility>
 
 #include "cpet/arch/dispatch.hpp"
@@ -110,7 +112,7 @@ public:
     {
         const auto L = check_call(x, new_lengths, y, "TransformerLayer::decode");
         check_task(task, "TransformerLayer::decode");
-        const index_t P = attn_.prefix_rows(task);
+        const auto P = [&](index_t b) { return attn_.prefix_rows_of(task, b); };
         check_cache(cache, L, "TransformerLayer::decode", P);
         arch::dispatch([&](auto tag) { forward_on(tag, x, L, y, ws, task, &cache); });
         commit(cache, L, P);  // only once the whole layer ran: an exception above leaves the cache as it was
@@ -143,11 +145,18 @@ public:
     /// `virtual_tokens_allowed`: only the first layer of a Stack may carry prompt-tuning tokens (the stack puts
     /// them before each sequence); a single layer's forward or decode, or a later stack layer, refuses them
     /// rather than silently ignoring them.
+    /// Modules that differ per sequence (SequenceTasks) are checked as each of their tasks.
     template <class Task>
     void check_task(const Task& m, const char* who, bool virtual_tokens_allowed = false) const {
         static_assert(pet::check_modules<Task>(), "cpet TransformerLayer: the task's modules type is not usable");
         if constexpr (pet::FitsCheck<Task>) m.check_fits(pet_dims(), who);
-        (void)attn_.prefix_rows(m);
+        if constexpr (SequenceTasks<Task>) {
+            for (const auto& r : m.runs())
+                if (r.task) check_task(*r.task, who, virtual_tokens_allowed);
+            return;
+        } else {
+            (void)attn_.prefix_rows(m);
+        }
         if constexpr (pet::uses_hook<Task, pet::hook::input>) {
             const ConstMatrixView<float> vt = m.virtual_tokens();
             require<shape_error>(virtual_tokens_allowed || vt.rows() == 0, who, ": the task carries ", vt.rows(),
@@ -175,11 +184,18 @@ public:
     }
     /// `prefix`: rows of the task's attention-hook prefix, which a sequence's cache takes when it starts.
     void check_cache(const kv_cache& cache, const batch_layout& L, const char* who, index_t prefix = 0) const {
+        check_cache(cache, L, who, [prefix](index_t) { return prefix; });
+    }
+    /// The same with `prefix(b)` the prefix rows of sequence b (tasks that differ per sequence).
+    template <class PrefixOf>
+        requires std::invocable<const PrefixOf&, index_t>
+    void check_cache(const kv_cache& cache, const batch_layout& L, const char* who, const PrefixOf& prefix_of) const {
         require<shape_error>(cache.batch() == L.batch, who, ": kv_cache holds ", cache.batch(),
                              " sequences, the batch has ", L.batch);
         require<shape_error>(cache.kv_dim() == shape_.kv_dim(), who, ": kv_cache rows have ", cache.kv_dim(),
                              " values, the layer's keys have ", shape_.kv_dim(), " (n_kv_heads·head_dim)");
         for (index_t b = 0; b < L.batch; ++b) {
+            const index_t prefix = prefix_of(b);
             if (cache.length(b) == 0) {
                 require<shape_error>(prefix + L.length(b) <= cache.capacity(), who, ": the task's prefix of ", prefix,
                                      " rows plus ", L.length(b), " new tokens of sequence ", b,
@@ -198,7 +214,14 @@ public:
     /// sequence its new tokens. Separate from forward_on so a Stack commits all its layers' caches only after
     /// the last layer ran, and a failed call changes no cache.
     static void commit(kv_cache& cache, const batch_layout& L, index_t prefix) {
+        commit(cache, L, [prefix](index_t) { return prefix; });
+    }
+    /// The same with `prefix(b)` the prefix rows of sequence b.
+    template <class PrefixOf>
+        requires std::invocable<const PrefixOf&, index_t>
+    static void commit(kv_cache& cache, const batch_layout& L, const PrefixOf& prefix_of) {
         for (index_t b = 0; b < L.batch; ++b) {
+            const index_t prefix = prefix_of(b);
             if (prefix > 0 && cache.length(b) == 0) cache.set_prefix(b, prefix);
             cache.advance(b, L.length(b));
         }
@@ -293,9 +316,27 @@ private:
         return n;
     }
     /// y = norm(x), with β + Δβ when the task's norm hook tunes this norm's β (summed into scratch: O(d)).
+    /// Modules that differ per sequence: each run of sequences with its own task's β + Δβ, when some task has one.
     template <class Arch, class Task>
     void norm(Arch tag, const Norm<C::norm>& n, pet::norm_site site, ConstMatrixView<float> x, MatrixView<float> y,
               const Task& m, pet::scratch& ps) const {
+        if constexpr (SequenceTasks<Task>) {
+            using T = std::decay_t<decltype(*m.task_of(0))>;
+            if constexpr (pet::uses_hook<T, pet::hook::norm> && C::norm == norm_kind::layernorm) {
+                bool any = false;
+                for (const auto& r : m.runs()) any = any || (r.task && r.task->norm_bias_delta(site));
+                if (any) {
+                    const index_t S = x.rows() / m.sequences();
+                    for (const auto& r : m.runs()) {
+                        const auto xs = x.middle_rows(r.first * S, r.count * S);
+                        auto ys = y.middle_rows(r.first * S, r.count * S);
+                        if (r.task) norm(tag, n, site, xs, ys, *r.task, ps);
+                        else n.apply(tag, xs, ys);
+                    }
+                    return;
+                }
+            }
+        }
         if constexpr (pet::uses_hook<Task, pet::hook::norm> && C::norm == norm_kind::layernorm) {
             if (auto db = m.norm_bias_delta(site)) {  // size checked by check_task
                 const index_t d = n.features();

@@ -3,7 +3,9 @@
 // activation storage beyond one workspace. Dispatch happens once per stack call.
 #pragma once
 
+#include <algorithm>
 #include <span>
+#include <type_traits>
 #include <vector>
 
 #include "cpet/arch/dispatch.hpp"
@@ -52,12 +54,17 @@ public:
         const auto L = check(x, lengths, y, "Stack::forward");
         for (std::size_t i = 0; i < layers_.size(); ++i) layers_[i].check_task(tasks[i], "Stack::forward", i == 0);
         auto task_at = [&](std::size_t i) -> const Task& { return tasks[i]; };
-        if constexpr (pet::uses_hook<Task, pet::hook::input>) {
+        if constexpr (pet::uses_hook<Task, pet::hook::input> || SequenceTasks<Task>) {
             if (!layers_.empty()) {
-                const ConstMatrixView<float> vt = tasks[0].virtual_tokens();
-                if (vt.rows() > 0) {
-                    check_shape(vt, -1, x.cols(), "Stack::forward: PET input hook (virtual tokens)");
-                    prompted(x, L, y, ws, vt, task_at);
+                const auto vt_of = [&](index_t b) { return virtual_tokens_of(tasks[0], b); };
+                index_t P_max = 0;
+                for (index_t b = 0; b < L.batch; ++b) {
+                    const ConstMatrixView<float> vt = vt_of(b);
+                    if (vt.rows() > 0) check_shape(vt, -1, x.cols(), "Stack::forward: PET input hook (virtual tokens)");
+                    P_max = std::max(P_max, vt.rows());
+                }
+                if (P_max > 0) {
+                    prompted(x, L, y, ws, vt_of, P_max, task_at);
                     return;
                 }
             }
@@ -96,20 +103,25 @@ public:
         require<shape_error>(tasks.size() == layers_.size(), "Stack::decode: ", tasks.size(),
                              " PET task modules for ", layers_.size(), " layers");
         auto task_at = [&](std::size_t i) -> const Task& { return tasks[i]; };
-        if constexpr (pet::uses_hook<Task, pet::hook::input>) {
+        if constexpr (pet::uses_hook<Task, pet::hook::input> || SequenceTasks<Task>) {
             if (!layers_.empty()) {
-                const ConstMatrixView<float> vt = tasks[0].virtual_tokens();
-                if (vt.rows() > 0) {
+                const auto vt_of = [&](index_t b) { return virtual_tokens_of(tasks[0], b); };
+                bool any = false;
+                for (index_t b = 0; b < index_t(new_lengths.size()) && !any; ++b) any = vt_of(b).rows() > 0;
+                if (any) {
                     const auto L = check(x, new_lengths, y, "Stack::decode");
-                    check_shape(vt, -1, x.cols(), "Stack::decode: PET input hook (virtual tokens)");
                     require<shape_error>(caches.size() == layers_.size(), "Stack::decode: ", caches.size(),
                                          " kv_caches for ", layers_.size(), " layers");
                     require<shape_error>(caches[0].batch() == L.batch, "Stack::decode: kv_cache holds ",
                                          caches[0].batch(), " sequences, the batch has ", L.batch);
-                    bool starts = false;
-                    for (index_t b = 0; b < L.batch; ++b) starts = starts || starting(caches[0], L, b);
-                    if (starts) {
-                        prompted_decode(x, L, y, caches, ws, vt, tasks, task_at);
+                    index_t P_max = 0;  // over the sequences that start now, each with its own task's tokens
+                    for (index_t b = 0; b < L.batch; ++b) {
+                        const ConstMatrixView<float> vt = vt_of(b);
+                        if (vt.rows() > 0) check_shape(vt, -1, x.cols(), "Stack::decode: PET input hook (virtual tokens)");
+                        if (starting(caches[0], L, b)) P_max = std::max(P_max, vt.rows());
+                    }
+                    if (P_max > 0) {
+                        prompted_decode(x, L, y, caches, ws, vt_of, P_max, tasks, task_at);
                         return;
                     }
                 }
@@ -155,27 +167,47 @@ private:
         });
         if (caches)
             for (std::size_t i = 0; i < layers_.size(); ++i)
-                layer_type::commit(caches[i], L, layers_[i].attention().prefix_rows(task_at(i)));
+                layer_type::commit(caches[i], L, [&](index_t b) { return layers_[i].attention().prefix_rows_of(task_at(i), b); });
+    }
+    /// Sequence b's prompt-tuning tokens: layer 0's input hook (its own task's where the modules differ per
+    /// sequence); empty without one.
+    template <class Task>
+    static ConstMatrixView<float> virtual_tokens_of(const Task& first, index_t b) {
+        if constexpr (SequenceTasks<Task>) {
+            using T = std::decay_t<decltype(*first.task_of(b))>;
+            if constexpr (pet::uses_hook<T, pet::hook::input>)
+                if (const auto* t = first.task_of(b)) return t->virtual_tokens();
+            return {};
+        } else if constexpr (pet::uses_hook<Task, pet::hook::input>) {
+            (void)b;
+            return first.virtual_tokens();
+        } else {
+            (void)first, (void)b;
+            return {};
+        }
     }
     /// Sequence b starts in this call: no tokens cached yet (an attention-hook prefix may be) and new tokens.
     static bool starting(const kv_cache& c, const batch_layout& L, index_t b) {
         return c.tokens(b) == 0 && L.length(b) > 0;
     }
-    /// Decode where some sequences start: those get [virtual tokens; new tokens], the others their new tokens,
-    /// in one workspace buffer of S + P rows per sequence (in place); then the real tokens' rows to y. Every
-    /// check (capacity included) runs before a cache changes.
-    template <class Tasks, class TaskAt>
+    /// Decode where some sequences start: those get [virtual tokens; new tokens] (vt_of(b): sequence b's
+    /// tokens), the others their new tokens, in one workspace buffer of S + P_max rows per sequence (in place;
+    /// P_max the most tokens a starting sequence takes, the rows past a sequence's own are padding); then the
+    /// real tokens' rows to y. Every check (capacity included) runs before a cache changes.
+    template <class VtOf, class Tasks, class TaskAt>
     void prompted_decode(ConstMatrixView<float> x, const batch_layout& L, MatrixView<float> y,
-                         std::span<kv_cache> caches, workspace& ws, ConstMatrixView<float> vt, const Tasks& tasks,
-                         TaskAt&& task_at) const {
-        const index_t P = vt.rows(), S = L.seq_len, B = L.batch, d = x.cols(), Se = S + P;
+                         std::span<kv_cache> caches, workspace& ws, const VtOf& vt_of, index_t P_max,
+                         const Tasks& tasks, TaskAt&& task_at) const {
+        const index_t S = L.seq_len, B = L.batch, d = x.cols(), Se = S + P_max;
         auto& lens = ws.lengths_scratch(static_cast<std::size_t>(B));
         auto skip = [&](index_t b) { return lens[std::size_t(b)] - L.length(b); };  // rows before the real tokens
         for (index_t b = 0; b < B; ++b) {
             const bool st = starting(caches[0], L, b);
+            const index_t P = vt_of(b).rows();
             lens[std::size_t(b)] = L.length(b) + (st ? P : 0);
-            if (st) {  // rows it will hold: its attention-hook prefix (held or to come), P, its new tokens
-                const index_t pre = caches[0].length(b) ? caches[0].length(b) : layers_[0].attention().prefix_rows(tasks[0]);
+            if (st && P > 0) {  // rows it will hold: its attention-hook prefix (held or to come), P, its new tokens
+                const index_t pre =
+                    caches[0].length(b) ? caches[0].length(b) : layers_[0].attention().prefix_rows_of(tasks[0], b);
                 const index_t rows = pre + P + L.length(b);
                 require<shape_error>(rows <= caches[0].capacity(), "Stack::decode: sequence ", b,
                                      " starts with the task's ", P, " virtual tokens (prompt tuning)",
@@ -186,39 +218,42 @@ private:
         const auto Le = batch_layout::of(B * Se, lens, "Stack::decode (with virtual tokens)");
         for (std::size_t i = 0; i < layers_.size(); ++i) {
             layers_[i].check_task(tasks[i], "Stack::decode", i == 0);
-            layers_[i].check_cache(caches[i], Le, "Stack::decode", layers_[i].attention().prefix_rows(tasks[i]));
+            layers_[i].check_cache(caches[i], Le, "Stack::decode",
+                                   [&](index_t b) { return layers_[i].attention().prefix_rows_of(tasks[i], b); });
         }
         auto xe = ws.get(workspace::prompt, B * Se, d);
         for (index_t b = 0; b < B; ++b) {
             auto xb = xe.middle_rows(b * Se, Se);
-            if (skip(b)) {
-                copy(vt, xb.middle_rows(0, P));
-                copy(x.middle_rows(b * S, S), xb.middle_rows(P, S));
-            } else {
-                copy(x.middle_rows(b * S, S), xb.middle_rows(0, S));
-                fill_zero(xb.middle_rows(S, P));  // padding
-            }
+            const index_t P = skip(b);
+            if (P) copy(vt_of(b), xb.middle_rows(0, P));
+            copy(x.middle_rows(b * S, S), xb.middle_rows(P, S));
+            fill_zero(xb.middle_rows(P + S, Se - P - S));  // padding
         }
         run(xe, Le, xe, ws, task_at, caches.data());
         for (index_t b = 0; b < B; ++b)  // rows past a sequence's length are zero padding in xe
             copy(xe.middle_rows(b * Se + skip(b), S), y.middle_rows(b * S, S));
     }
-    /// The stack over [virtual tokens; sequence] per sequence, in one workspace buffer (in place), then the real
-    /// tokens' rows to y.
-    template <class TaskAt>
+    /// The stack over [virtual tokens; sequence] per sequence (vt_of(b): sequence b's tokens, at most P_max), in
+    /// one workspace buffer of S + P_max rows per sequence (in place), then the real tokens' rows to y. A sequence
+    /// with fewer tokens than P_max (tasks that differ per sequence) has the rest of its rows as padding, which
+    /// nothing attends to, so its output is the one it gets alone; its positions count from its first token.
+    template <class VtOf, class TaskAt>
     void prompted(ConstMatrixView<float> x, const batch_layout& L, MatrixView<float> y, workspace& ws,
-                  ConstMatrixView<float> vt, TaskAt&& task_at) const {
-        const index_t P = vt.rows(), S = L.seq_len, B = L.batch, d = x.cols(), Se = S + P;
+                  const VtOf& vt_of, index_t P_max, TaskAt&& task_at) const {
+        const index_t S = L.seq_len, B = L.batch, d = x.cols(), Se = S + P_max;
         auto xe = ws.get(workspace::prompt, B * Se, d);
         auto& lens = ws.lengths_scratch(static_cast<std::size_t>(B));
         for (index_t b = 0; b < B; ++b) {
+            const ConstMatrixView<float> vt = vt_of(b);
+            const index_t P = vt.rows();
             lens[std::size_t(b)] = L.length(b) + P;
             copy(vt, xe.middle_rows(b * Se, P));
             copy(x.middle_rows(b * S, S), xe.middle_rows(b * Se + P, S));
+            fill_zero(xe.middle_rows(b * Se + P + S, P_max - P));  // padding
         }
         const auto Le = batch_layout::of(B * Se, lens, "Stack::forward (with virtual tokens)");
         run(xe, Le, xe, ws, task_at, nullptr);
-        for (index_t b = 0; b < B; ++b) copy(xe.middle_rows(b * Se + P, S), y.middle_rows(b * S, S));
+        for (index_t b = 0; b < B; ++b) copy(xe.middle_rows(b * Se + vt_of(b).rows(), S), y.middle_rows(b * S, S));
     }
     batch_layout check(ConstMatrixView<float> x, std::span<const index_t> lengths, MatrixView<float> y,
                        const char* who) const {
@@ -244,7 +279,8 @@ private:
                              layers_.size(), " layers");
         for (std::size_t i = 0; i < layers_.size(); ++i) {
             layers_[i].check_task(tasks[i], "Stack::decode", i == 0);
-            layers_[i].check_cache(caches[i], L, "Stack::decode", layers_[i].attention().prefix_rows(tasks[i]));
+            layers_[i].check_cache(caches[i], L, "Stack::decode",
+                                   [&](index_t b) { return layers_[i].attention().prefix_rows_of(tasks[i], b); });
         }
         return L;
     }

@@ -10,11 +10,14 @@
 // name map (a lookup or an insert), never a forward, so forwards of many threads run concurrently; each caller
 // owns its workspace.
 //
-// A heterogeneous batch names a task per sequence (forward_batch / decode_batch): the names are resolved once,
-// the backbone runs once over the whole batch, and each sequence gets its own task's low-rank terms through
-// serve::mixed_lowrank (a batch of one task takes that task's own fused path). For decode the caller owns the
-// kv_caches: a sequence leaves by truncating its slot to 0, a new one joins in a free slot with its task, and idle
-// slots pass a length of 0.
+// A heterogeneous batch names a task per sequence (forward_batch / decode_batch), tasks of any methods: the names
+// are resolved once, the backbone runs once over the whole batch, and each sequence gets its own task's modules
+// through serve::mixed_batch (low-rank terms and BitFit's Δb in one fused epilogue term; adapters, IA3, Δβ,
+// prefixes and prompt tokens per sequence; a batch of one task takes that task's own fused path). For decode the
+// caller owns the kv_caches: a sequence leaves by truncating its slot to 0, a new one joins in a free slot with
+// its task (its prefix and prompt tokens go into its cache then), and idle slots pass a length of 0. A slot keeps
+// the task it started with: one whose prefix length differs is refused by the decode; the caller truncates a slot
+// before giving it to a sequence of another task.
 #pragma once
 
 #include <cstdint>
@@ -145,12 +148,12 @@ public:
     /// The versions a batch runs with (one per sequence, resolved once) and its per-layer modules.
     struct bound_batch {
         std::vector<task_ptr> versions;          ///< per sequence (null: no task)
-        std::vector<mixed_lowrank> layers;       ///< per layer, when the batch mixes tasks
+        std::vector<mixed_batch> layers;         ///< per layer, when the batch mixes tasks
         bool single = false;                     ///< every sequence has the same task: its own fused path
     };
-    /// Resolves `names` (one per sequence; "" = no task) for a batch of `seq_len` rows per sequence. Throws
-    /// format_error naming an unknown task.
-    bound_batch bind(std::span<const std::string_view> names, index_t seq_len) const {
+    /// Resolves `names` (one per sequence; "" = no task). Throws format_error naming an unknown task. (Every
+    /// registered task was checked against the backbone when it was added, so a bound batch fits it.)
+    bound_batch bind(std::span<const std::string_view> names) const {
         bound_batch bb;
         bb.versions.reserve(names.size());
         for (auto n : names) bb.versions.push_back(n.empty() ? nullptr : get(n));
@@ -161,7 +164,7 @@ public:
             for (std::size_t l = 0; l < backbone_->size(); ++l) {
                 for (std::size_t b = 0; b < per_seq.size(); ++b)
                     per_seq[b] = bb.versions[b] ? &bb.versions[b]->layers[l] : nullptr;
-                bb.layers.emplace_back(per_seq, seq_len);
+                bb.layers.emplace_back(per_seq);
             }
         }
         return bb;
@@ -170,10 +173,10 @@ public:
     /// y = backbone(x) where sequence b runs with task names[b] ("" = none). Returns the versions used.
     std::vector<task_ptr> forward_batch(std::span<const std::string_view> names, ConstMatrixView<float> x,
                                         std::span<const index_t> lengths, MatrixView<float> y, nn::workspace& ws) const {
-        const index_t S = check_batch(names, x, lengths, "serve::registry::forward_batch");
-        auto bb = bind(names, S);
+        check_batch(names, x, lengths, "serve::registry::forward_batch");
+        auto bb = bind(names);
         if (bb.single) backbone_->forward(x, lengths, y, ws, bb.versions.front()->modules());
-        else backbone_->forward(x, lengths, y, ws, std::span<const mixed_lowrank>(bb.layers));
+        else backbone_->forward(x, lengths, y, ws, std::span<const mixed_batch>(bb.layers));
         return std::move(bb.versions);
     }
     /// The same as a decode step over the caller's caches (see the file comment for joining and leaving).
@@ -182,22 +185,21 @@ public:
                                        std::span<nn::kv_cache> caches, nn::workspace& ws) const
         requires backbone_type::causal
     {
-        const index_t S = check_batch(names, x, new_lengths, "serve::registry::decode_batch");
-        auto bb = bind(names, S);
+        check_batch(names, x, new_lengths, "serve::registry::decode_batch");
+        auto bb = bind(names);
         if (bb.single) backbone_->decode(x, new_lengths, y, caches, ws, bb.versions.front()->modules());
-        else backbone_->decode(x, new_lengths, y, caches, ws, std::span<const mixed_lowrank>(bb.layers));
+        else backbone_->decode(x, new_lengths, y, caches, ws, std::span<const mixed_batch>(bb.layers));
         return std::move(bb.versions);
     }
 
 private:
-    /// One task name per sequence; returns the padded sequence length.
-    static index_t check_batch(std::span<const std::string_view> names, ConstMatrixView<float> x,
+    /// One task name per sequence.
+    static void check_batch(std::span<const std::string_view> names, ConstMatrixView<float> x,
                                std::span<const index_t> lengths, const char* who) {
         require<shape_error>(names.size() == lengths.size(), who, ": ", names.size(), " task names for ",
                              lengths.size(), " sequences (one name per sequence, \"\" for none)");
         require<shape_error>(!lengths.empty() && x.rows() % index_t(lengths.size()) == 0, who, ": x has ", x.rows(),
                              " rows, not a multiple of the ", lengths.size(), " sequences");
-        return x.rows() / index_t(lengths.size());
     }
 
     std::shared_ptr<task_version> make_version(std::string name, std::vector<pet::task> layers, const char* who) const {
