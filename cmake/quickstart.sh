@@ -53,7 +53,8 @@ case "$mode" in
       export CPET_MINILM_DIR="$build/models/all-MiniLM-L6-v2"
       bash "$here/cmake/fetch_minilm.sh" "$CPET_MINILM_DIR" || echo "cpet: the real-model tests will skip"
     fi
-    configure -DCPET_BUILD_TESTS=ON -DCPET_BUILD_EXAMPLES=ON -DCPET_BUILD_BENCH=OFF "$@"
+    # the examples are not built here (`example` builds the main one; CI compiles them all beside the benches)
+    configure -DCPET_BUILD_TESTS=ON -DCPET_BUILD_EXAMPLES=OFF -DCPET_BUILD_BENCH=OFF "$@"
     cmake --build "$build" -j "$jobs"
     # The ledger records every test case CTest executes; the check then proves each case of every binary ran
     # exactly once (tests/support/check_ledger.cmake).
