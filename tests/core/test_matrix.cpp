@@ -44,6 +44,43 @@ TEST_CASE("Matrix and views index row-major and slice without copying") {
     CHECK_THROWS_AS(Matrix<float>(-1, 2), shape_error);
 }
 
+TEST_CASE("Matrix::reset and assign refill in place when the size is unchanged") {
+    Matrix<float> m(7, 33);
+    m.fill(3.f);
+    const float* p = m.data();
+    m.reset(33, 7);  // same element count: the same storage, zeroed, the new shape
+    CHECK(m.data() == p);
+    CHECK(m.rows() == 33);
+    CHECK(m.cols() == 7);
+    for (index_t r = 0; r < m.rows(); ++r)
+        for (index_t c = 0; c < m.cols(); ++c) CHECK(m(r, c) == 0.f);
+    m.reset(1, 127);
+    CHECK(m.size() == 127);
+    for (index_t c = 0; c < 127; ++c) CHECK(m(0, c) == 0.f);
+    m.reset(0, 5);
+    CHECK(m.empty());
+    CHECK_THROWS_AS(m.reset(-1, 2), shape_error);
+
+    Matrix<float> src(3, 5);
+    for (index_t r = 0; r < 3; ++r)
+        for (index_t c = 0; c < 5; ++c) src(r, c) = float(10 * r + c);
+    Matrix<float> dst(5, 3);
+    const float* q = dst.data();
+    dst.assign(src);  // same count: copied in place
+    CHECK(dst.data() == q);
+    Matrix<float> wide(3, 8);
+    for (index_t r = 0; r < 3; ++r)
+        for (index_t c = 0; c < 8; ++c) wide(r, c) = float(100 + 10 * r + c);
+    dst.assign(wide.view().block(0, 2, 3, 5));  // a strided view
+    CHECK(dst.rows() == 3);
+    CHECK(dst.cols() == 5);
+    for (index_t r = 0; r < 3; ++r)
+        for (index_t c = 0; c < 5; ++c) CHECK(dst(r, c) == wide(r, c + 2));
+    dst.assign(src);
+    for (index_t r = 0; r < 3; ++r)
+        for (index_t c = 0; c < 5; ++c) CHECK(dst(r, c) == src(r, c));
+}
+
 TEST_CASE("check_shape names the operand and both shapes") {
     Matrix<float> m(3, 4);
     CHECK_NOTHROW(check_shape(m.view(), 3, 4, "x"));

@@ -40,8 +40,13 @@ public:
         std::swap(size_, other.size_);
     }
 
-    /// Discards the content and holds `n` zeroed elements afterwards.
+    /// Discards the content and holds `n` zeroed elements afterwards. An unchanged size keeps the allocation (and
+    /// its pages: a buffer refilled every step, like a training tape, then costs a memset, not fresh pages).
     void reset(std::size_t n) {
+        if (n == size_) {
+            if (n) std::memset(static_cast<void*>(data_), 0, n * sizeof(T));
+            return;
+        }
         aligned_buffer fresh(n);
         swap(fresh);
     }

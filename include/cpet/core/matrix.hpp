@@ -120,6 +120,25 @@ public:
     operator MatrixView<T>() noexcept { return view(); }               // NOLINT(google-explicit-constructor)
     operator ConstMatrixView<T>() const noexcept { return view(); }    // NOLINT(google-explicit-constructor)
 
+    /// Holds rows × cols zeros afterwards, keeping the allocation when the element count is unchanged.
+    void reset(index_t rows, index_t cols) {
+        buf_.reset(checked_size(rows, cols));
+        rows_ = rows;
+        cols_ = cols;
+    }
+    /// A deep copy of `v`, keeping the allocation when the element count is unchanged. `v` must not view this.
+    void assign(ConstMatrixView<T> v) {
+        const std::size_t n = checked_size(v.rows(), v.cols());
+        if (n != buf_.size()) buf_.reset(n);  // every element is written below
+        rows_ = v.rows();
+        cols_ = v.cols();
+        for (index_t r = 0; r < rows_; ++r) {
+            const T* src = v.row(r);
+            T* dst = row(r);
+            for (index_t c = 0; c < cols_; ++c) dst[c] = src[c];
+        }
+    }
+
     void fill(T value) noexcept {
         for (auto& x : buf_) x = value;
     }

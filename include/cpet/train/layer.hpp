@@ -38,6 +38,7 @@
 #include <cmath>
 #include <cstddef>
 #include <limits>
+#include <memory>
 #include <span>
 #include <string>
 #include <tuple>
@@ -494,7 +495,7 @@ template <nn::norm_kind K>
 void norm_forward(ConstMatrixView<float> x, const std::vector<float>& gamma, const std::vector<float>& beta, float eps,
                   MatrixView<float> y, norm_saved& s) {
     const index_t M = x.rows(), d = x.cols();
-    s.hat = Matrix<float>(M, d);
+    s.hat.reset(M, d);
     s.rstd.assign(std::size_t(M), 0.f);
     parallel_for(index_t(0), M, [&](index_t r) {
         const float* xr = x.row(r);
@@ -587,7 +588,7 @@ inline void lowrank_prepare(const std::vector<lowrank_term>& terms, ConstMatrixV
     for (const auto& t : terms) R += t.rank();
     const index_t M = x.rows(), N = terms.front().B.rows();
     for (std::size_t i = 0; i < terms.size(); ++i) {
-        u_saved[i] = Matrix<float>(M, terms[i].rank());
+        u_saved[i].reset(M, terms[i].rank());
         as_eigen(u_saved[i]).noalias() = as_eigen(x) * as_eigen(terms[i].A).transpose();
     }
     if (terms.size() == 1 && !terms[0].gelu) {
@@ -599,8 +600,8 @@ inline void lowrank_prepare(const std::vector<lowrank_term>& terms, ConstMatrixV
         ep.lowrank_scale = terms[0].scale;
         return;
     }
-    pack.g = Matrix<float>(M, R);
-    pack.b = Matrix<float>(N, R);
+    pack.g.reset(M, R);
+    pack.b.reset(N, R);
     index_t c0 = 0;
     for (std::size_t i = 0; i < terms.size(); ++i) {
         const auto& t = terms[i];
@@ -656,6 +657,31 @@ inline void add_to(MatrixView<float> y, ConstMatrixView<float> x) noexcept { nn:
 // The tape and the two halves
 // ---------------------------------------------------------------------------------------------------------------
 
+namespace detail {
+/// The temporaries of a layer's forward and backward, kept between calls: a training step then refills pages it
+/// already holds instead of faulting in fresh ones (measured: ~12 % of a MiniLM step went to page faults and
+/// zeroing fresh pages). Layers run one at a time, so a model's layers share one (model_tape hands it out).
+struct step_scratch {
+    Matrix<float> t, t2;  ///< forward: t = x + A(o(ctx)); post-LN t2 = h + F(down(hidden))
+    Matrix<float> dy, dout, dsub, dffn_extra, dhidden, dz_up, dz_gate, dffn_in, dt, dsub_a, din_extra, dctx, dq, dk,
+        dv, din;  ///< backward: the gradients at each stage (named as in backward)
+};
+/// A tape's handle on its scratch. Copies of a tape do not share it (each makes its own on first use), so copies
+/// may run in different threads; model_tape shares one between its layers explicitly.
+struct scratch_handle {
+    std::shared_ptr<step_scratch> p;
+    scratch_handle() = default;
+    scratch_handle(const scratch_handle&) noexcept {}
+    scratch_handle(scratch_handle&&) noexcept = default;
+    scratch_handle& operator=(const scratch_handle&) noexcept { return *this; }
+    scratch_handle& operator=(scratch_handle&&) noexcept = default;
+    step_scratch& get() {
+        if (!p) p = std::make_shared<step_scratch>();
+        return *p;
+    }
+};
+}  // namespace detail
+
 /// What one layer's backward needs from its forward (see the top of this file).
 struct layer_tape {
     std::vector<index_t> lengths;
@@ -679,6 +705,8 @@ struct layer_tape {
         Matrix<float> src, z, fz;
     };
     std::array<std::vector<adapter_saved>, 2> adapters;
+    /// Temporaries reused between steps (not activations: bytes() does not count them).
+    mutable detail::scratch_handle scratch;
 
     nn::batch_layout layout() const noexcept {
         nn::batch_layout L;
@@ -874,7 +902,7 @@ void layer_forward(const nn::TransformerLayer<C>& layer, ConstMatrixView<float> 
     tape.lengths.assign(lengths.begin(), lengths.end());
     tape.seq_len = S;
     const auto L = tape.layout();
-    tape.x = Matrix<float>(x);
+    tape.x.assign(x);
     constexpr bool post = C::placement == nn::norm_placement::post;
     const auto g1 = layer.norm1().gamma(), g2 = layer.norm2().gamma();
     auto b1 = layer.norm1().beta(), b2 = layer.norm2().beta();
@@ -886,26 +914,29 @@ void layer_forward(const nn::TransformerLayer<C>& layer, ConstMatrixView<float> 
     arch::dispatch([&](auto tag) {
         ConstMatrixView<float> a_in = tape.x;
         if constexpr (!post) {
-            tape.attn_in = Matrix<float>(M, d);
+            tape.attn_in.reset(M, d);
             detail::norm_forward<C::norm>(tape.x, g1, b1, layer.norm1().eps(), tape.attn_in, tape.n1);
             a_in = tape.attn_in;
         } else {
             tape.attn_in = Matrix<float>();
         }
-        tape.q = Matrix<float>(M, qd);
-        tape.k = Matrix<float>(M, kvd);
-        tape.v = Matrix<float>(M, kvd);
+        tape.q.reset(M, qd);
+        tape.k.reset(M, kvd);
+        tape.v.reset(M, kvd);
         detail::linear_forward<C>(tag, layer, pet::target::q, terms, a_in, tape.q, {}, tape);
         detail::linear_forward<C>(tag, layer, pet::target::k, terms, a_in, tape.k, {}, tape);
         detail::linear_forward<C>(tag, layer, pet::target::v, terms, a_in, tape.v, {}, tape);
-        tape.ctx = Matrix<float>(M, qd);
-        tape.probs.assign(std::size_t(L.batch * H), Matrix<float>());
+        tape.ctx.reset(M, qd);
+        tape.probs.resize(std::size_t(L.batch * H));  // each refilled below, its pages kept from the last step
         const index_t P = terms.prefix.length();
         tape.prefix = P;
         const float scale = 1.f / std::sqrt(float(hd));
         parallel_for(index_t(0), L.batch, [&](index_t b) {
             const index_t len = L.length(b);
-            if (len == 0) return;
+            if (len == 0) {
+                for (index_t h = 0; h < H; ++h) tape.probs[std::size_t(b * H + h)] = Matrix<float>();
+                return;
+            }
             if constexpr (C::rope) {
                 kernels::rope(tag, tape.q.view().middle_rows(b * S, len), H, hd, 0, s.rope_base, s.rope);
                 kernels::rope(tag, tape.k.view().middle_rows(b * S, len), G, hd, 0, s.rope_base, s.rope);
@@ -925,7 +956,7 @@ void layer_forward(const nn::TransformerLayer<C>& layer, ConstMatrixView<float> 
                 detail::emap<const float> V(vp + g * hd, n_keys, hd, Eigen::OuterStride<>(vstride));
                 detail::emap<float> O(tape.ctx.row(b * S) + h * hd, len, hd, Eigen::OuterStride<>(tape.ctx.stride()));
                 auto& Pr = tape.probs[std::size_t(b * H + h)];
-                Pr = Matrix<float>(len, n_keys);
+                Pr.reset(len, n_keys);
                 as_eigen(Pr).noalias() = scale * (Q * K.transpose());
                 for (index_t i = 0; i < len; ++i) {
                     float* p = Pr.row(i);
@@ -942,7 +973,9 @@ void layer_forward(const nn::TransformerLayer<C>& layer, ConstMatrixView<float> 
             }
         });
         // t = x + A(o(ctx)): without adapters the residual rides in the o GEMM (post-LN: x; pre-LN: x as well)
-        Matrix<float> t(M, d);
+        detail::step_scratch& sc = tape.scratch.get();
+        Matrix<float>& t = sc.t;
+        t.reset(M, d);
         const auto& ad_att = terms.after(pet::sublayer::attention);
         if (ad_att.empty()) {
             kernels::epilogue res;
@@ -955,14 +988,14 @@ void layer_forward(const nn::TransformerLayer<C>& layer, ConstMatrixView<float> 
             detail::add_to(t, tape.x);
         }
         if (ad_att.empty()) tape.adapters[0].clear();
-        tape.ffn_in = Matrix<float>(M, d);
+        tape.ffn_in.reset(M, d);
         if constexpr (post) detail::norm_forward<C::norm>(t, g1, b1, layer.norm1().eps(), tape.ffn_in, tape.n1);
         else detail::norm_forward<C::norm>(t, g2, b2, layer.norm2().eps(), tape.ffn_in, tape.n2);
-        tape.z_up = Matrix<float>(M, ff);
-        tape.hidden = Matrix<float>(M, ff);
+        tape.z_up.reset(M, ff);
+        tape.hidden.reset(M, ff);
         detail::linear_forward<C>(tag, layer, pet::target::up, terms, tape.ffn_in, tape.z_up, {}, tape);
         if constexpr (C::ffn == nn::ffn_kind::swiglu) {
-            tape.z_gate = Matrix<float>(M, ff);
+            tape.z_gate.reset(M, ff);
             detail::linear_forward<C>(tag, layer, pet::target::gate, terms, tape.ffn_in, tape.z_gate, {}, tape);
             parallel_for(index_t(0), M, [&](index_t r) {
                 float* h = tape.hidden.row(r);
@@ -982,7 +1015,7 @@ void layer_forward(const nn::TransformerLayer<C>& layer, ConstMatrixView<float> 
             });
         }
         if (const auto& l = terms.scale[std::size_t(pet::target::down)]) {  // IA3 on the input of down
-            tape.hidden_raw = Matrix<float>(ConstMatrixView<float>(tape.hidden));
+            tape.hidden_raw.assign(tape.hidden);
             detail::scale_cols(tape.hidden, l.v);
         } else {
             tape.hidden_raw = Matrix<float>();
@@ -990,10 +1023,10 @@ void layer_forward(const nn::TransformerLayer<C>& layer, ConstMatrixView<float> 
         // t2 = residual + F(down(hidden)): post-LN the residual is h = N1(t), pre-LN it is t
         const auto& ad_ffn = terms.after(pet::sublayer::ffn);
         const ConstMatrixView<float> res_in = post ? ConstMatrixView<float>(tape.ffn_in) : ConstMatrixView<float>(t);
-        Matrix<float> t2;
+        Matrix<float>& t2 = sc.t2;
         MatrixView<float> out2 = y;
         if constexpr (post) {
-            t2 = Matrix<float>(M, d);
+            t2.reset(M, d);
             out2 = t2;
         }
         if (ad_ffn.empty()) {
@@ -1047,42 +1080,47 @@ void backward(const nn::TransformerLayer<C>& layer, const layer_tape& tape, cons
                          terms.after(pet::sublayer::ffn).size(), ")");
     constexpr bool post = C::placement == nn::norm_placement::post;
     const auto g1 = layer.norm1().gamma(), g2 = layer.norm2().gamma();
-    Matrix<float> dy(dy_in);
+    detail::step_scratch& sc = tape.scratch.get();
+    Matrix<float>& dy = sc.dy;
+    dy.assign(dy_in);
     nn::detail::zero_padding(dy, L);
 
     // ---- FFN ----
     // post-LN: dt2 = N2'(dy); the FFN output's gradient is dt2 and the residual h receives it too.
     // pre-LN: the FFN output's gradient is dy, and dt = dy + N2'(dffn_in).
-    Matrix<float> dout(M, d);  // gradient at the FFN's output (= at t2 for post-LN)
+    Matrix<float>& dout = sc.dout;  // gradient at the FFN's output (= at t2 for post-LN)
+    dout.reset(M, d);
     const auto& beta1 = terms.norm_beta[0];
     const auto& beta2 = terms.norm_beta[1];
     if constexpr (post) {
         if (beta2) detail::add_colsum(beta2.g, dy);
         detail::norm_backward<C::norm>(tape.n2, g2, dy, dout);
     } else {
-        dout = Matrix<float>(dy);
+        dout.assign(dy);
     }
     // the FFN adapters: dsub = dL/d(down's output), the parallel forms' share of dL/d(ffn_in) in dffn_extra
     const auto& ad_ffn = terms.after(pet::sublayer::ffn);
-    Matrix<float> dsub, dffn_extra;
+    Matrix<float>&dsub = sc.dsub, &dffn_extra = sc.dffn_extra;  // set and read only with FFN adapters
     if (!ad_ffn.empty()) {
-        dsub = Matrix<float>(ConstMatrixView<float>(dout));
-        dffn_extra = Matrix<float>(M, d);
+        dsub.assign(dout);
+        dffn_extra.reset(M, d);
         arch::dispatch([&](auto tag) {
             detail::adapters_backward(tag, ad_ffn, tape.adapters[1], tape.ffn_in, dsub, dffn_extra);
         });
     }
-    Matrix<float> dhidden(M, ff);
+    Matrix<float>& dhidden = sc.dhidden;
+    dhidden.reset(M, ff);
     detail::linear_backward<C>(layer, pet::target::down, terms, tape, tape.hidden, ad_ffn.empty() ? dout : dsub,
                                dhidden, false);
     if (const auto& l = terms.scale[std::size_t(pet::target::down)]) {  // hidden = l ⊙ raw
         detail::add_colsum_product(l.g, dhidden, tape.hidden_raw);
         detail::scale_cols(dhidden, l.v);
     }
-    Matrix<float> dz_up(M, ff), dz_gate;
+    Matrix<float>&dz_up = sc.dz_up, &dz_gate = sc.dz_gate;
+    dz_up.reset(M, ff);
     arch::dispatch([&](auto tag) {
         if constexpr (C::ffn == nn::ffn_kind::swiglu) {
-            dz_gate = Matrix<float>(M, ff);
+            dz_gate.reset(M, ff);
             parallel_for(index_t(0), M, [&](index_t r) {
                 const float* zg = tape.z_gate.row(r);
                 const float* zu = tape.z_up.row(r);
@@ -1103,12 +1141,14 @@ void backward(const nn::TransformerLayer<C>& layer, const layer_tape& tape, cons
             });
         }
     });
-    Matrix<float> dffn_in(M, d);
+    Matrix<float>& dffn_in = sc.dffn_in;
+    dffn_in.reset(M, d);
     detail::linear_backward<C>(layer, pet::target::up, terms, tape, tape.ffn_in, dz_up, dffn_in, false);
     if constexpr (C::ffn == nn::ffn_kind::swiglu)
         detail::linear_backward<C>(layer, pet::target::gate, terms, tape, tape.ffn_in, dz_gate, dffn_in, true);
     if (!ad_ffn.empty()) detail::add_to(dffn_in, dffn_extra);
-    Matrix<float> dt(M, d);  // gradient at t = x + o(ctx)
+    Matrix<float>& dt = sc.dt;  // gradient at t = x + o(ctx)
+    dt.reset(M, d);
     if constexpr (post) {
         detail::add_to(dffn_in, dout);  // the residual h
         if (beta1) detail::add_colsum(beta1.g, dffn_in);
@@ -1122,17 +1162,21 @@ void backward(const nn::TransformerLayer<C>& layer, const layer_tape& tape, cons
     // ---- attention ----
     ConstMatrixView<float> a_in = post ? ConstMatrixView<float>(tape.x) : ConstMatrixView<float>(tape.attn_in);
     const auto& ad_att = terms.after(pet::sublayer::attention);
-    Matrix<float> dsub_a, din_extra;
+    Matrix<float>&dsub_a = sc.dsub_a, &din_extra = sc.din_extra;  // set and read only with attention adapters
     if (!ad_att.empty()) {
-        dsub_a = Matrix<float>(ConstMatrixView<float>(dt));
-        din_extra = Matrix<float>(M, d);
+        dsub_a.assign(dt);
+        din_extra.reset(M, d);
         arch::dispatch([&](auto tag) {
             detail::adapters_backward(tag, ad_att, tape.adapters[0], a_in, dsub_a, din_extra);
         });
     }
-    Matrix<float> dctx(M, qd);
+    Matrix<float>& dctx = sc.dctx;
+    dctx.reset(M, qd);
     detail::linear_backward<C>(layer, pet::target::o, terms, tape, tape.ctx, ad_att.empty() ? dt : dsub_a, dctx, false);
-    Matrix<float> dq(M, qd), dk(M, kvd), dv(M, kvd);
+    Matrix<float>&dq = sc.dq, &dk = sc.dk, &dv = sc.dv;
+    dq.reset(M, qd);
+    dk.reset(M, kvd);
+    dv.reset(M, kvd);
     const float scale = 1.f / std::sqrt(float(hd));
     const index_t P = tape.prefix;
     // each sequence's share of the prefix rows' gradients, summed in sequence order below (deterministic)
@@ -1195,7 +1239,8 @@ void backward(const nn::TransformerLayer<C>& layer, const layer_tape& tape, cons
         detail::add_to(terms.prefix.gk, dpk[b]);
         detail::add_to(terms.prefix.gv, dpv[b]);
     }
-    Matrix<float> din(M, d);
+    Matrix<float>& din = sc.din;
+    din.reset(M, d);
     detail::linear_backward<C>(layer, pet::target::q, terms, tape, a_in, dq, din, false);
     detail::linear_backward<C>(layer, pet::target::k, terms, tape, a_in, dk, din, true);
     detail::linear_backward<C>(layer, pet::target::v, terms, tape, a_in, dv, din, true);

@@ -117,6 +117,7 @@ struct model_tape {
     std::vector<Matrix<float>> inputs;  ///< each layer's input (recomputing only)
     detail::norm_saved final_norm;      ///< when the model has a final norm
     Matrix<float> hidden;               ///< the last hidden states [B·S, d] (after the final norm)
+    detail::scratch_handle scratch;     ///< the layers' shared temporaries (layer.hpp's step_scratch)
 
     nn::batch_layout layout() const noexcept {
         nn::batch_layout L;
@@ -190,13 +191,20 @@ void forward(const nn::Model<C>& m, const nn::token_batch& t, std::span<const la
     }
     Matrix<float> y(x.rows(), d);
     const std::size_t n = m.stack().size();
-    tape.layers.clear();
-    tape.inputs.clear();
-    if (o.recompute) tape.inputs.reserve(n);
-    else tape.layers.resize(n);
+    // the same tape from step to step refills the buffers it holds (their pages stay)
+    if (o.recompute) {
+        tape.layers.clear();
+        tape.inputs.resize(n);
+    } else {
+        tape.inputs.clear();
+        tape.layers.resize(n);
+    }
+    tape.scratch.get();
     layer_tape scratch;
+    scratch.scratch.p = tape.scratch.p;
     for (std::size_t l = 0; l < n; ++l) {
-        if (o.recompute) tape.inputs.emplace_back(x);
+        if (o.recompute) tape.inputs[l].assign(x);
+        else tape.layers[l].scratch.p = tape.scratch.p;
         detail::layer_forward(m.stack().layer(l), x, tape.layer_lengths, y, terms[l],
                               o.recompute ? scratch : tape.layers[l]);
         std::swap(x, y);
@@ -208,8 +216,8 @@ void forward(const nn::Model<C>& m, const nn::token_batch& t, std::span<const la
                 for (index_t c = 0; c < d; ++c) h(b * S + r, c) = x(b * Se + P + r, c);
         x = std::move(h);
     }
-    tape.hidden = Matrix<float>(M, d);
     if (const auto* fn = m.final_norm()) {
+        tape.hidden.reset(M, d);
         detail::norm_forward<C::norm>(x, fn->gamma(), fn->beta(), fn->eps(), tape.hidden, tape.final_norm);
         nn::detail::zero_padding(tape.hidden, L);
     } else {
@@ -241,6 +249,7 @@ void backward(const nn::Model<C>& m, const model_tape& tape, std::span<const lay
         g = std::move(ge);
     }
     layer_tape scratch;
+    scratch.scratch.p = tape.scratch.p;  // null when the tape was not filled by forward: it then makes its own
     Matrix<float> y(g.rows(), d);
     for (std::size_t l = m.stack().size(); l-- > 0;) {
         const auto& layer = m.stack().layer(l);
