@@ -7,6 +7,12 @@
 // serve_decode/cpet_mixed/<backbone>/64seq_kv256/tasks<T>/t<n>  one decode step of 64 sequences holding 128 cached
 //                                                                tokens each (capacity 256), the step rolled back
 // serve_decode/per_task_loop/<backbone>/64seq_kv256/tasks<T>/t<n>
+// .../kinds64/t<n>   the same with 64 tasks of six kinds (LoRA, CPET = recovery r8 + LoRA r16, adapter b16, IA3,
+//                    BitFit, MAM = prefix 8 + scaled parallel adapter b16), sequence b has task b % 64
+//
+// The mixed batch's low-rank terms are a segmented epilogue term (kernels/epilogue.hpp): each row pays its own
+// task's rank. Read tasks<T> of cpet_mixed against tasks1 (the aim at T = 64: >= 0.85x its throughput in
+// prefill, >= 0.8x in decode) and against per_task_loop at the same T (>= 1.5x prefill, >= 3x decode).
 //
 // Backbone: 4 LLaMA layers of TinyLlama-1.1B's shape (d 2048, 16 heads, 4 KV heads, d_ff 5632), W8A8 and 2:4
 // sparse; tasks: LoRA r = 16 on q and v; T = 1, 4, 16, 64. The bytes of the backbone, of one task and of 64 tasks
@@ -51,7 +57,8 @@ cpet::nn::layer_shape shape() {
 int layers() { return small() ? 2 : 4; }
 constexpr index_t batch = 64, seq = 128, kv_cap = 256;
 
-/// The registry (backbone + 64 LoRA tasks) of one backbone policy, built once.
+/// The registry (backbone + 64 LoRA tasks "task<t>" + 64 tasks of six kinds "kind<t>") of one backbone policy,
+/// built once.
 template <class Comp>
 serve::registry<cpet::config::llama<Comp>>& registry() {
     using C = cpet::config::llama<Comp>;
@@ -72,25 +79,78 @@ serve::registry<cpet::config::llama<Comp>>& registry() {
             }
             r->add("task" + std::to_string(t), std::move(mods));
         }
+        for (int t = 0; t < 64; ++t) {
+            std::vector<pet::task> mods(static_cast<std::size_t>(layers()));
+            for (std::size_t l = 0; l < mods.size(); ++l) {
+                const auto d = r->backbone().layer(l).pet_dims();
+                const unsigned seed = 1000u * unsigned(t) + unsigned(l);
+                auto lora = [&] {
+                    auto m = pet::lora::make(d, {.rank = 16, .alpha = 16, .targets = {pet::target::q, pet::target::v}}, seed);
+                    for (auto tg : {pet::target::q, pet::target::v})
+                        m.set(tg, m.A(tg), cpet::bench::random_matrix(d.out(tg), 16, seed + unsigned(tg), 0.02f));
+                    return m;
+                };
+                auto adapter = [&](auto policy) {
+                    using P = decltype(policy);
+                    auto a = P::make(d, {.bottleneck = 16}, seed);
+                    for (auto w : {pet::sublayer::attention, pet::sublayer::ffn})
+                        a.set(w, a.down[std::size_t(w)], cpet::bench::random_matrix(d.d_model, 16, seed + 7, 0.02f));
+                    return a;
+                };
+                switch (t % 6) {
+                    case 0: mods[l].add(lora()); break;
+                    case 1: {
+                        auto rc = pet::recovery::make(d, {.rank = 8}, seed);
+                        for (int i = 0; i < pet::target_count; ++i)
+                            if (const auto tg = pet::target(i); rc.rank(tg))
+                                rc.set(tg, rc.A(tg), cpet::bench::random_matrix(d.out(tg), 8, seed + 20 + unsigned(i), 0.02f));
+                        mods[l].add(std::move(rc));
+                        mods[l].add(lora());
+                        break;
+                    }
+                    case 2: mods[l].add(adapter(pet::adapter{})); break;
+                    case 3: {
+                        auto m = pet::ia3::make(d);
+                        for (auto tg : {pet::target::k, pet::target::v, pet::target::down})
+                            m.set(tg, std::vector<float>(std::size_t(m.width(tg)), 1.f + 0.01f * float(t)));
+                        mods[l].add(std::move(m));
+                        break;
+                    }
+                    case 4: {
+                        auto m = pet::bitfit::make(d);
+                        for (int i = 0; i < pet::target_count; ++i)
+                            if (const auto tg = pet::target(i); d.has(tg))
+                                m.set(tg, std::vector<float>(std::size_t(d.out(tg)), 0.001f * float(t)));
+                        mods[l].add(std::move(m));
+                        break;
+                    }
+                    default:
+                        mods[l].add(pet::prefix_tuning::make(d, {.length = 8}, seed));
+                        mods[l].add(adapter(pet::scaled_parallel_adapter{}));
+                }
+            }
+            r->add("kind" + std::to_string(t), std::move(mods));
+        }
         return r;
     }();
     return *reg;
 }
 
-std::vector<std::string> task_names(int T) {
+/// Sequence b's task: "task<b % T>" (LoRA r16) or, for kinds, "kind<b % 64>" (six kinds).
+std::vector<std::string> task_names(int T, bool kinds) {
     std::vector<std::string> n;
-    for (index_t b = 0; b < batch; ++b) n.push_back("task" + std::to_string(b % T));
+    for (index_t b = 0; b < batch; ++b) n.push_back((kinds ? "kind" : "task") + std::to_string(b % T));
     return n;
 }
 
 template <class Comp>
-void bm_prefill(benchmark::State& st, int T, bool mixed, int threads) {
+void bm_prefill(benchmark::State& st, int T, bool kinds, bool mixed, int threads) {
     cpet::set_num_threads(threads);
     auto& reg = registry<Comp>();
     const auto s = shape();
     const auto x = cpet::bench::random_matrix(batch * seq, s.d_model, 5);
     const std::vector<index_t> lengths(std::size_t(batch), seq);
-    const auto names = task_names(T);
+    const auto names = task_names(T, kinds);
     std::vector<std::string_view> views(names.begin(), names.end());
     cpet::Matrix<float> y(batch * seq, s.d_model);
     cpet::nn::workspace ws;
@@ -121,11 +181,11 @@ void bm_prefill(benchmark::State& st, int T, bool mixed, int threads) {
 }
 
 template <class Comp>
-void bm_decode(benchmark::State& st, int T, bool mixed, int threads) {
+void bm_decode(benchmark::State& st, int T, bool kinds, bool mixed, int threads) {
     cpet::set_num_threads(threads);
     auto& reg = registry<Comp>();
     const auto s = shape();
-    const auto names = task_names(T);
+    const auto names = task_names(T, kinds);
     std::vector<std::string_view> views(names.begin(), names.end());
     cpet::nn::workspace ws;
     const index_t held = kv_cap / 2;
@@ -184,20 +244,26 @@ void register_backbone(const char* label) {
     auto& reg = registry<Comp>();
     const auto mem = reg.memory();
     const auto one = reg.get("task0")->bytes;
-    std::printf("serve %s: backbone %.2f MiB once, one task %.3f MiB, 64 tasks %.2f MiB, total %.2f MiB\n", label,
-                double(mem.backbone_bytes) / 1048576.0, double(one) / 1048576.0, double(mem.task_bytes) / 1048576.0,
+    std::size_t lora64 = 0;
+    for (int t = 0; t < 64; ++t) lora64 += reg.get("task" + std::to_string(t))->bytes;
+    std::printf("serve %s: backbone %.2f MiB once, one LoRA task %.3f MiB, 64 LoRA tasks %.2f MiB (total %.2f MiB); "
+                "with the 64 tasks of six kinds all tasks %.2f MiB, total %.2f MiB\n",
+                label, double(mem.backbone_bytes) / 1048576.0, double(one) / 1048576.0, double(lora64) / 1048576.0,
+                double(mem.backbone_bytes + lora64) / 1048576.0, double(mem.task_bytes) / 1048576.0,
                 double(mem.total()) / 1048576.0);
     for (int threads : {1, 2}) {
         if (threads > cpet::bench::bench_threads()) continue;
-        for (int T : {1, 4, 16, 64})
+        for (int T : {1, 4, 16, 64, 0})  // 0: the 64 tasks of six kinds
             for (bool mixed : {true, false}) {
+                const bool kinds = T == 0;
+                const int tasks = kinds ? 64 : T;
                 const std::string impl = mixed ? "cpet_mixed" : "per_task_loop";
-                const std::string tail = "/tasks" + std::to_string(T) + "/t" + std::to_string(threads);
+                const std::string tail = (kinds ? "/kinds64" : "/tasks" + std::to_string(T)) + "/t" + std::to_string(threads);
                 benchmark::RegisterBenchmark(("serve_prefill/" + impl + "/" + label + "/64x128" + tail).c_str(),
-                                             [=](benchmark::State& st) { bm_prefill<Comp>(st, T, mixed, threads); })
+                                             [=](benchmark::State& st) { bm_prefill<Comp>(st, tasks, kinds, mixed, threads); })
                     ->Unit(benchmark::kMillisecond)->UseRealTime()->Repetitions(3)->ReportAggregatesOnly(true)->MinTime(0.1);
                 benchmark::RegisterBenchmark(("serve_decode/" + impl + "/" + label + "/64seq_kv256" + tail).c_str(),
-                                             [=](benchmark::State& st) { bm_decode<Comp>(st, T, mixed, threads); })
+                                             [=](benchmark::State& st) { bm_decode<Comp>(st, tasks, kinds, mixed, threads); })
                     ->Unit(benchmark::kMillisecond)->UseRealTime()->Repetitions(3)->ReportAggregatesOnly(true)->MinTime(0.1);
             }
     }

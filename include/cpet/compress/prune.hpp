@@ -206,12 +206,10 @@ public:
     /// The sparse kernels fuse bias, activation and residual; a low-rank term (LoRA, recovery) is added by the
     /// split epilogue (one thin GEMM and one more pass over y).
     void matmul(ConstMatrixView<float> x, MatrixView<float> y, const kernels::epilogue& ep) const {
-        if (ep.rank == 0) return compress::matmul(x, w_, y, ep);
+        if (!ep.has_lowrank()) return compress::matmul(x, w_, y, ep);
         check_shape(x, -1, in_features(), "sparse_format::matmul: x");
         check_shape(y, x.rows(), out_features(), "sparse_format::matmul: y");
-        require<shape_error>(ep.lowrank_u && ep.lowrank_b && ep.ld_u >= ep.rank && ep.ld_b >= ep.rank,
-                             "sparse_format::matmul: low-rank term of rank ", ep.rank,
-                             " needs U and B with row strides >= rank");
+        kernels::check_lowrank(ep, x.rows(), out_features(), "sparse_format::matmul");
         arch::dispatch([&](auto tag) {
             run_split_epilogue(tag, y, ep, [&](const float* bias) {
                 kernels::epilogue base;

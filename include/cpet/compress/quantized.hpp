@@ -314,10 +314,7 @@ public:
             require<shape_error>(ep.ld_residual >= out_features() || x.rows() <= 1,
                                  "quantized_format::matmul: residual row stride ", ep.ld_residual, " < ",
                                  out_features());
-        if (ep.rank > 0)
-            require<shape_error>(ep.lowrank_u && ep.lowrank_b && ep.ld_u >= ep.rank && ep.ld_b >= ep.rank,
-                                 "quantized_format::matmul: low-rank term of rank ", ep.rank,
-                                 " needs U and B with row strides >= rank");
+        kernels::check_lowrank(ep, x.rows(), out_features(), "quantized_format::matmul");
         arch::dispatch([&](auto tag) { matmul(tag, x, y, ep); });
     }
 

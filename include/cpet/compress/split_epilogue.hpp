@@ -2,7 +2,8 @@
 //
 // A format's matmul promises y = act(x·Ŵᵀ + bias + s·U·Bᵀ) + residual (kernels::epilogue). Kernels that fuse
 // only the bias (quantized) or everything but the low-rank term (sparse) run their product with the bias, then
-// this helper finishes the rest in order: the low-rank term as one thin GEMM added into y, then activation +
+// this helper finishes the rest in order: the low-rank term as one thin GEMM added into y (a segmented term: one
+// per segment on its rows, each of its own rank — the generic twin of the fused segmented kernel), then activation +
 // residual in one SIMD pass (the fp32 GEMM's own tile epilogue). Cost: one extra read + write of y, two with a
 // low-rank term. A residual that overlaps y (the layer's in-place residual add) is saved first, since the
 // product's store would overwrite it.
@@ -48,6 +49,13 @@ void run_split_epilogue(Arch tag, MatrixView<float> y, const kernels::epilogue& 
         EigenConstMap<float> u(ep.lowrank_u, M, ep.rank, Eigen::OuterStride<>(ep.ld_u));
         EigenConstMap<float> b(ep.lowrank_b, N, ep.rank, Eigen::OuterStride<>(ep.ld_b));
         as_eigen(y).noalias() += ep.lowrank_scale * (u * b.transpose());
+    }
+    for (index_t i = 0; i < ep.segment_count; ++i) {  // segmented: each segment's rows += s·U_s·B_sᵀ, rank r_s
+        const kernels::lowrank_segment& sg = ep.segments[i];
+        if (sg.rank <= 0 || sg.rows <= 0) continue;
+        EigenConstMap<float> u(sg.u, sg.rows, sg.rank, Eigen::OuterStride<>(sg.ld_u));
+        EigenConstMap<float> b(sg.b, N, sg.rank, Eigen::OuterStride<>(sg.ld_b));
+        as_eigen(y.middle_rows(sg.row0, sg.rows)).noalias() += sg.scale * (u * b.transpose());
     }
     if (ep.act != kernels::activation::none || residual) {  // y = act(y) + residual, one SIMD pass
         kernels::epilogue rest;

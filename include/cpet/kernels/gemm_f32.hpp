@@ -18,13 +18,18 @@
 //     not the load ports, are the limit.
 // The low-rank term is folded into the microkernel as `rank` extra K steps: U [M, rank] is packed per call like
 // x, and s·B [N, rank] like the weight panels (s folded in), so the unmerged adapter costs rank/K more work in
-// the same pass over the output tile.
+// the same pass over the output tile. A segmented term (a mixed-task batch, kernels/epilogue.hpp) packs each
+// distinct B_s once; a sliver of MR rows inside one segment takes that segment's r_s steps only, and a sliver
+// that straddles segments takes each one's steps in turn on the same tile, with U packed zero on the rows that
+// are not that segment's (one extra pass of r_s steps per extra segment, no extra pass over x). The GEMV path
+// cuts its row groups at segment boundaries instead.
 #pragma once
 
 #include <algorithm>
 #include <cstddef>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "cpet/arch/dispatch.hpp"
 #include "cpet/core/buffer.hpp"
@@ -273,6 +278,67 @@ inline aligned_buffer<float> pack_lowrank_b(const epilogue& ep, index_t n, index
     return lr;
 }
 
+/// The low-rank B of one call, packed like the weight panels: the plain term (pack_lowrank_b's layout) or, for a
+/// segmented epilogue, each distinct B_s once (segments sharing b, ld_b, rank and scale share it), segment i's
+/// at data + offset[i]: [p·rank_i·nr + r·nr + j] = scale_i·B_i[p·nr + j, r].
+struct lowrank_b_pack {
+    aligned_buffer<float> data;
+    std::vector<index_t> offset;  ///< per segment (segmented only)
+
+    /// Where target columns of panel p start for segment i (segmented) or the plain term.
+    const float* plain(index_t p, index_t rank) const noexcept { return data.data() + p * rank * nr; }
+    const float* segment(const lowrank_segment& s, index_t i, index_t p) const noexcept {
+        return data.data() + offset[std::size_t(i)] + p * s.rank * nr;
+    }
+};
+
+inline lowrank_b_pack pack_lowrank(const epilogue& ep, index_t n, index_t panels) {
+    lowrank_b_pack pk;
+    if (ep.segment_count == 0) {
+        pk.data = pack_lowrank_b(ep, n, panels);
+        return pk;
+    }
+    const index_t count = ep.segment_count;
+    pk.offset.assign(std::size_t(count), -1);
+    index_t total = 0;
+    auto same = [](const lowrank_segment& a, const lowrank_segment& b) {
+        return a.b == b.b && a.ld_b == b.ld_b && a.rank == b.rank && a.scale == b.scale;
+    };
+    for (index_t i = 0; i < count; ++i) {
+        const lowrank_segment& s = ep.segments[i];
+        if (s.rank <= 0 || s.rows <= 0) continue;
+        for (index_t j = 0; j < i && pk.offset[std::size_t(i)] < 0; ++j)
+            if (pk.offset[std::size_t(j)] >= 0 && same(ep.segments[j], s)) pk.offset[std::size_t(i)] = pk.offset[std::size_t(j)];
+        if (pk.offset[std::size_t(i)] < 0) {
+            pk.offset[std::size_t(i)] = total;
+            total += panels * s.rank * nr;
+        }
+    }
+    pk.data.reset(static_cast<std::size_t>(total));  // zeroed: columns past N stay 0
+    std::vector<bool> done(std::size_t(count), false);
+    for (index_t i = 0; i < count; ++i) {
+        const lowrank_segment& s = ep.segments[i];
+        if (s.rank <= 0 || s.rows <= 0) continue;
+        bool packed = false;
+        for (index_t j = 0; j < i && !packed; ++j) packed = done[std::size_t(j)] && pk.offset[std::size_t(j)] == pk.offset[std::size_t(i)];
+        done[std::size_t(i)] = true;
+        if (packed) continue;
+        float* dst = pk.data.data() + pk.offset[std::size_t(i)];
+        for (index_t c = 0; c < n; ++c)
+            for (index_t r = 0; r < s.rank; ++r)
+                dst[static_cast<std::size_t>((c / nr) * s.rank * nr + r * nr + c % nr)] = s.scale * s.b[c * s.ld_b + r];
+    }
+    return pk;
+}
+
+/// The segment holding row m, or the first after it (index into ep.segments; segment_count when none), from a
+/// starting guess `from` that never lies past the answer (rows are visited in increasing order).
+inline index_t segment_at(const epilogue& ep, index_t m, index_t from = 0) noexcept {
+    index_t i = from;
+    while (i < ep.segment_count && ep.segments[i].row0 + ep.segments[i].rows <= m) ++i;
+    return i;
+}
+
 /// The thread count a call of M×N×K multiply-adds deserves: one below ~0.5 M MACs (a fork costs more).
 inline int threads_for(index_t m, index_t n, index_t k) noexcept {
     const double macs = double(m) * double(n) * double(std::max<index_t>(k, 1));
@@ -382,7 +448,7 @@ inline constexpr index_t gemv_full_rows =
 /// panel is one column tile (AVX-512) the two are the same.
 template <class Arch>
 void gemv_simd(ConstMatrixView<float> x, const packed_weights_f32& w, MatrixView<float> y, const epilogue& ep,
-               const float* lr, int threads) {
+               const lowrank_b_pack& lr, int threads) {
     constexpr index_t NV = nr / tiling<Arch>::w;  // vectors per panel row
     constexpr index_t group = gemv_full_rows<Arch>;
     static_assert(group >= 1, "gemv: a whole panel row must fit in the registers");
@@ -393,12 +459,41 @@ void gemv_simd(ConstMatrixView<float> x, const packed_weights_f32& w, MatrixView
         for (index_t p = p0; p < p1; ++p) {
             const index_t n0 = p * nr;
             const index_t cols = std::min(nr, N - n0);
-            for (index_t m0 = 0; m0 < M; m0 += group) {
-                const index_t rows = std::min(group, M - m0);
-                gemv_tile_rows<Arch, NV, 1, group>(rows, K, x.row(m0), x.stride(), w.panel(p), rank,
-                                                   rank ? ep.lowrank_u + m0 * ep.ld_u : nullptr, ep.ld_u,
-                                                   rank ? lr + p * rank * nr : nullptr, tile);
+            if (ep.segment_count == 0) {
+                for (index_t m0 = 0; m0 < M; m0 += group) {
+                    const index_t rows = std::min(group, M - m0);
+                    gemv_tile_rows<Arch, NV, 1, group>(rows, K, x.row(m0), x.stride(), w.panel(p), rank,
+                                                       rank ? ep.lowrank_u + m0 * ep.ld_u : nullptr, ep.ld_u,
+                                                       rank ? lr.plain(p, rank) : nullptr, tile);
+                    store_tile(Arch{}, tile, nr, rows, cols, m0, n0, y, ep);
+                }
+                continue;
+            }
+            // segmented: a row group never straddles a segment boundary, so each group has one term (or none)
+            index_t si = 0;
+            for (index_t m0 = 0; m0 < M;) {
+                si = segment_at(ep, m0, si);
+                index_t rows = std::min(group, M - m0), kc2 = 0;
+                const float* u = nullptr;
+                const float* b2 = nullptr;
+                index_t ldu = 0;
+                if (si < ep.segment_count) {
+                    const lowrank_segment& sg = ep.segments[si];
+                    if (m0 < sg.row0) {
+                        rows = std::min(rows, sg.row0 - m0);
+                    } else {
+                        rows = std::min(rows, sg.row0 + sg.rows - m0);
+                        if (sg.rank > 0) {
+                            kc2 = sg.rank;
+                            u = sg.u + (m0 - sg.row0) * sg.ld_u;
+                            ldu = sg.ld_u;
+                            b2 = lr.segment(sg, si, p);
+                        }
+                    }
+                }
+                gemv_tile_rows<Arch, NV, 1, group>(rows, K, x.row(m0), x.stride(), w.panel(p), kc2, u, ldu, b2, tile);
                 store_tile(Arch{}, tile, nr, rows, cols, m0, n0, y, ep);
+                m0 += rows;
             }
         }
     });
@@ -428,10 +523,59 @@ struct packed_b_source {
     const float* slice(index_t p, index_t k0, index_t) const noexcept { return w.panel(p) + k0 * nr; }
 };
 
+/// One (sliver, segment) pair of a row block of a segmented low-rank term: the sliver's rows of U_seg packed
+/// K-major at upack + offset (zero on the sliver's rows outside the segment).
+struct sliver_term {
+    index_t seg = 0;
+    index_t offset = 0;
+};
+
+/// Packs the segmented U of rows [mc0, mc0 + mc) (slivers of MR rows): fills terms (every (sliver, segment) pair
+/// that overlaps, in sliver order) and first (sliver s's pairs are terms[first[s] .. first[s + 1])), and U into
+/// upack (grown as needed, thread-local slot 2).
+template <index_t MR>
+inline float* pack_segmented_u(const epilogue& ep, index_t mc0, index_t mc, std::vector<sliver_term>& terms,
+                               std::vector<index_t>& first) {
+    const index_t slivers = (mc + MR - 1) / MR;
+    terms.clear();
+    first.assign(std::size_t(slivers + 1), 0);
+    index_t size = 0, si = segment_at(ep, mc0);
+    for (index_t s = 0; s < slivers; ++s) {
+        first[std::size_t(s)] = index_t(terms.size());
+        const index_t r0 = mc0 + s * MR, r1 = std::min(mc0 + mc, r0 + MR);
+        si = segment_at(ep, r0, si);
+        for (index_t i = si; i < ep.segment_count && ep.segments[i].row0 < r1; ++i) {
+            const lowrank_segment& sg = ep.segments[i];
+            if (sg.rank <= 0 || sg.rows <= 0) continue;
+            terms.push_back({i, size});
+            size += sg.rank * MR;
+        }
+    }
+    first[std::size_t(slivers)] = index_t(terms.size());
+    float* upack = scratch(2, static_cast<std::size_t>(std::max<index_t>(size, 1)));
+    for (index_t s = 0; s < slivers; ++s) {
+        const index_t r0 = mc0 + s * MR;
+        for (index_t e = first[std::size_t(s)]; e < first[std::size_t(s + 1)]; ++e) {
+            const lowrank_segment& sg = ep.segments[terms[std::size_t(e)].seg];
+            float* d = upack + terms[std::size_t(e)].offset;
+            for (index_t r = 0; r < MR; ++r) {
+                const index_t m = r0 + r;
+                if (m < mc0 + mc && m >= sg.row0 && m < sg.row0 + sg.rows) {
+                    const float* src = sg.u + (m - sg.row0) * sg.ld_u;
+                    for (index_t k = 0; k < sg.rank; ++k) d[k * MR + r] = src[k];
+                } else {
+                    for (index_t k = 0; k < sg.rank; ++k) d[k * MR + r] = 0.f;
+                }
+            }
+        }
+    }
+    return upack;
+}
+
 /// One thread's rectangle: rows [m0, m1) × panels [p0, p1) of the output.
 template <class Arch, class Src>
-void gemm_block(ConstMatrixView<float> x, const Src& w, MatrixView<float> y, const epilogue& ep, const float* lr,
-                index_t m0, index_t m1, index_t p0, index_t p1) {
+void gemm_block(ConstMatrixView<float> x, const Src& w, MatrixView<float> y, const epilogue& ep,
+                const lowrank_b_pack& lr, index_t m0, index_t m1, index_t p0, index_t p1) {
     using T = tiling<Arch>;
     constexpr index_t MR = T::mr;
     constexpr index_t MC = (mc_rows + MR - 1) / MR * MR;
@@ -449,6 +593,9 @@ void gemm_block(ConstMatrixView<float> x, const Src& w, MatrixView<float> y, con
     float* apack = scratch(0, static_cast<std::size_t>(mc_cap * a_stride));
     float* cbuf = scratch(1, static_cast<std::size_t>(mc_cap * ldc));
     float* upack = rank ? scratch(2, static_cast<std::size_t>(mc_cap * rank)) : nullptr;
+    const bool segmented = ep.segment_count > 0;
+    thread_local std::vector<sliver_term> terms;
+    thread_local std::vector<index_t> first;
 
     for (index_t nc0 = p0; nc0 < p1; nc0 += nc_panels) {
         const index_t ncp = std::min(nc_panels, p1 - nc0);
@@ -456,6 +603,7 @@ void gemm_block(ConstMatrixView<float> x, const Src& w, MatrixView<float> y, con
             const index_t mc = std::min(MC, m1 - mc0);
             const index_t slivers = (mc + MR - 1) / MR;
             if (rank) pack_slivers<MR>(ep.lowrank_u + mc0 * ep.ld_u, ep.ld_u, mc, rank, upack);
+            if (segmented) upack = pack_segmented_u<MR>(ep, mc0, mc, terms, first);
             for (index_t ks = 0; ks < kslices; ++ks) {
                 const index_t k0 = ks * kc_len, kc = std::min(kc_len, K - k0);
                 const bool last = ks + 1 == kslices;
@@ -470,14 +618,35 @@ void gemm_block(ConstMatrixView<float> x, const Src& w, MatrixView<float> y, con
                         const index_t n0 = (nc0 + p) * nr + ct * T::tn;
                         if (n0 >= N) break;
                         const float* bp = slice + ct * T::tn;
-                        const float* lp = rank ? lr + (nc0 + p) * rank * nr + ct * T::tn : nullptr;
+                        const float* lp = rank ? lr.plain(nc0 + p, rank) + ct * T::tn : nullptr;
                         const float* pf = next == slice ? bp : next;
                         for (index_t s = 0; s < slivers; ++s) {
                             const index_t rows = std::min(MR, mc - s * MR);
                             float* c = cbuf + s * MR * ldc + p * nr + ct * T::tn;
-                            microkernel_rows<Arch, MR, T::nv>(rows, kc, apack + s * MR * a_stride, bp, last ? rank : 0,
-                                                              upack + s * MR * rank, lp, c, ldc, ks > 0,
-                                                              s == 0 ? pf : bp);
+                            if (segmented && last) {
+                                // the main K steps with the sliver's first segment's term, then each further
+                                // segment's steps on the same tile (rows outside a segment have U = 0 there)
+                                const index_t e0 = first[std::size_t(s)], e1 = first[std::size_t(s + 1)];
+                                for (index_t e = e0; e < e1 || e == e0; ++e) {
+                                    index_t kc2 = 0;
+                                    const float* u = nullptr;
+                                    const float* b2 = nullptr;
+                                    if (e < e1) {
+                                        const sliver_term& tm = terms[std::size_t(e)];
+                                        const lowrank_segment& sg = ep.segments[tm.seg];
+                                        kc2 = sg.rank;
+                                        u = upack + tm.offset;
+                                        b2 = lr.segment(sg, tm.seg, nc0 + p) + ct * T::tn;
+                                    }
+                                    microkernel_rows<Arch, MR, T::nv>(rows, e == e0 ? kc : 0, apack + s * MR * a_stride,
+                                                                      bp, kc2, u, b2, c, ldc, ks > 0 || e > e0,
+                                                                      s == 0 ? pf : bp);
+                                }
+                            } else {
+                                microkernel_rows<Arch, MR, T::nv>(rows, kc, apack + s * MR * a_stride, bp,
+                                                                  last ? rank : 0, upack + s * MR * rank, lp, c, ldc,
+                                                                  ks > 0, s == 0 ? pf : bp);
+                            }
                             if (last)
                                 store_tile(Arch{}, c, ldc, rows, std::min(T::tn, N - n0), mc0 + s * MR, n0, y, ep);
                         }
@@ -489,10 +658,10 @@ void gemm_block(ConstMatrixView<float> x, const Src& w, MatrixView<float> y, con
 }
 
 /// M > 8 over any B source: threads split the panels, or rows when there are too few panels to balance.
-/// lr: the low-rank B packed by pack_lowrank_b (or null when ep.rank = 0).
+/// lr: the low-rank B packed by pack_lowrank (empty without a low-rank term).
 template <class Arch, class Src>
-void gemm_blocked(ConstMatrixView<float> x, const Src& w, MatrixView<float> y, const epilogue& ep, const float* lr,
-                  int threads) {
+void gemm_blocked(ConstMatrixView<float> x, const Src& w, MatrixView<float> y, const epilogue& ep,
+                  const lowrank_b_pack& lr, int threads) {
     using T = tiling<Arch>;
     const index_t M = x.rows();
     const index_t panels = w.panels(), slivers = (M + T::mr - 1) / T::mr;
@@ -513,13 +682,13 @@ template <class Arch>
 void gemm_simd(ConstMatrixView<float> x, const packed_weights_f32& w, MatrixView<float> y, const epilogue& ep) {
     const index_t M = x.rows(), N = w.rows(), K = w.cols();
     if (M == 0 || N == 0) return;
-    const aligned_buffer<float> lr = pack_lowrank_b(ep, N, w.panels());
+    const lowrank_b_pack lr = pack_lowrank(ep, N, w.panels());
     const int threads = threads_for(M, N, K);
     if (M <= 8) {
-        gemv_simd<Arch>(x, w, y, ep, lr.data(), threads);
+        gemv_simd<Arch>(x, w, y, ep, lr, threads);
         return;
     }
-    gemm_blocked<Arch>(x, packed_b_source{w}, y, ep, lr.data(), threads);
+    gemm_blocked<Arch>(x, packed_b_source{w}, y, ep, lr, threads);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -529,17 +698,26 @@ inline void gemm_scalar(ConstMatrixView<float> x, const packed_weights_f32& w, M
                         const epilogue& ep) {
     const index_t M = x.rows(), N = w.rows(), K = w.cols();
     if (M == 0 || N == 0) return;
-    const aligned_buffer<float> lr = pack_lowrank_b(ep, N, w.panels());
+    const lowrank_b_pack lr = pack_lowrank(ep, N, w.panels());
     parallel_for(index_t{0}, M, [&](index_t m) {
+        // this row's low-rank term: the plain one, or its segment's (none outside every segment)
+        index_t rank = ep.rank, si = 0;
+        const float* u = rank > 0 ? ep.lowrank_u + m * ep.ld_u : nullptr;
+        if (ep.segment_count > 0) {
+            si = segment_at(ep, m);
+            const bool in = si < ep.segment_count && ep.segments[si].row0 <= m;
+            rank = in ? ep.segments[si].rank : 0;
+            u = in ? ep.segments[si].u + (m - ep.segments[si].row0) * ep.segments[si].ld_u : nullptr;
+        }
         float acc[nr];
         for (index_t p = 0; p < w.panels(); ++p) {
             const float* b = w.panel(p);
             for (index_t j = 0; j < nr; ++j) acc[j] = 0.f;
             for (index_t k = 0; k < K; ++k)
                 for (index_t j = 0; j < nr; ++j) acc[j] += x(m, k) * b[k * nr + j];
-            for (index_t r = 0; r < ep.rank; ++r)
-                for (index_t j = 0; j < nr; ++j)
-                    acc[j] += ep.lowrank_u[m * ep.ld_u + r] * lr[static_cast<std::size_t>(p * ep.rank * nr + r * nr + j)];
+            const float* lp = rank == 0 ? nullptr : ep.segment_count > 0 ? lr.segment(ep.segments[si], si, p) : lr.plain(p, rank);
+            for (index_t r = 0; r < rank; ++r)
+                for (index_t j = 0; j < nr; ++j) acc[j] += u[r] * lp[r * nr + j];
             store_tile(arch::scalar{}, acc, nr, 1, std::min(nr, N - p * nr), m, p * nr, y, ep);
         }
     });
@@ -682,15 +860,7 @@ inline void gemm_f32(ConstMatrixView<float> x, const packed_weights_f32& w, Matr
         require<shape_error>(M <= 1 || ep.ld_residual >= N, "gemm_f32: residual row stride ", ep.ld_residual,
                              " is smaller than its ", N, " columns");
     }
-    if (ep.rank < 0) throw shape_error(cpet::detail::concat("gemm_f32: low-rank rank must be >= 0, got ", ep.rank));
-    if (ep.rank > 0) {
-        require<shape_error>(ep.lowrank_u != nullptr, "gemm_f32: lowrank_u is null with rank ", ep.rank);
-        require<shape_error>(ep.lowrank_b != nullptr, "gemm_f32: lowrank_b is null with rank ", ep.rank);
-        require<shape_error>(M <= 1 || ep.ld_u >= ep.rank, "gemm_f32: lowrank_u row stride ", ep.ld_u,
-                             " is smaller than the rank ", ep.rank);
-        require<shape_error>(N <= 1 || ep.ld_b >= ep.rank, "gemm_f32: lowrank_b row stride ", ep.ld_b,
-                             " is smaller than the rank ", ep.rank);
-    }
+    check_lowrank(ep, M, N, "gemm_f32");
     if (M == 0 || N == 0) return;
     arch::dispatch([&](auto tag) { gemm_f32(tag, x, w, y, ep); });
 }

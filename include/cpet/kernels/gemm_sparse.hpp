@@ -718,8 +718,8 @@ inline void check_call(ConstMatrixView<float> x, index_t n, index_t k, MatrixVie
                        const char* who) {
     check_shape(x, -1, k, cpet::detail::concat(who, ": x").c_str());
     check_shape(y, x.rows(), n, cpet::detail::concat(who, ": y").c_str());
-    require<format_error>(ep.rank == 0, who, ": the low-rank epilogue term is not supported by sparse kernels (rank ",
-                          ep.rank, ")");
+    require<format_error>(!ep.has_lowrank(), who, ": the low-rank epilogue term is not supported by sparse kernels "
+                          "(rank ", ep.rank, ", ", ep.segment_count, " segments)");
     require<shape_error>(!ep.residual || x.rows() <= 1 || ep.ld_residual >= n, who, ": residual row stride ",
                          ep.ld_residual, " is smaller than its ", n, " columns");
 }

@@ -456,8 +456,8 @@ template <class Arch>
 void gemm_wq_blocked(Arch, ConstMatrixView<float> x, const wq_weights& w, MatrixView<float> y, const epilogue& ep) {
     static_assert(arch::is_simd_v<Arch>, "gemm_wq_blocked: SIMD paths only");
     const wq_b_source<Arch> src{w};
-    const aligned_buffer<float> lr = gemm_detail::pack_lowrank_b(ep, w.n, src.panels());
-    gemm_detail::gemm_blocked<Arch>(x, src, y, ep, lr.data(), gemm_detail::threads_for(x.rows(), w.n, w.k));
+    const gemm_detail::lowrank_b_pack lr = gemm_detail::pack_lowrank(ep, w.n, src.panels());
+    gemm_detail::gemm_blocked<Arch>(x, src, y, ep, lr, gemm_detail::threads_for(x.rows(), w.n, w.k));
 }
 
 }  // namespace detail
@@ -503,7 +503,7 @@ void gemm_wq(Arch tag, ConstMatrixView<float> x, const wq_weights& w, MatrixView
     if constexpr (arch::is_simd_v<Arch>) {
         if (gemm_wq_fuses_epilogue(tag, M)) return detail::gemm_wq_blocked(tag, x, w, y, ep);
     }
-    require<shape_error>(ep.act == activation::none && !ep.residual && ep.rank == 0, "gemm_wq: with ", M,
+    require<shape_error>(ep.act == activation::none && !ep.residual && !ep.has_lowrank(), "gemm_wq: with ", M,
                          " rows on the ", arch::name(arch::isa_of<Arch>()),
                          " path the kernel fuses only the bias; apply the rest of the epilogue after it");
     gemm_wq_decode(tag, x, w, y, ep.bias);

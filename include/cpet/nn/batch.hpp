@@ -93,10 +93,13 @@ void project(Arch tag, const Linear<F>& lin, pet::target t, ConstMatrixView<floa
     const index_t N = lin.out_features();
     if constexpr (pet::uses_hook<Modules, pet::hook::linear>) {
         if (auto lr = m.lowrank(t, x, s)) {
-            require<shape_error>(lr->u.rows() == x.rows() && lr->b.rows() == N && lr->u.cols() == lr->b.cols(),
-                                 "PET linear hook (target ", tn, "): expected U [", x.rows(), ", r] and B [", N,
-                                 ", r], got U ", shape_str(lr->u), " and B ", shape_str(lr->b));
+            if (lr->segments.empty())
+                require<shape_error>(lr->u.rows() == x.rows() && lr->b.rows() == N && lr->u.cols() == lr->b.cols(),
+                                     "PET linear hook (target ", tn, "): expected U [", x.rows(), ", r] and B [", N,
+                                     ", r], got U ", shape_str(lr->u), " and B ", shape_str(lr->b));
             pet::apply(ep, *lr);
+            if (!lr->segments.empty())  // O(segments): their order, rows and strides
+                kernels::check_lowrank(ep, x.rows(), N, cpet::detail::concat("PET linear hook (target ", tn, ")").c_str());
         }
     }
     bool done = false;

@@ -215,15 +215,23 @@ inline constexpr std::string_view norm_site_name(norm_site n) noexcept {
     return n == norm_site::norm1 ? "norm1" : "norm2";
 }
 
-/// A low-rank term s·U·Bᵀ for one linear: U [M, r] (M = rows of the linear's input), B [out, r].
+/// A low-rank term s·U·Bᵀ for one linear: U [M, r] (M = rows of the linear's input), B [out, r]. Or, for
+/// modules whose term differs per run of rows (a mixed-task batch), `segments` (kernels::lowrank_segment, each
+/// with its own U, B, rank and scale; u and b then unused), which the GEMM applies to each segment's rows only.
 struct lowrank_args {
     ConstMatrixView<float> u;
     ConstMatrixView<float> b;
     float scale = 1.f;
+    std::span<const kernels::lowrank_segment> segments = {};
 };
 
 /// Fills the low-rank fields of a GEMM epilogue.
 inline void apply(kernels::epilogue& ep, const lowrank_args& lr) noexcept {
+    if (!lr.segments.empty()) {
+        ep.segments = lr.segments.data();
+        ep.segment_count = index_t(lr.segments.size());
+        return;
+    }
     ep.lowrank_u = lr.u.data();
     ep.ld_u = lr.u.stride();
     ep.lowrank_b = lr.b.data();
@@ -268,11 +276,23 @@ public:
         }
         return {b.data(), rows, cols, cols};
     }
+    /// An empty list of low-rank segments (a segmented linear hook's term) with room for n; valid until the next
+    /// request.
+    std::vector<kernels::lowrank_segment>& segments(std::size_t n) {
+        if (segments_.capacity() < n) {
+            segments_.reserve(n);
+            ++allocations_;
+        }
+        segments_.clear();
+        return segments_;
+    }
+
     /// How often storage grew (a test that forward allocates nothing after warm-up reads it).
     std::size_t allocations() const noexcept { return allocations_; }
 
 private:
     std::array<aligned_buffer<float>, slots> bufs_;
+    std::vector<kernels::lowrank_segment> segments_;
     std::size_t allocations_ = 0;
 };
 

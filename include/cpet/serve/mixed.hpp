@@ -2,15 +2,15 @@
 // methods (and stacks of them: CPET's recovery + LoRA, MAM's prefix + scaled parallel adapter, ...).
 //
 // The backbone runs ONCE over the whole batch; every sequence gets its own task's modules:
-//   linear hook (LoRA / rsLoRA / recovery, and BitFit's Δb)  the terms of all the batch's tasks ride in the base
-//       GEMM's epilogue as ONE block-structured term: sequences are grouped into runs of consecutive sequences of
-//       one task; task j of the batch owns rank columns [c_j, c_j + r_j) of
-//           U [M, R] (U = x_run·A_jᵀ in its runs' rows and its columns, zero elsewhere)   and
-//           B [N, R] = [s_1·B_1 | s_2·B_2 | ...]   (each distinct task once),
-//       so U·Bᵀ gives every row exactly its own task's s·U·Bᵀ, added inside the output tile by the same fused
-//       kernel as a single task. A task's BitFit Δb of that linear is one more column of it: U = 1 on the task's
-//       rows, B = Δb, so it is added before the activation exactly where the single-task path adds b + Δb. The
-//       cost is that of rank R = Σ_j r_j (over the batch's distinct tasks) for every row.
+//   linear hook (LoRA / rsLoRA / recovery, and BitFit's Δb)  a segmented low-rank term (kernels::lowrank_segment,
+//       the S-LoRA / Punica SGMV idea on a CPU): sequences are grouped into runs of consecutive sequences of one
+//       task, and each run is one segment of rows with its task's own term — shrink U_run = x_run·A_jᵀ into the
+//       run's rows of a compact U [M, max_j r_j], expand s_j·U_run·B_jᵀ added inside the base GEMM's output tiles
+//       of those rows (or, for formats that cannot fuse, one thin GEMM per segment), so the rows of task j pay its
+//       rank r_j only. B_j is the task's own factor where it has one low-rank member (no copy); a task with
+//       several (CPET's recovery + LoRA) or a BitFit Δb of that linear has them concatenated, [s_1·B_1 | s_2·B_2 |
+//       Δb], as its single-task path does, Δb as one more column with U = 1 on the task's rows, so it is added
+//       before the activation exactly where the single-task path adds b + Δb.
 //   sublayer hook (adapters)  each run's own adapters on its rows (they are row-wise), chained as its task chains
 //       them; runs without adapters keep their sublayer output (the layer then adds the residual separately,
 //       the same sum as the fused add).
@@ -67,16 +67,33 @@ public:
             }
             runs_.push_back({index_t(b), 1, t, idx});
         }
-        // each distinct task's first rank column, per target (fixed by the tasks, so lowrank() only reads)
+        // each distinct task's term, per target (fixed by the tasks, so lowrank() only reads)
         for (int ti = 0; ti < pet::target_count; ++ti) {
-            auto& cols = column_[std::size_t(ti)];
-            cols.assign(distinct_.size(), 0);
-            index_t R = 0;
+            const auto g = pet::target(ti);
+            auto& tt = targets_[std::size_t(ti)];
+            tt.terms.assign(distinct_.size(), term{});
             for (std::size_t i = 0; i < distinct_.size(); ++i) {
-                cols[i] = R;
-                R += term_rank(*distinct_[i], pet::target(ti));
+                const pet::task& task = *distinct_[i];
+                term& tm = tt.terms[i];
+                int members = 0;
+                for_parts(task, [&](const auto& m) {
+                    if (const index_t r = m.rank(g)) {
+                        ++members, tm.rank += r;
+                        tm.b = m.up(g);
+                        tm.scale = m.lowrank_scale(g);
+                    }
+                });
+                const auto db = task.bias_delta(g);
+                if (db) ++tm.rank;
+                if (tm.rank == 0) continue;
+                tt.n = db ? index_t(db->size()) : tm.b.rows();
+                if (members != 1 || db) {  // concatenated per call, in columns [column, column + rank) of scratch
+                    tm.column = tt.concat;
+                    tt.concat += tm.rank;
+                    tm.scale = 1.f;
+                }
+                tt.rmax = std::max(tt.rmax, tm.rank);
             }
-            rank_[std::size_t(ti)] = R;
         }
     }
 
@@ -102,51 +119,64 @@ public:
         for (const auto* t : distinct_) t->check_fits(d, who);
     }
 
-    /// The block-structured term of target t for x [M, in] (M = the batch's rows, M / B per sequence). Each
-    /// distinct task owns one block of rank columns, shared by all its runs, so R is the sum over the batch's
-    /// distinct tasks.
+    /// The segmented term of target t for x [M, in] (M = the batch's rows, M / B per sequence): one segment per
+    /// run of a task with a term there, each with its task's own U, B, rank and scale.
     std::optional<pet::lowrank_args> lowrank(pet::target t, ConstMatrixView<float> x, pet::scratch& s) const {
-        const index_t R = rank_[std::size_t(t)];
-        if (R == 0 || per_sequence_.empty()) return std::nullopt;
-        const auto& column = column_[std::size_t(t)];
-        index_t N = 0;
-        for (const auto* task : distinct_) N = std::max(N, out_of(*task, t));
-        const index_t S = x.rows() / sequences();
-        auto u = s.matrix(pet::slot::lowrank_u, x.rows(), R);
-        auto b = s.matrix(pet::slot::lowrank_b, N, R);
-        for (index_t i = 0; i < u.rows(); ++i) {
-            float* ur = u.row(i);
-            for (index_t j = 0; j < R; ++j) ur[j] = 0.f;  // the other tasks' columns of each row
+        const auto& tt = targets_[std::size_t(t)];
+        if (tt.rmax == 0 || per_sequence_.empty() || x.rows() == 0) return std::nullopt;
+        const index_t S = x.rows() / sequences(), N = tt.n;
+        // expand factors of the tasks that need one concatenated: [s_1·B_1 | s_2·B_2 | Δb], each task once
+        MatrixView<float> cat;
+        if (tt.concat > 0) {
+            cat = s.matrix(pet::slot::lowrank_b, N, tt.concat);
+            for (std::size_t i = 0; i < distinct_.size(); ++i) {
+                const term& tm = tt.terms[i];
+                if (tm.rank == 0 || tm.column < 0) continue;
+                index_t c = tm.column;
+                for_parts(*distinct_[i], [&](const auto& m) {
+                    const index_t r = m.rank(t);
+                    if (!r) return;
+                    const ConstMatrixView<float> bi = m.up(t);
+                    const float si = m.lowrank_scale(t);
+                    for (index_t n = 0; n < N; ++n)
+                        for (index_t j = 0; j < r; ++j) cat(n, c + j) = si * bi(n, j);
+                    c += r;
+                });
+                if (const auto db = distinct_[i]->bias_delta(t))
+                    for (index_t n = 0; n < N; ++n) cat(n, c) = (*db)[std::size_t(n)];
+            }
         }
-        for (std::size_t i = 0; i < distinct_.size(); ++i) {  // expand factors: s·B (and Δb) of each task, once
-            index_t c = column[i];
-            for_parts(*distinct_[i], [&](const auto& m) {
-                const index_t r = m.rank(t);
-                if (!r) return;
-                const ConstMatrixView<float> bi = m.up(t);
-                const float si = m.lowrank_scale(t);
-                for (index_t n = 0; n < N; ++n)
-                    for (index_t j = 0; j < r; ++j) b(n, c + j) = si * bi(n, j);
-                c += r;
-            });
-            if (const auto db = distinct_[i]->bias_delta(t))
-                for (index_t n = 0; n < N; ++n) b(n, c) = (*db)[std::size_t(n)];
-        }
-        for (const auto& run : runs_) {  // shrink: each run's rows into its task's columns
+        // shrink: each run's rows into the first r_j columns of its rows of a compact U
+        auto u = s.matrix(pet::slot::lowrank_u, x.rows(), tt.rmax);
+        auto& segs = s.segments(runs_.size());
+        for (const auto& run : runs_) {
             if (!run.task) continue;
-            const auto xs = x.middle_rows(run.first * S, run.count * S);
-            auto us = u.middle_rows(run.first * S, run.count * S);
-            index_t c = column[std::size_t(run.index)];
+            const term& tm = tt.terms[std::size_t(run.index)];
+            if (tm.rank == 0) continue;
+            const index_t row0 = run.first * S, rows = run.count * S;
+            const auto xs = x.middle_rows(row0, rows);
+            auto us = u.middle_rows(row0, rows);
+            index_t c = 0;
             for_parts(*run.task, [&](const auto& m) {
                 const index_t r = m.rank(t);
                 if (!r) return;
                 m.project(t, xs, us.middle_cols(c, r), s);
                 c += r;
             });
-            if (run.task->bias_delta(t))
-                for (index_t i = 0; i < us.rows(); ++i) us(i, c) = 1.f;
+            if (c < tm.rank)  // the Δb column
+                for (index_t i = 0; i < rows; ++i) us(i, c) = 1.f;
+            kernels::lowrank_segment sg;
+            sg.row0 = row0, sg.rows = rows;
+            sg.u = us.data(), sg.ld_u = u.stride();
+            if (tm.column >= 0) sg.b = cat.data() + tm.column, sg.ld_b = cat.stride();
+            else sg.b = tm.b.data(), sg.ld_b = tm.b.stride();
+            sg.rank = tm.rank, sg.scale = tm.scale;
+            segs.push_back(sg);
         }
-        return pet::lowrank_args{u, b, 1.f};
+        if (segs.empty()) return std::nullopt;
+        pet::lowrank_args out;
+        out.segments = segs;
+        return out;
     }
 
     /// Each run's own sublayer hooks (adapters) on its rows.
@@ -168,27 +198,24 @@ private:
                 if constexpr (pet::LowrankParts<std::decay_t<decltype(m)>>) f(m);
             }, t.at(i));
     }
-    /// Columns of task t's term for target g: its low-rank members' ranks, plus one for a BitFit Δb.
-    static index_t term_rank(const pet::task& t, pet::target g) {
-        index_t r = 0;
-        for_parts(t, [&](const auto& m) { r += m.rank(g); });
-        return r + (t.bias_delta(g) ? 1 : 0);
-    }
-    /// Rows of task t's B for target g (0 when it has no term there).
-    static index_t out_of(const pet::task& t, pet::target g) {
-        index_t n = 0;
-        for_parts(t, [&](const auto& m) {
-            if (m.rank(g)) n = m.up(g).rows();
-        });
-        if (const auto db = t.bias_delta(g)) n = index_t(db->size());
-        return n;
-    }
+    /// One distinct task's term of one target.
+    struct term {
+        index_t rank = 0;                ///< its low-rank members' ranks, plus one for a BitFit Δb
+        ConstMatrixView<float> b;        ///< the member's B where it has one member and no Δb
+        float scale = 1.f;               ///< its scale (1 when concatenated: the scales are folded in)
+        index_t column = -1;             ///< first column of its concatenated [s_1·B_1 | ... | Δb], or -1
+    };
+    struct per_target {
+        std::vector<term> terms;         ///< per distinct task
+        index_t n = 0;                   ///< B rows (the linear's out features)
+        index_t rmax = 0;                ///< the largest rank: U's columns
+        index_t concat = 0;              ///< columns of the concatenated factors
+    };
 
     std::vector<const pet::task*> per_sequence_;
     std::vector<run> runs_;
     std::vector<const pet::task*> distinct_;  ///< the batch's tasks, each once
-    std::array<std::vector<index_t>, pet::target_count> column_;  ///< per target: first rank column of each task
-    std::array<index_t, pet::target_count> rank_{};               ///< per target: R
+    std::array<per_target, pet::target_count> targets_;
     bool sublayer_ = false;
 };
 

@@ -12,8 +12,9 @@
 //
 // A heterogeneous batch names a task per sequence (forward_batch / decode_batch), tasks of any methods: the names
 // are resolved once, the backbone runs once over the whole batch, and each sequence gets its own task's modules
-// through serve::mixed_batch (low-rank terms and BitFit's Δb in one fused epilogue term; adapters, IA3, Δβ,
-// prefixes and prompt tokens per sequence; a batch of one task takes that task's own fused path). For decode the
+// through serve::mixed_batch (low-rank terms and BitFit's Δb as a segmented epilogue term, each row paying its own
+// task's rank; adapters, IA3, Δβ, prefixes and prompt tokens per sequence; a batch of one task takes that task's
+// own fused path). For decode the
 // caller owns the kv_caches: a sequence leaves by truncating its slot to 0, a new one joins in a free slot with
 // its task (its prefix and prompt tokens go into its cache then), and idle slots pass a length of 0. A slot keeps
 // the task it started with: one whose prefix length differs is refused by the decode; the caller truncates a slot
