@@ -341,6 +341,60 @@ TEST_CASE("train::backward on a GPT-2 layer (pre-LN, causal): scaled parallel ad
     check_layer<C>(bert_shape(), {5, 1, 7}, 7, mix, 52);
 }
 
+namespace {
+/// backward with an empty dx (the first layer over frozen embeddings) accumulates exactly the gradients a full
+/// backward does.
+template <class C>
+void check_no_dx(const nn::layer_shape& s, const pet::task& task, unsigned seed) {
+    const nn::TransformerLayer<C> layer(nn::random_layer_weights(s, seed, nn::kind_of<C>), s);
+    const std::vector<index_t> lengths{7, 1, 5};
+    const index_t S = 7, M = 3 * S, d = s.d_model;
+    Matrix<float> x = testing::random_matrix(M, d, seed + 1);
+    nn::detail::zero_padding(x, nn::batch_layout::of(M, lengths, "test"));
+    const Matrix<float> G = testing::random_matrix(M, d, seed + 2);
+    std::vector<std::vector<float>> got[2];
+    for (int with_dx = 0; with_dx < 2; ++with_dx) {
+        pet::task values = task;
+        pet::task grads = train::zeros_like(values);
+        const auto terms = train::bind(layer.pet_dims(), values, grads);
+        Matrix<float> y(M, d), dx(M, d);
+        train::layer_tape tape;
+        train::forward(layer, x, lengths, y, terms, tape);
+        train::backward(layer, tape, terms, G, with_dx ? MatrixView<float>(dx) : MatrixView<float>());
+        std::vector<train::parameter> ps;
+        train::append_parameters(values, grads, "l.", ps);
+        for (const auto& p : ps) got[with_dx].emplace_back(p.grad.begin(), p.grad.end());
+    }
+    REQUIRE(got[0].size() == got[1].size());
+    REQUIRE(!got[0].empty());
+    for (std::size_t i = 0; i < got[0].size(); ++i) {
+        double scale = 0;
+        for (float g : got[1][i]) scale = std::max(scale, double(std::abs(g)));
+        CHECK(scale > 0);  // every tensor got a gradient
+        CHECK(got[0][i] == got[1][i]);
+    }
+}
+}  // namespace
+
+TEST_CASE("train::backward without dx (empty view) accumulates the same gradients, BitFit's pre-LN Δβ included") {
+    {
+        using C = config::bert<>;
+        const auto d = dims_of<C>(bert_shape());
+        check_no_dx<C>(bert_shape(),
+                       pet::task(random_lora(d, pet::target_set{pet::target::q, pet::target::v}, 61),
+                                 random_adapter<pet::parallel_adapter>(d, 3, 62)),
+                       71);
+    }
+    {
+        using C = config::gpt2<>;  // pre-LN LayerNorm: norm 1's Δβ needs d(attn_in) even when dx is not formed
+        const auto d = dims_of<C>(bert_shape());
+        check_no_dx<C>(bert_shape(),
+                       pet::task(pet::bitfit::make(d), random_adapter<pet::parallel_adapter>(d, 3, 63),
+                                 random_lora(d, pet::target_set{pet::target::q, pet::target::k}, 64)),
+                       72);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Prompt tuning lives at the model: the virtual tokens go before each sequence after the embeddings
 // ---------------------------------------------------------------------------------------------------------------

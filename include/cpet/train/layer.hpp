@@ -645,7 +645,7 @@ inline void lowrank_backward(const std::vector<lowrank_term>& terms, const std::
             as_eigen(t.gB).noalias() += t.scale * (as_eigen(dy).transpose() * as_eigen(u));
         }
         as_eigen(t.gA).noalias() += as_eigen(du).transpose() * as_eigen(x);
-        as_eigen(dx).noalias() += as_eigen(du) * as_eigen(t.A);
+        if (dx.rows() > 0) as_eigen(dx).noalias() += as_eigen(du) * as_eigen(t.A);
     }
 }
 
@@ -813,7 +813,8 @@ void linear_backward(const nn::TransformerLayer<C>& layer, pet::target t, const 
         dy = scaled;
     }
     if (const auto& db = terms.bias[std::size_t(t)]) add_colsum(db.g, dy);
-    if (accumulate) {
+    if (dx.rows() == 0) {  // the input gradient is not wanted (backward's `dx` is empty): the terms' only
+    } else if (accumulate) {
         Matrix<float> tmp(dx.rows(), dx.cols());
         w.matmul_t(dy, tmp);
         add_to(dx, tmp);
@@ -1060,7 +1061,9 @@ void forward(const nn::TransformerLayer<C>& layer, ConstMatrixView<float> x, std
 }
 
 /// dx = dL/dx of the layer whose forward filled `tape`, given dy = dL/dy, accumulating the terms' gradients
-/// (into the gradient store bind() took them from). dx may alias dy. Padded rows of dy are ignored (the forward
+/// (into the gradient store bind() took them from). dx may alias dy, and may be empty (a 0 × 0 view, with M > 0):
+/// the input gradient is then not formed (a model's first layer over frozen embeddings), which saves the GEMMs
+/// through q, k and v; every term's gradient is still accumulated. Padded rows of dy are ignored (the forward
 /// zeroes them) and padded rows of dx are zero.
 template <nn::LayerConfig C>
 void backward(const nn::TransformerLayer<C>& layer, const layer_tape& tape, const layer_terms& terms,
@@ -1070,7 +1073,8 @@ void backward(const nn::TransformerLayer<C>& layer, const layer_tape& tape, cons
     const index_t M = tape.x.rows(), d = s.d_model, H = s.n_heads, G = s.n_kv_heads, hd = s.head_dim, S = L.seq_len;
     const index_t qd = s.q_dim(), kvd = s.kv_dim(), ff = s.d_ff, group = H / G;
     check_shape(dy_in, M, d, "train::backward: dy");
-    check_shape(dx, M, d, "train::backward: dx");
+    const bool want_dx = !(M > 0 && dx.rows() == 0 && dx.cols() == 0);
+    if (want_dx) check_shape(dx, M, d, "train::backward: dx");
     require<shape_error>(tape.prefix == terms.prefix.length() &&
                              tape.adapters[0].size() == terms.after(pet::sublayer::attention).size() &&
                              tape.adapters[1].size() == terms.after(pet::sublayer::ffn).size(),
@@ -1240,11 +1244,19 @@ void backward(const nn::TransformerLayer<C>& layer, const layer_tape& tape, cons
         detail::add_to(terms.prefix.gv, dpv[b]);
     }
     Matrix<float>& din = sc.din;
-    din.reset(M, d);
-    detail::linear_backward<C>(layer, pet::target::q, terms, tape, a_in, dq, din, false);
-    detail::linear_backward<C>(layer, pet::target::k, terms, tape, a_in, dk, din, true);
-    detail::linear_backward<C>(layer, pet::target::v, terms, tape, a_in, dv, din, true);
-    if (!ad_att.empty()) detail::add_to(din, din_extra);
+    // pre-LN BitFit's Δβ of norm 1 is the column sum of d(attn_in): then din is formed even when dx is not wanted
+    const bool want_din = want_dx || (!post && beta1);
+    if (want_din) din.reset(M, d);
+    const MatrixView<float> din_v = want_din ? MatrixView<float>(din) : MatrixView<float>();
+    detail::linear_backward<C>(layer, pet::target::q, terms, tape, a_in, dq, din_v, false);
+    detail::linear_backward<C>(layer, pet::target::k, terms, tape, a_in, dk, din_v, true);
+    detail::linear_backward<C>(layer, pet::target::v, terms, tape, a_in, dv, din_v, true);
+    if (want_din && !ad_att.empty()) detail::add_to(din, din_extra);
+    if (!want_dx) {
+        if constexpr (!post)
+            if (beta1) detail::add_colsum(beta1.g, din);
+        return;
+    }
     if constexpr (!post) {
         if (beta1) detail::add_colsum(beta1.g, din);
         detail::norm_backward<C::norm>(tape.n1, g1, din, din);

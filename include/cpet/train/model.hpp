@@ -253,11 +253,13 @@ void backward(const nn::Model<C>& m, const model_tape& tape, std::span<const lay
     Matrix<float> y(g.rows(), d);
     for (std::size_t l = m.stack().size(); l-- > 0;) {
         const auto& layer = m.stack().layer(l);
+        // the first layer's input gradient feeds only the virtual tokens (the embeddings are frozen)
+        const MatrixView<float> dx = l == 0 && P == 0 ? MatrixView<float>() : MatrixView<float>(g);
         if (tape.recompute) {
             detail::layer_forward(layer, tape.inputs[l], tape.layer_lengths, y, terms[l], scratch);
-            backward(layer, scratch, terms[l], g, g);
+            backward(layer, scratch, terms[l], g, dx);
         } else {
-            backward(layer, tape.layers[l], terms[l], g, g);
+            backward(layer, tape.layers[l], terms[l], g, dx);
         }
     }
     if (P > 0) {  // dL/d(tokens) = Σ_b the rows of layer 0's input gradient at the virtual tokens
