@@ -10,10 +10,11 @@
 //     x_forward  the median step of this repetition over the median of every forward above (same process, run
 //                just before it); the aim is ≤ 3. The table at the end divides the medians of all calls
 //     tape_MiB   layer_tape::bytes(): the activations the forward keeps for the backward
-//     rss_MiB    growth of the process's resident set over one step: the peak (VmHWM, reset through
-//                /proc/self/clear_refs just before) minus the resident set before the step. It counts the tape, dx,
-//                dy and the backward's temporaries; memory malloc already holds from earlier steps is not counted
-//                again, so it is the footprint a step adds to a warm process. 0 where the kernel refuses the reset.
+//     rss_MiB    growth of the process's resident set over the first step (the tape, y and dx then persist
+//                across steps, as in a training loop): the peak (VmHWM, reset through /proc/self/clear_refs just
+//                before) minus the resident set before the step. It counts the tape, dx, dy and the backward's
+//                temporaries; memory malloc already holds from earlier runs is not counted again, so it is the
+//                footprint a step adds to a warm process. 0 where the kernel refuses the reset.
 //   Policies: dense (fp32), w8a8 (int8 per channel, dynamic per-token int8 activations), 2:4 (magnitude 2:4 sparse,
 //   fp32 values); every backbone is built from the same random dense weights, without calibration.
 //   Methods: lora_r32 (LoRA r 32, α 32 on q and k: the paper's task modules) and cpet (the paper's GELU recovery
@@ -205,11 +206,14 @@ void bm_step(benchmark::State& st, const std::string& policy, method m, int thre
     const std::vector<index_t> lengths(batch, seq);
     const index_t M = batch * seq, d = bert_base().d_model;
     auto& r = layer_table()[{policy, method_name(m), threads}];
-    // Everything a step allocates is allocated inside it (the tape, y and dx as train code holds them in a step of
-    // a layer stack), so that the resident-set growth of the first step is the footprint of one.
+    // The tape, y and dx live across steps, as a training loop holds them (train::forward refills the tape's
+    // buffers in place): the first step allocates everything, so the resident-set growth over it is the footprint
+    // of one step, and the timed steps are those of a running loop.
+    train::layer_tape tape;
+    cpet::Matrix<float> y, dx;
     auto step = [&] {
-        train::layer_tape tape;
-        cpet::Matrix<float> y(M, d), dx(M, d);
+        y.reset(M, d);
+        dx.reset(M, d);
         train::forward(layer, bert_input(), lengths, y, terms, tape);
         train::backward(layer, tape, terms, bert_dy(), dx);
         benchmark::DoNotOptimize(dx.data());
