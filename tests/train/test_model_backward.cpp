@@ -9,43 +9,12 @@
 #include "cpet/train/model.hpp"
 #include "nn/reference_layer.hpp"
 #include "support/testing.hpp"
+#include "train/model_testing.hpp"
 
 using namespace cpet;
 using testing::MatD;
 
 namespace {
-
-nn::layer_shape tiny_shape(index_t kv_heads) {
-    nn::layer_shape s;
-    s.d_model = 12, s.n_heads = 4, s.n_kv_heads = kv_heads, s.head_dim = 4, s.d_ff = 20, s.eps = 1e-6f;
-    return s;
-}
-
-template <class C>
-nn::model_weights tiny_model(const nn::layer_shape& s, index_t layers, index_t vocab, bool llama, unsigned seed) {
-    nn::model_weights w;
-    w.shape = s;
-    for (index_t l = 0; l < layers; ++l) w.layers.push_back(nn::random_layer_weights(s, seed + unsigned(l), nn::kind_of<C>));
-    w.embeddings.word = testing::random_matrix(vocab, s.d_model, seed + 100);
-    if (llama) {
-        w.final_norm_gamma.assign(std::size_t(s.d_model), 1.1f);
-        w.lm_head_tied = true;
-    } else {
-        w.embeddings.position = testing::random_matrix(16, s.d_model, seed + 101, -0.1f, 0.1f);
-        w.embeddings.norm_gamma.assign(std::size_t(s.d_model), 1.f);
-        w.embeddings.norm_beta.assign(std::size_t(s.d_model), 0.f);
-    }
-    return w;
-}
-
-nn::token_batch tiny_batch(index_t vocab, std::vector<index_t> lengths, index_t S, unsigned seed) {
-    nn::token_batch t;
-    t.lengths = lengths;
-    t.seq_len = S;
-    std::mt19937 gen(seed);
-    for (index_t i = 0; i < index_t(lengths.size()) * S; ++i) t.ids.push_back(std::int32_t(gen() % unsigned(vocab)));
-    return t;
-}
 
 /// A LoRA per layer with random non-zero B on every target.
 template <class C>
@@ -125,16 +94,16 @@ TEST_CASE("train::pool_backward and linear_head::backward match finite differenc
 
 TEST_CASE("train::backward of a LLaMA model (embeddings, 2 layers, final RMSNorm, tied LM head) matches finite differences") {
     using C = config::llama<>;
-    const auto s = tiny_shape(2);
+    const auto s = testing::tiny_shape(2);
     const index_t V = 23;
-    const auto w = tiny_model<C>(s, 2, V, true, 5);
+    const auto w = testing::tiny_model<C>(s, 2, V, true, 5);
     const nn::Model<C> model(w);
     auto tasks = loras(model, 9);
     std::vector<pet::lora::modules> grads;
     std::vector<train::layer_terms> terms;
     for (auto& t : tasks) grads.push_back(train::zeros_like(t));
     for (std::size_t l = 0; l < tasks.size(); ++l) terms.push_back(train::bind(model.stack().layer(l).pet_dims(), tasks[l], grads[l]));
-    const auto batch = tiny_batch(V, {5, 2, 6}, 6, 3);
+    const auto batch = testing::tiny_batch(V, {5, 2, 6}, 6, 3);
 
     train::model_tape tape;
     train::forward(model, batch, terms, tape);
@@ -213,15 +182,15 @@ TEST_CASE("train::backward of a LLaMA model (embeddings, 2 layers, final RMSNorm
 
 TEST_CASE("train::forward of a BERT model with a classification head equals the inference model") {
     using C = config::bert<>;
-    const auto s = tiny_shape(4);
-    const auto w = tiny_model<C>(s, 3, 17, false, 6);
+    const auto s = testing::tiny_shape(4);
+    const auto w = testing::tiny_model<C>(s, 3, 17, false, 6);
     const nn::Model<C> model(w);
     auto tasks = loras(model, 2);
     std::vector<pet::lora::modules> grads;
     std::vector<train::layer_terms> terms;
     for (auto& t : tasks) grads.push_back(train::zeros_like(t));
     for (std::size_t l = 0; l < tasks.size(); ++l) terms.push_back(train::bind(model.stack().layer(l).pet_dims(), tasks[l], grads[l]));
-    const auto batch = tiny_batch(17, {4, 1, 6, 3}, 6, 9);
+    const auto batch = testing::tiny_batch(17, {4, 1, 6, 3}, 6, 9);
     train::model_tape tape;
     train::forward(model, batch, terms, tape);
     nn::workspace ws;

@@ -18,6 +18,7 @@
 #include "cpet/train/optim.hpp"
 #include "nn/reference_layer.hpp"
 #include "support/testing.hpp"
+#include "train/model_testing.hpp"
 
 using namespace cpet;
 using testing::MatD;
@@ -401,37 +402,6 @@ TEST_CASE("train::backward without dx (empty view) accumulates the same gradient
 
 namespace {
 
-nn::layer_shape model_shape(index_t kv_heads) {
-    nn::layer_shape s;
-    s.d_model = 12, s.n_heads = 4, s.n_kv_heads = kv_heads, s.head_dim = 4, s.d_ff = 20, s.eps = 1e-6f;
-    return s;
-}
-
-template <class C>
-nn::model_weights tiny_model(const nn::layer_shape& s, index_t layers, index_t vocab, bool llama, unsigned seed) {
-    nn::model_weights w;
-    w.shape = s;
-    for (index_t l = 0; l < layers; ++l) w.layers.push_back(nn::random_layer_weights(s, seed + unsigned(l), nn::kind_of<C>));
-    w.embeddings.word = testing::random_matrix(vocab, s.d_model, seed + 100);
-    if (llama) {
-        w.final_norm_gamma.assign(std::size_t(s.d_model), 1.1f);
-    } else {
-        w.embeddings.position = testing::random_matrix(16, s.d_model, seed + 101, -0.1f, 0.1f);
-        w.embeddings.norm_gamma.assign(std::size_t(s.d_model), 1.f);
-        w.embeddings.norm_beta.assign(std::size_t(s.d_model), 0.f);
-    }
-    return w;
-}
-
-nn::token_batch tiny_batch(index_t vocab, std::vector<index_t> lengths, index_t S, unsigned seed) {
-    nn::token_batch t;
-    t.lengths = std::move(lengths);
-    t.seq_len = S;
-    std::mt19937 gen(seed);
-    for (index_t i = 0; i < t.batch() * S; ++i) t.ids.push_back(std::int32_t(gen() % unsigned(vocab)));
-    return t;
-}
-
 /// The model's forward equals the inference model's (nn::Stack puts the tokens in); every gradient, the virtual
 /// tokens' included, matches finite differences of the reference; recomputation gives the same gradients.
 template <class C>
@@ -517,25 +487,25 @@ void check_model(const nn::model_weights& w, std::vector<pet::task> tasks, const
 
 TEST_CASE("train::backward of a BERT model with prompt tuning (+ a parallel adapter, + LoRA in layer 1)") {
     using C = config::bert<>;
-    const auto s = model_shape(4);
-    const auto w = tiny_model<C>(s, 2, 17, false, 3);
+    const auto s = testing::tiny_shape(4);
+    const auto w = testing::tiny_model<C>(s, 2, 17, false, 3);
     const auto d = dims_of<C>(s);
     std::vector<pet::task> tasks;
     tasks.emplace_back(pet::prompt_tuning::make(d, {.length = 3}, 1), random_adapter<pet::parallel_adapter>(d, 3, 2));
     tasks.emplace_back(random_lora(d, pet::target_set{pet::target::q, pet::target::v}, 3));
-    check_model<C>(w, std::move(tasks), tiny_batch(17, {1, 7, 5}, 7, 4), 61);
+    check_model<C>(w, std::move(tasks), testing::tiny_batch(17, {1, 7, 5}, 7, 4), 61);
 }
 
 TEST_CASE("train::backward of a LLaMA model (GQA, RoPE, causal, final RMSNorm) with prompt tuning + LoRA, then P-tuning v2") {
     using C = config::llama<>;
-    const auto s = model_shape(2);
-    const auto w = tiny_model<C>(s, 2, 19, true, 5);
+    const auto s = testing::tiny_shape(2);
+    const auto w = testing::tiny_model<C>(s, 2, 19, true, 5);
     const auto d = dims_of<C>(s);
     std::vector<pet::task> tasks;
     tasks.emplace_back(pet::prompt_tuning::make(d, {.length = 2}, 6),
                        random_lora(d, pet::target_set{pet::target::k, pet::target::up}, 7));
     tasks.emplace_back(random_prefix<pet::p_tuning_v2>(d, 2, 8), random_adapter<pet::adapter>(d, 2, 9));
-    check_model<C>(w, std::move(tasks), tiny_batch(19, {1, 7, 5}, 7, 10), 62);
+    check_model<C>(w, std::move(tasks), testing::tiny_batch(19, {1, 7, 5}, 7, 10), 62);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -580,9 +550,9 @@ TEST_CASE("AdamW on an adapter + prefix task lowers a tiny BERT model's classifi
     // label = whether token 1 occurs in the sequence; the backbone is frozen and random, so only the task's
     // modules and a fresh head can learn it
     using C = config::bert<>;
-    const auto s = model_shape(4);
+    const auto s = testing::tiny_shape(4);
     const index_t V = 11;
-    const nn::Model<C> model(tiny_model<C>(s, 2, V, false, 21));
+    const nn::Model<C> model(testing::tiny_model<C>(s, 2, V, false, 21));
     const auto d = model.stack().layer(0).pet_dims();
     std::vector<pet::task> tasks;
     for (int l = 0; l < 2; ++l) {
@@ -598,7 +568,7 @@ TEST_CASE("AdamW on an adapter + prefix task lowers a tiny BERT model's classifi
     for (std::size_t l = 0; l < tasks.size(); ++l) train::append_parameters(tasks[l], grads[l], "layer." + std::to_string(l) + ".", ps);
     head.append_parameters("head.", ps);
 
-    nn::token_batch batch = tiny_batch(V, {6, 3, 5, 6, 4, 2, 6, 5}, 6, 9);
+    nn::token_batch batch = testing::tiny_batch(V, {6, 3, 5, 6, 4, 2, 6, 5}, 6, 9);
     std::vector<std::int32_t> labels;
     for (index_t b = 0; b < batch.batch(); ++b) {
         if (b % 2 == 0) batch.ids[std::size_t(b * 6 + 1)] = 1;  // half the sequences hold token 1
@@ -672,7 +642,7 @@ TEST_CASE("train::bind / forward refuse misfit prefixes, adapters and virtual to
                          shape_error);
     CHECK(tape.x.empty());
 
-    const auto mw = tiny_model<C>(model_shape(2), 2, 13, true, 6);
+    const auto mw = testing::tiny_model<C>(testing::tiny_shape(2), 2, 13, true, 6);
     const nn::Model<C> model(mw);
     const auto md = model.stack().layer(0).pet_dims();
     std::vector<pet::task> tasks{pet::task(random_lora(md, pet::target_set{pet::target::q}, 7)),
@@ -683,7 +653,7 @@ TEST_CASE("train::bind / forward refuse misfit prefixes, adapters and virtual to
     for (auto& tk : tasks) grads.push_back(train::zeros_like(tk));
     for (std::size_t l = 0; l < 2; ++l) mterms.push_back(train::bind(model.stack().layer(l).pet_dims(), tasks[l], grads[l]));
     train::model_tape mt;
-    CHECK_THROWS_WITH_AS(train::forward(model, tiny_batch(13, {3, 2}, 3, 9), mterms, mt),
+    CHECK_THROWS_WITH_AS(train::forward(model, testing::tiny_batch(13, {3, 2}, 3, 9), mterms, mt),
                          doctest::Contains("layer 1's terms carry 2 virtual tokens"), shape_error);
     CHECK(mt.layers.empty());
     CHECK(testing::rel_error(tasks[1].get<pet::prompt_tuning::modules>(0).tokens,
