@@ -9,6 +9,9 @@
 // serve_decode/per_task_loop/<backbone>/64seq_kv256/tasks<T>/t<n>
 // .../kinds64/t<n>   the same with 64 tasks of six kinds (LoRA, CPET = recovery r8 + LoRA r16, adapter b16, IA3,
 //                    BitFit, MAM = prefix 8 + scaled parallel adapter b16), sequence b has task b % 64
+// serve_*/cpet_mixed/<backbone>/.../tasks64_bf16/t<n>, .../tasks64_int8/t<n>   the 64 LoRA tasks with their factors
+//                    stored in bf16 / int8 with per-row scales (serve::factor_storage), read as stored; the bytes and
+//                    the output change against fp32 factors are printed first
 //
 // The mixed batch's low-rank terms are a segmented epilogue term (kernels/epilogue.hpp): each row pays its own
 // task's rank. Read tasks<T> of cpet_mixed against tasks1 (the issue's aim at T = 64: >= 0.85x its throughput in
@@ -21,6 +24,7 @@
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
@@ -77,6 +81,8 @@ serve::registry<cpet::config::llama<Comp>>& registry() {
                     m.set(tg, m.A(tg), cpet::bench::random_matrix(d.out(tg), 16, 7u * unsigned(t) + unsigned(tg), 0.02f));
                 mods[l].add(std::move(m));
             }
+            r->add("task" + std::to_string(t) + "@bf16", mods, serve::factor_storage::bf16);
+            r->add("task" + std::to_string(t) + "@int8", mods, serve::factor_storage::int8);
             r->add("task" + std::to_string(t), std::move(mods));
         }
         for (int t = 0; t < 64; ++t) {
@@ -136,15 +142,20 @@ serve::registry<cpet::config::llama<Comp>>& registry() {
     return *reg;
 }
 
-/// Sequence b's task: "task<b % T>" (LoRA r16) or, for kinds, "kind<b % 64>" (six kinds).
-std::vector<std::string> task_names(int T, bool kinds) {
+/// Which tasks a benchmark's sequences take.
+enum class task_set { lora, kinds, lora_bf16, lora_int8 };
+
+/// Sequence b's task: "task<b % T>" (LoRA r16, "@bf16" / "@int8" stored compact) or "kind<b % 64>" (six kinds).
+std::vector<std::string> task_names(int T, task_set set) {
     std::vector<std::string> n;
-    for (index_t b = 0; b < batch; ++b) n.push_back((kinds ? "kind" : "task") + std::to_string(b % T));
+    const char* suffix = set == task_set::lora_bf16 ? "@bf16" : set == task_set::lora_int8 ? "@int8" : "";
+    for (index_t b = 0; b < batch; ++b)
+        n.push_back((set == task_set::kinds ? "kind" : "task") + std::to_string(b % T) + suffix);
     return n;
 }
 
 template <class Comp>
-void bm_prefill(benchmark::State& st, int T, bool kinds, bool mixed, int threads) {
+void bm_prefill(benchmark::State& st, int T, task_set kinds, bool mixed, int threads) {
     cpet::set_num_threads(threads);
     auto& reg = registry<Comp>();
     const auto s = shape();
@@ -181,7 +192,7 @@ void bm_prefill(benchmark::State& st, int T, bool kinds, bool mixed, int threads
 }
 
 template <class Comp>
-void bm_decode(benchmark::State& st, int T, bool kinds, bool mixed, int threads) {
+void bm_decode(benchmark::State& st, int T, task_set kinds, bool mixed, int threads) {
     cpet::set_num_threads(threads);
     auto& reg = registry<Comp>();
     const auto s = shape();
@@ -246,19 +257,44 @@ void register_backbone(const char* label) {
     const auto one = reg.get("task0")->bytes;
     std::size_t lora64 = 0;
     for (int t = 0; t < 64; ++t) lora64 += reg.get("task" + std::to_string(t))->bytes;
-    std::printf("serve %s: backbone %.2f MiB once, one LoRA task %.3f MiB, 64 LoRA tasks %.2f MiB (total %.2f MiB); "
-                "with the 64 tasks of six kinds all tasks %.2f MiB, total %.2f MiB\n",
-                label, double(mem.backbone_bytes) / 1048576.0, double(one) / 1048576.0, double(lora64) / 1048576.0,
-                double(mem.backbone_bytes + lora64) / 1048576.0, double(mem.task_bytes) / 1048576.0,
-                double(mem.total()) / 1048576.0);
+    std::printf("serve %s: backbone %.2f MiB once, one LoRA task %.3f MiB (bf16 %.3f, int8 %.3f), 64 LoRA tasks "
+                "%.2f MiB (total %.2f MiB); all %zu registered tasks %.2f MiB, total %.2f MiB\n",
+                label, double(mem.backbone_bytes) / 1048576.0, double(one) / 1048576.0,
+                double(reg.get("task0@bf16")->bytes) / 1048576.0, double(reg.get("task0@int8")->bytes) / 1048576.0,
+                double(lora64) / 1048576.0, double(mem.backbone_bytes + lora64) / 1048576.0, mem.tasks,
+                double(mem.task_bytes) / 1048576.0, double(mem.total()) / 1048576.0);
+    {  // what compact factors change in the output: one sequence of 32 tokens through the stack
+        const auto s = shape();
+        const index_t n = 32;
+        const auto x = cpet::bench::random_matrix(n, s.d_model, 77);
+        const std::vector<index_t> l{n};
+        cpet::nn::workspace ws;
+        cpet::Matrix<float> bare(n, s.d_model), y32(n, s.d_model), yc(n, s.d_model);
+        reg.backbone().forward(x, l, bare, ws);
+        reg.forward("task0", x, l, y32, ws);
+        for (const char* st : {"bf16", "int8"}) {
+            reg.forward(std::string("task0@") + st, x, l, yc, ws);
+            double d = 0, o = 0, e = 0;
+            for (index_t i = 0; i < y32.size(); ++i) {
+                const double a = y32.data()[i], c = yc.data()[i], b = bare.data()[i];
+                d += (c - a) * (c - a), o += a * a, e += (a - b) * (a - b);
+            }
+            std::printf("serve %s: LoRA factors in %s change the output by %.2e relative to fp32 factors (the task's "
+                        "effect on it by %.2e)\n", label, st, std::sqrt(d / o), std::sqrt(d / e));
+        }
+    }
     for (int threads : {1, 2}) {
         if (threads > cpet::bench::bench_threads()) continue;
-        for (int T : {1, 4, 16, 64, 0})  // 0: the 64 tasks of six kinds
+        for (int T : {1, 4, 16, 64, 0, -1, -2})  // 0: the 64 tasks of six kinds; -1, -2: 64 LoRA tasks in bf16, int8
             for (bool mixed : {true, false}) {
-                const bool kinds = T == 0;
-                const int tasks = kinds ? 64 : T;
+                if (T < 0 && !mixed) continue;
+                const task_set kinds = T == 0 ? task_set::kinds : T == -1 ? task_set::lora_bf16
+                                     : T == -2 ? task_set::lora_int8 : task_set::lora;
+                const int tasks = T <= 0 ? 64 : T;
                 const std::string impl = mixed ? "cpet_mixed" : "per_task_loop";
-                const std::string tail = (kinds ? "/kinds64" : "/tasks" + std::to_string(T)) + "/t" + std::to_string(threads);
+                const std::string set = T == 0 ? "/kinds64" : T == -1 ? "/tasks64_bf16" : T == -2 ? "/tasks64_int8"
+                                                                                                  : "/tasks" + std::to_string(T);
+                const std::string tail = set + "/t" + std::to_string(threads);
                 benchmark::RegisterBenchmark(("serve_prefill/" + impl + "/" + label + "/64x128" + tail).c_str(),
                                              [=](benchmark::State& st) { bm_prefill<Comp>(st, tasks, kinds, mixed, threads); })
                     ->Unit(benchmark::kMillisecond)->UseRealTime()->Repetitions(3)->ReportAggregatesOnly(true)->MinTime(0.1);

@@ -305,13 +305,13 @@ TEST_CASE("a task that does not fit is refused when registered or bound, naming 
     const std::vector<index_t> lengths{2, 2};
     Matrix<float> y(4, s.d_model);
     nn::workspace ws;
-    pet::task good, misfit;
-    good.add(pet::lora::make(d, {.rank = 2}, 3));
-    misfit.add(testing::random_ia3(wide, {pet::target::k}, 4));
-    const std::vector<pet::task> empty(1);
+    pet::task good_t, misfit_t;
+    good_t.add(pet::lora::make(d, {.rank = 2}, 3));
+    misfit_t.add(testing::random_ia3(wide, {pet::target::k}, 4));
+    const serve::task_layer good(good_t), misfit(misfit_t), empty;
     std::vector<serve::mixed_batch> layers;
     for (std::size_t l = 0; l < 2; ++l) {
-        const std::vector<const pet::task*> per_seq{&good, l == 0 ? &misfit : &empty[0]};
+        const std::vector<const serve::task_layer*> per_seq{&good, l == 0 ? &misfit : &empty};
         layers.emplace_back(per_seq);
     }
     CHECK_THROWS_WITH_AS(reg.backbone().forward(x, lengths, y, ws, std::span<const serve::mixed_batch>(layers)),

@@ -96,7 +96,7 @@ TEST_CASE("8 threads forward while tasks are added, replaced and removed: no req
     for (int k = 0; k < kinds; ++k) {
         const auto t = reg.get(name_of(k));
         std::size_t params = 0;
-        for (const auto& l : t->layers) params += std::size_t(pet::count_parameters(l, 0).trainable);
+        for (const auto& l : t->layers) params += std::size_t(pet::count_parameters(l.task(), 0).trainable);
         CHECK(t->bytes == params * sizeof(float));  // each task adds exactly its modules
         sum += t->bytes;
     }

@@ -54,7 +54,18 @@ void run_split_epilogue(Arch tag, MatrixView<float> y, const kernels::epilogue& 
         const kernels::lowrank_segment& sg = ep.segments[i];
         if (sg.rank <= 0 || sg.rows <= 0) continue;
         EigenConstMap<float> u(sg.u, sg.rows, sg.rank, Eigen::OuterStride<>(sg.ld_u));
-        EigenConstMap<float> b(sg.b, N, sg.rank, Eigen::OuterStride<>(sg.ld_b));
+        const float* bp = static_cast<const float*>(sg.b);
+        index_t ldb = sg.ld_b;
+        if (sg.b_type != kernels::factor_type::f32) {  // a compact B: decoded [N, r] for this segment's GEMM
+            thread_local aligned_buffer<float> decoded;
+            if (decoded.size() < static_cast<std::size_t>(N * sg.rank))
+                decoded.reset(static_cast<std::size_t>(N * sg.rank));
+            for (index_t n = 0; n < N; ++n)
+                for (index_t r = 0; r < sg.rank; ++r) decoded[static_cast<std::size_t>(n * sg.rank + r)] = sg.b_at(n, r);
+            bp = decoded.data();
+            ldb = sg.rank;
+        }
+        EigenConstMap<float> b(bp, N, sg.rank, Eigen::OuterStride<>(ldb));
         as_eigen(y.middle_rows(sg.row0, sg.rows)).noalias() += sg.scale * (u * b.transpose());
     }
     if (ep.act != kernels::activation::none || residual) {  // y = act(y) + residual, one SIMD pass

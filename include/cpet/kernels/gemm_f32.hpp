@@ -19,14 +19,16 @@
 // The low-rank term is folded into the microkernel as `rank` extra K steps: U [M, rank] is packed per call like
 // x, and s·B [N, rank] like the weight panels (s folded in), so the unmerged adapter costs rank/K more work in
 // the same pass over the output tile. A segmented term (a mixed-task batch, kernels/epilogue.hpp) packs each
-// distinct B_s once; a sliver of MR rows inside one segment takes that segment's r_s steps only, and a sliver
-// that straddles segments takes each one's steps in turn on the same tile, with U packed zero on the rows that
-// are not that segment's (one extra pass of r_s steps per extra segment, no extra pass over x). The GEMV path
-// cuts its row groups at segment boundaries instead.
+// distinct B_s once (fp32 from whatever it is stored as: bf16, int8 with row scales); a sliver of MR rows inside
+// one segment takes that segment's r_s steps only, and a sliver that straddles segments (or lies in overlapping
+// ones) takes each one's steps in turn on the same tile, with U packed zero on the rows that are not that
+// segment's (one extra pass of r_s steps per extra segment, no extra pass over x). The GEMV path cuts its row
+// groups where a segment starts or ends, so every row of a group has the same segments.
 #pragma once
 
 #include <algorithm>
 #include <cstddef>
+#include <cstdint>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -279,8 +281,8 @@ inline aligned_buffer<float> pack_lowrank_b(const epilogue& ep, index_t n, index
 }
 
 /// The low-rank B of one call, packed like the weight panels: the plain term (pack_lowrank_b's layout) or, for a
-/// segmented epilogue, each distinct B_s once (segments sharing b, ld_b, rank and scale share it), segment i's
-/// at data + offset[i]: [p·rank_i·nr + r·nr + j] = scale_i·B_i[p·nr + j, r].
+/// segmented epilogue, each distinct B_s once (segments sharing b, its storage, ld_b, rank and scale share it),
+/// segment i's at data + offset[i]: [p·rank_i·nr + r·nr + j] = scale_i·B_i[p·nr + j, r] (as a float).
 struct lowrank_b_pack {
     aligned_buffer<float> data;
     std::vector<index_t> offset;  ///< per segment (segmented only)
@@ -302,7 +304,8 @@ inline lowrank_b_pack pack_lowrank(const epilogue& ep, index_t n, index_t panels
     pk.offset.assign(std::size_t(count), -1);
     index_t total = 0;
     auto same = [](const lowrank_segment& a, const lowrank_segment& b) {
-        return a.b == b.b && a.ld_b == b.ld_b && a.rank == b.rank && a.scale == b.scale;
+        return a.b == b.b && a.ld_b == b.ld_b && a.rank == b.rank && a.scale == b.scale && a.b_type == b.b_type &&
+               a.b_scale == b.b_scale;
     };
     for (index_t i = 0; i < count; ++i) {
         const lowrank_segment& s = ep.segments[i];
@@ -324,19 +327,37 @@ inline lowrank_b_pack pack_lowrank(const epilogue& ep, index_t n, index_t panels
         done[std::size_t(i)] = true;
         if (packed) continue;
         float* dst = pk.data.data() + pk.offset[std::size_t(i)];
-        for (index_t c = 0; c < n; ++c)
-            for (index_t r = 0; r < s.rank; ++r)
-                dst[static_cast<std::size_t>((c / nr) * s.rank * nr + r * nr + c % nr)] = s.scale * s.b[c * s.ld_b + r];
+        auto pack = [&](auto value) {  // value(c, r): B[c, r] as stored, to float
+            for (index_t c = 0; c < n; ++c)
+                for (index_t r = 0; r < s.rank; ++r)
+                    dst[static_cast<std::size_t>((c / nr) * s.rank * nr + r * nr + c % nr)] = s.scale * value(c, r);
+        };
+        if (s.b_type == factor_type::f32) {
+            const float* b = static_cast<const float*>(s.b);
+            pack([&](index_t c, index_t r) { return b[c * s.ld_b + r]; });
+        } else if (s.b_type == factor_type::bf16) {
+            const auto* b = static_cast<const std::uint16_t*>(s.b);
+            pack([&](index_t c, index_t r) { return from_bf16(b[c * s.ld_b + r]); });
+        } else {
+            const auto* b = static_cast<const std::int8_t*>(s.b);
+            pack([&](index_t c, index_t r) { return s.b_scale[c] * float(b[c * s.ld_b + r]); });
+        }
     }
     return pk;
 }
 
-/// The segment holding row m, or the first after it (index into ep.segments; segment_count when none), from a
-/// starting guess `from` that never lies past the answer (rows are visited in increasing order).
+/// A lower bound on the segments that can still cover row m or a later one: the first index from `from` whose
+/// segment ends past m (every one before it ends at or before m; later ones may too when segments overlap, so
+/// callers test each). `from`: the answer for an earlier row (rows are visited in increasing order).
 inline index_t segment_at(const epilogue& ep, index_t m, index_t from = 0) noexcept {
     index_t i = from;
     while (i < ep.segment_count && ep.segments[i].row0 + ep.segments[i].rows <= m) ++i;
     return i;
+}
+
+/// Whether segment s has a term for rows [r0, r1).
+inline bool overlaps(const lowrank_segment& s, index_t r0, index_t r1) noexcept {
+    return s.rank > 0 && s.rows > 0 && s.row0 < r1 && s.row0 + s.rows > r0;
 }
 
 /// The thread count a call of M×N×K multiply-adds deserves: one below ~0.5 M MACs (a fork costs more).
@@ -469,29 +490,40 @@ void gemv_simd(ConstMatrixView<float> x, const packed_weights_f32& w, MatrixView
                 }
                 continue;
             }
-            // segmented: a row group never straddles a segment boundary, so each group has one term (or none)
+            // segmented: a row group ends where a segment starts or ends, so all its rows have the same segments;
+            // the first one's steps ride in the GEMV tile, any further (overlapping) ones are added to it
             index_t si = 0;
             for (index_t m0 = 0; m0 < M;) {
                 si = segment_at(ep, m0, si);
-                index_t rows = std::min(group, M - m0), kc2 = 0;
+                index_t rows = std::min(group, M - m0), first = -1;
+                for (index_t i = si; i < ep.segment_count && ep.segments[i].row0 < m0 + rows; ++i) {
+                    const lowrank_segment& sg = ep.segments[i];
+                    if (sg.row0 > m0) rows = std::min(rows, sg.row0 - m0);  // starts inside the group: cut there
+                    else if (overlaps(sg, m0, m0 + 1)) rows = std::min(rows, sg.row0 + sg.rows - m0);
+                }
+                for (index_t i = si; i < ep.segment_count && ep.segments[i].row0 <= m0 && first < 0; ++i)
+                    if (overlaps(ep.segments[i], m0, m0 + 1)) first = i;
+                index_t kc2 = 0, ldu = 0;
                 const float* u = nullptr;
                 const float* b2 = nullptr;
-                index_t ldu = 0;
-                if (si < ep.segment_count) {
-                    const lowrank_segment& sg = ep.segments[si];
-                    if (m0 < sg.row0) {
-                        rows = std::min(rows, sg.row0 - m0);
-                    } else {
-                        rows = std::min(rows, sg.row0 + sg.rows - m0);
-                        if (sg.rank > 0) {
-                            kc2 = sg.rank;
-                            u = sg.u + (m0 - sg.row0) * sg.ld_u;
-                            ldu = sg.ld_u;
-                            b2 = lr.segment(sg, si, p);
-                        }
-                    }
+                if (first >= 0) {
+                    const lowrank_segment& sg = ep.segments[first];
+                    kc2 = sg.rank, ldu = sg.ld_u;
+                    u = sg.u + (m0 - sg.row0) * sg.ld_u;
+                    b2 = lr.segment(sg, first, p);
                 }
                 gemv_tile_rows<Arch, NV, 1, group>(rows, K, x.row(m0), x.stride(), w.panel(p), kc2, u, ldu, b2, tile);
+                for (index_t i = first + 1; first >= 0 && i < ep.segment_count && ep.segments[i].row0 <= m0; ++i) {
+                    const lowrank_segment& sg = ep.segments[i];
+                    if (!overlaps(sg, m0, m0 + 1)) continue;
+                    const float* bs = lr.segment(sg, i, p);
+                    for (index_t r = 0; r < rows; ++r) {
+                        const float* ur = sg.u + (m0 + r - sg.row0) * sg.ld_u;
+                        float* t = tile + r * nr;
+                        for (index_t k = 0; k < sg.rank; ++k)
+                            for (index_t j = 0; j < nr; ++j) t[j] += ur[k] * bs[k * nr + j];
+                    }
+                }
                 store_tile(Arch{}, tile, nr, rows, cols, m0, n0, y, ep);
                 m0 += rows;
             }
@@ -546,7 +578,7 @@ inline float* pack_segmented_u(const epilogue& ep, index_t mc0, index_t mc, std:
         si = segment_at(ep, r0, si);
         for (index_t i = si; i < ep.segment_count && ep.segments[i].row0 < r1; ++i) {
             const lowrank_segment& sg = ep.segments[i];
-            if (sg.rank <= 0 || sg.rows <= 0) continue;
+            if (!overlaps(sg, r0, r1)) continue;
             terms.push_back({i, size});
             size += sg.rank * MR;
         }
@@ -700,24 +732,23 @@ inline void gemm_scalar(ConstMatrixView<float> x, const packed_weights_f32& w, M
     if (M == 0 || N == 0) return;
     const lowrank_b_pack lr = pack_lowrank(ep, N, w.panels());
     parallel_for(index_t{0}, M, [&](index_t m) {
-        // this row's low-rank term: the plain one, or its segment's (none outside every segment)
-        index_t rank = ep.rank, si = 0;
-        const float* u = rank > 0 ? ep.lowrank_u + m * ep.ld_u : nullptr;
-        if (ep.segment_count > 0) {
-            si = segment_at(ep, m);
-            const bool in = si < ep.segment_count && ep.segments[si].row0 <= m;
-            rank = in ? ep.segments[si].rank : 0;
-            u = in ? ep.segments[si].u + (m - ep.segments[si].row0) * ep.segments[si].ld_u : nullptr;
-        }
+        // this row's low-rank terms: the plain one, or those of the segments covering it
+        const index_t si = ep.segment_count > 0 ? segment_at(ep, m) : 0;
         float acc[nr];
         for (index_t p = 0; p < w.panels(); ++p) {
             const float* b = w.panel(p);
             for (index_t j = 0; j < nr; ++j) acc[j] = 0.f;
             for (index_t k = 0; k < K; ++k)
                 for (index_t j = 0; j < nr; ++j) acc[j] += x(m, k) * b[k * nr + j];
-            const float* lp = rank == 0 ? nullptr : ep.segment_count > 0 ? lr.segment(ep.segments[si], si, p) : lr.plain(p, rank);
-            for (index_t r = 0; r < rank; ++r)
-                for (index_t j = 0; j < nr; ++j) acc[j] += u[r] * lp[r * nr + j];
+            auto add = [&](index_t rank, const float* u, const float* lp) {
+                for (index_t r = 0; r < rank; ++r)
+                    for (index_t j = 0; j < nr; ++j) acc[j] += u[r] * lp[r * nr + j];
+            };
+            if (ep.rank > 0) add(ep.rank, ep.lowrank_u + m * ep.ld_u, lr.plain(p, ep.rank));
+            for (index_t i = si; i < ep.segment_count && ep.segments[i].row0 <= m; ++i) {
+                const lowrank_segment& sg = ep.segments[i];
+                if (overlaps(sg, m, m + 1)) add(sg.rank, sg.u + (m - sg.row0) * sg.ld_u, lr.segment(sg, i, p));
+            }
             store_tile(arch::scalar{}, acc, nr, 1, std::min(nr, N - p * nr), m, p * nr, y, ep);
         }
     });

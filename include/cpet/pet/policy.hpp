@@ -255,6 +255,7 @@ inline constexpr int hidden = 2;       ///< sublayer hooks' bottleneck activatio
 inline constexpr int hidden2 = 3;      ///< a second one (a chain of sublayer hooks)
 inline constexpr int bias = 4;         ///< the layer's b + Δb (bias hook)
 inline constexpr int norm_bias = 5;    ///< the layer's β + Δβ (norm hook)
+inline constexpr int factor = 6;       ///< a compactly stored factor, decoded for one product
 }  // namespace slot
 
 /// Grow-only scratch memory the layer lends to hooks: slot i keeps its storage between calls, so after the first

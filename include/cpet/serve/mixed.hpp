@@ -1,16 +1,16 @@
 // cpet/serve/mixed.hpp — one layer's modules for a batch whose sequences belong to different tasks, of any PET
-// methods (and stacks of them: CPET's recovery + LoRA, MAM's prefix + scaled parallel adapter, ...).
+// methods (and stacks of them: CPET's recovery + LoRA, MAM's prefix + scaled parallel adapter, ...), with their
+// low-rank factors in fp32, bf16 or int8 (serve::task_layer, serve/compact.hpp).
 //
 // The backbone runs ONCE over the whole batch; every sequence gets its own task's modules:
 //   linear hook (LoRA / rsLoRA / recovery, and BitFit's Δb)  a segmented low-rank term (kernels::lowrank_segment,
 //       the S-LoRA / Punica SGMV idea on a CPU): sequences are grouped into runs of consecutive sequences of one
-//       task, and each run is one segment of rows with its task's own term — shrink U_run = x_run·A_jᵀ into the
-//       run's rows of a compact U [M, max_j r_j], expand s_j·U_run·B_jᵀ added inside the base GEMM's output tiles
-//       of those rows (or, for formats that cannot fuse, one thin GEMM per segment), so the rows of task j pay its
-//       rank r_j only. B_j is the task's own factor where it has one low-rank member (no copy); a task with
-//       several (CPET's recovery + LoRA) or a BitFit Δb of that linear has them concatenated, [s_1·B_1 | s_2·B_2 |
-//       Δb], as its single-task path does, Δb as one more column with U = 1 on the task's rows, so it is added
-//       before the activation exactly where the single-task path adds b + Δb.
+//       task, and each run's rows get its task's own terms — shrink U_run = x_run·A_jᵀ into the run's rows of a
+//       compact U [M, max_j r_j], expand s_j·U_run·B_jᵀ added inside the base GEMM's output tiles of those rows
+//       (or, for formats that cannot fuse, one thin GEMM per segment), so the rows of task j pay its rank r_j
+//       only. Each low-rank member of a task is one segment over the run's rows, its B read where the task keeps
+//       it (fp32, bf16 or int8: no copy, no concatenation); a BitFit Δb of that linear is a rank-1 segment (U = 1,
+//       B = Δb), added before the activation exactly where the single-task path adds b + Δb.
 //   sublayer hook (adapters)  each run's own adapters on its rows (they are row-wise), chained as its task chains
 //       them; runs without adapters keep their sublayer output (the layer then adds the residual separately,
 //       the same sum as the fused add).
@@ -27,12 +27,16 @@
 #include <cstddef>
 #include <optional>
 #include <span>
+#include <type_traits>
+#include <variant>
 #include <vector>
 
 #include "cpet/core/error.hpp"
 #include "cpet/core/matrix.hpp"
+#include "cpet/kernels/epilogue.hpp"
 #include "cpet/pet/policy.hpp"
 #include "cpet/pet/task.hpp"
+#include "cpet/serve/compact.hpp"
 
 namespace cpet::serve {
 
@@ -43,17 +47,17 @@ public:
     /// Consecutive sequences [first, first + count) of one task (null: no task, the bare backbone).
     struct run {
         index_t first = 0, count = 0;
-        const pet::task* task = nullptr;
+        const task_layer* task = nullptr;
         index_t index = -1;  ///< of task among the batch's distinct tasks
     };
 
     mixed_batch() = default;
     /// `per_sequence[b]`: the task of sequence b (null: none). Consecutive sequences of one task become one run
     /// (order the batch by task to get fewer, larger ones). The tasks must outlive this object.
-    explicit mixed_batch(std::span<const pet::task* const> per_sequence)
+    explicit mixed_batch(std::span<const task_layer* const> per_sequence)
         : per_sequence_(per_sequence.begin(), per_sequence.end()) {
         for (std::size_t b = 0; b < per_sequence.size(); ++b) {
-            const pet::task* t = per_sequence[b];
+            const task_layer* t = per_sequence[b];
             if (!runs_.empty() && runs_.back().task == t) {
                 ++runs_.back().count;
                 continue;
@@ -67,43 +71,25 @@ public:
             }
             runs_.push_back({index_t(b), 1, t, idx});
         }
-        // each distinct task's term, per target (fixed by the tasks, so lowrank() only reads)
+        // per target: the widest task term (U's columns) and the most terms a task has (segments per run)
         for (int ti = 0; ti < pet::target_count; ++ti) {
-            const auto g = pet::target(ti);
             auto& tt = targets_[std::size_t(ti)];
-            tt.terms.assign(distinct_.size(), term{});
-            for (std::size_t i = 0; i < distinct_.size(); ++i) {
-                const pet::task& task = *distinct_[i];
-                term& tm = tt.terms[i];
-                int members = 0;
-                for_parts(task, [&](const auto& m) {
-                    if (const index_t r = m.rank(g)) {
-                        ++members, tm.rank += r;
-                        tm.b = m.up(g);
-                        tm.scale = m.lowrank_scale(g);
-                    }
-                });
-                const auto db = task.bias_delta(g);
-                if (db) ++tm.rank;
-                if (tm.rank == 0) continue;
-                tt.n = db ? index_t(db->size()) : tm.b.rows();
-                if (members != 1 || db) {  // concatenated per call, in columns [column, column + rank) of scratch
-                    tm.column = tt.concat;
-                    tt.concat += tm.rank;
-                    tm.scale = 1.f;
-                }
-                tt.rmax = std::max(tt.rmax, tm.rank);
+            for (const auto* t : distinct_) {
+                index_t r = 0, n = 0;
+                each_term(*t, pet::target(ti), [&](index_t rank) { r += rank, ++n; });
+                tt.rmax = std::max(tt.rmax, r);
+                tt.terms = std::max(tt.terms, n);
             }
         }
     }
 
     // ---- nn::SequenceTasks ----
     index_t sequences() const noexcept { return index_t(per_sequence_.size()); }
-    const pet::task* task_of(index_t b) const noexcept { return per_sequence_[std::size_t(b)]; }
+    const task_layer* task_of(index_t b) const noexcept { return per_sequence_[std::size_t(b)]; }
     /// The runs, covering sequences 0 .. B-1 in order.
     std::span<const run> runs() const noexcept { return runs_; }
     /// The batch's tasks, each once.
-    std::span<const pet::task* const> tasks() const noexcept { return distinct_; }
+    std::span<const task_layer* const> tasks() const noexcept { return distinct_; }
 
     /// Whether some task of the batch uses hook h (the layer fuses the residual add when none has a sublayer
     /// hook).
@@ -119,59 +105,50 @@ public:
         for (const auto* t : distinct_) t->check_fits(d, who);
     }
 
-    /// The segmented term of target t for x [M, in] (M = the batch's rows, M / B per sequence): one segment per
-    /// run of a task with a term there, each with its task's own U, B, rank and scale.
+    /// The segmented term of target t for x [M, in] (M = the batch's rows, M / B per sequence): per run, one
+    /// segment for each of its task's terms there, each with its own U columns, B, rank and scale.
     std::optional<pet::lowrank_args> lowrank(pet::target t, ConstMatrixView<float> x, pet::scratch& s) const {
         const auto& tt = targets_[std::size_t(t)];
         if (tt.rmax == 0 || per_sequence_.empty() || x.rows() == 0) return std::nullopt;
-        const index_t S = x.rows() / sequences(), N = tt.n;
-        // expand factors of the tasks that need one concatenated: [s_1·B_1 | s_2·B_2 | Δb], each task once
-        MatrixView<float> cat;
-        if (tt.concat > 0) {
-            cat = s.matrix(pet::slot::lowrank_b, N, tt.concat);
-            for (std::size_t i = 0; i < distinct_.size(); ++i) {
-                const term& tm = tt.terms[i];
-                if (tm.rank == 0 || tm.column < 0) continue;
-                index_t c = tm.column;
-                for_parts(*distinct_[i], [&](const auto& m) {
-                    const index_t r = m.rank(t);
-                    if (!r) return;
-                    const ConstMatrixView<float> bi = m.up(t);
-                    const float si = m.lowrank_scale(t);
-                    for (index_t n = 0; n < N; ++n)
-                        for (index_t j = 0; j < r; ++j) cat(n, c + j) = si * bi(n, j);
-                    c += r;
-                });
-                if (const auto db = distinct_[i]->bias_delta(t))
-                    for (index_t n = 0; n < N; ++n) cat(n, c) = (*db)[std::size_t(n)];
-            }
-        }
-        // shrink: each run's rows into the first r_j columns of its rows of a compact U
+        const index_t S = x.rows() / sequences();
         auto u = s.matrix(pet::slot::lowrank_u, x.rows(), tt.rmax);
-        auto& segs = s.segments(runs_.size());
+        auto& segs = s.segments(runs_.size() * std::size_t(tt.terms));
         for (const auto& run : runs_) {
             if (!run.task) continue;
-            const term& tm = tt.terms[std::size_t(run.index)];
-            if (tm.rank == 0) continue;
             const index_t row0 = run.first * S, rows = run.count * S;
             const auto xs = x.middle_rows(row0, rows);
             auto us = u.middle_rows(row0, rows);
-            index_t c = 0;
-            for_parts(*run.task, [&](const auto& m) {
+            index_t c = 0;  // the run's next U column
+            auto segment = [&](index_t r) {
+                kernels::lowrank_segment sg;
+                sg.row0 = row0, sg.rows = rows, sg.u = us.data() + c, sg.ld_u = u.stride(), sg.rank = r;
+                return sg;
+            };
+            const task_layer& task = *run.task;
+            for_parts(task.task(), [&](const auto& m) {  // fp32 members: B where the member keeps it
                 const index_t r = m.rank(t);
                 if (!r) return;
                 m.project(t, xs, us.middle_cols(c, r), s);
+                auto sg = segment(r);
+                const ConstMatrixView<float> b = m.up(t);
+                sg.b = b.data(), sg.ld_b = b.stride(), sg.scale = m.lowrank_scale(t);
+                segs.push_back(sg);
                 c += r;
             });
-            if (c < tm.rank)  // the Δb column
+            for (const auto& m : task.compact()) {  // compact members: B read as stored
+                const index_t r = m.rank(t);
+                if (!r) continue;
+                m.project(t, xs, us.middle_cols(c, r), s);
+                segs.push_back(m.segment(t, row0, rows, us.data() + c, u.stride()));
+                c += r;
+            }
+            if (const auto db = task.task().bias_delta(t)) {  // Δb: rank 1, U = 1, B = Δb [N, 1]
                 for (index_t i = 0; i < rows; ++i) us(i, c) = 1.f;
-            kernels::lowrank_segment sg;
-            sg.row0 = row0, sg.rows = rows;
-            sg.u = us.data(), sg.ld_u = u.stride();
-            if (tm.column >= 0) sg.b = cat.data() + tm.column, sg.ld_b = cat.stride();
-            else sg.b = tm.b.data(), sg.ld_b = tm.b.stride();
-            sg.rank = tm.rank, sg.scale = tm.scale;
-            segs.push_back(sg);
+                auto sg = segment(1);
+                sg.b = db->data(), sg.ld_b = 1;
+                segs.push_back(sg);
+                ++c;
+            }
         }
         if (segs.empty()) return std::nullopt;
         pet::lowrank_args out;
@@ -190,7 +167,7 @@ public:
     }
 
 private:
-    /// f(member) for every low-rank member of task t, in order.
+    /// f(member) for every fp32 low-rank member of task t, in order.
     template <class F>
     static void for_parts(const pet::task& t, F&& f) {
         for (std::size_t i = 0; i < t.size(); ++i)
@@ -198,23 +175,25 @@ private:
                 if constexpr (pet::LowrankParts<std::decay_t<decltype(m)>>) f(m);
             }, t.at(i));
     }
-    /// One distinct task's term of one target.
-    struct term {
-        index_t rank = 0;                ///< its low-rank members' ranks, plus one for a BitFit Δb
-        ConstMatrixView<float> b;        ///< the member's B where it has one member and no Δb
-        float scale = 1.f;               ///< its scale (1 when concatenated: the scales are folded in)
-        index_t column = -1;             ///< first column of its concatenated [s_1·B_1 | ... | Δb], or -1
-    };
+    /// f(rank) for every term task t has for target g: its fp32 and compact low-rank members, then a Δb (rank 1).
+    template <class F>
+    static void each_term(const task_layer& t, pet::target g, F&& f) {
+        for_parts(t.task(), [&](const auto& m) {
+            if (const index_t r = m.rank(g)) f(r);
+        });
+        for (const auto& m : t.compact())
+            if (const index_t r = m.rank(g)) f(r);
+        if (t.task().bias_delta(g)) f(1);
+    }
+
     struct per_target {
-        std::vector<term> terms;         ///< per distinct task
-        index_t n = 0;                   ///< B rows (the linear's out features)
-        index_t rmax = 0;                ///< the largest rank: U's columns
-        index_t concat = 0;              ///< columns of the concatenated factors
+        index_t rmax = 0;   ///< the widest task term: U's columns
+        index_t terms = 0;  ///< the most terms (segments) a task has
     };
 
-    std::vector<const pet::task*> per_sequence_;
+    std::vector<const task_layer*> per_sequence_;
     std::vector<run> runs_;
-    std::vector<const pet::task*> distinct_;  ///< the batch's tasks, each once
+    std::vector<const task_layer*> distinct_;  ///< the batch's tasks, each once
     std::array<per_target, pet::target_count> targets_;
     bool sublayer_ = false;
 };

@@ -2,7 +2,8 @@
 // run forwards.
 //
 // The backbone (an nn::Stack<C>) is stored once and never changes; a task is a name and one pet::task per layer
-// (any PET methods, mixed freely), stored once per version. Tasks are checked against the backbone when they are
+// (any PET methods, mixed freely), stored once per version, its low-rank factors in fp32, bf16 or int8 as the
+// caller chooses (serve::factor_storage, serve/compact.hpp). Tasks are checked against the backbone when they are
 // added or replaced (every module's shapes, the prefix rows against the cache capacity the registry was given),
 // so a request never meets a task that does not fit. A forward resolves the task name ONCE, under a shared lock,
 // into a shared_ptr to that version: a replace or remove meanwhile changes the registry, not the version the
@@ -37,6 +38,7 @@
 #include "cpet/nn/stack.hpp"
 #include "cpet/nn/workspace.hpp"
 #include "cpet/pet/task.hpp"
+#include "cpet/serve/compact.hpp"
 #include "cpet/serve/mixed.hpp"
 
 namespace cpet::serve {
@@ -45,10 +47,11 @@ namespace cpet::serve {
 struct task_version {
     std::string name;
     std::uint64_t version = 0;          ///< increases with every add or replace, across names
-    std::vector<pet::task> layers;      ///< one per backbone layer
-    std::size_t bytes = 0;              ///< what this task adds to the resident backbone
+    std::vector<task_layer> layers;     ///< one per backbone layer
+    factor_storage storage = factor_storage::fp32;  ///< how its low-rank factors are kept
+    std::size_t bytes = 0;              ///< what this task adds to the resident backbone (as stored)
 
-    std::span<const pet::task> modules() const noexcept { return layers; }
+    std::span<const task_layer> modules() const noexcept { return layers; }
 };
 using task_ptr = std::shared_ptr<const task_version>;
 
@@ -75,9 +78,10 @@ public:
 
     const backbone_type& backbone() const noexcept { return *backbone_; }
 
-    /// Registers a new task; throws (and changes nothing) when the name is taken or a module does not fit.
-    task_ptr add(std::string name, std::vector<pet::task> layers) {
-        auto v = make_version(std::move(name), std::move(layers), "serve::registry::add");
+    /// Registers a new task, its low-rank factors kept as `storage`; throws (and changes nothing) when the name
+    /// is taken or a module does not fit.
+    task_ptr add(std::string name, std::vector<pet::task> layers, factor_storage storage = factor_storage::fp32) {
+        auto v = make_version(std::move(name), std::move(layers), storage, "serve::registry::add");
         std::unique_lock lock(mu_);
         require<format_error>(tasks_.find(v->name) == tasks_.end(), "serve::registry::add: a task named \"", v->name,
                               "\" is already registered (replace() swaps a task's modules)");
@@ -87,8 +91,8 @@ public:
         return p;
     }
     /// Swaps the modules of a registered task; forwards that already hold the old version finish with it.
-    task_ptr replace(std::string name, std::vector<pet::task> layers) {
-        auto v = make_version(std::move(name), std::move(layers), "serve::registry::replace");
+    task_ptr replace(std::string name, std::vector<pet::task> layers, factor_storage storage = factor_storage::fp32) {
+        auto v = make_version(std::move(name), std::move(layers), storage, "serve::registry::replace");
         std::unique_lock lock(mu_);
         auto it = tasks_.find(v->name);
         require<format_error>(it != tasks_.end(), "serve::registry::replace: no task named \"", v->name, "\"");
@@ -161,7 +165,7 @@ public:
         bb.single = !bb.versions.empty() && bb.versions.front() != nullptr;
         for (const auto& v : bb.versions) bb.single = bb.single && v == bb.versions.front();
         if (!bb.single) {
-            std::vector<const pet::task*> per_seq(bb.versions.size());
+            std::vector<const task_layer*> per_seq(bb.versions.size());
             for (std::size_t l = 0; l < backbone_->size(); ++l) {
                 for (std::size_t b = 0; b < per_seq.size(); ++b)
                     per_seq[b] = bb.versions[b] ? &bb.versions[b]->layers[l] : nullptr;
@@ -203,7 +207,8 @@ private:
                              " rows, not a multiple of the ", lengths.size(), " sequences");
     }
 
-    std::shared_ptr<task_version> make_version(std::string name, std::vector<pet::task> layers, const char* who) const {
+    std::shared_ptr<task_version> make_version(std::string name, std::vector<pet::task> layers, factor_storage storage,
+                                               const char* who) const {
         require<format_error>(!name.empty(), who, ": the task name is empty");
         require<shape_error>(layers.size() == backbone_->size(), who, ": task \"", name, "\" has modules for ",
                              layers.size(), " layers, the backbone has ", backbone_->size());
@@ -220,7 +225,9 @@ private:
         }
         auto v = std::make_shared<task_version>();
         v->name = std::move(name);
-        v->layers = std::move(layers);
+        v->storage = storage;
+        v->layers.reserve(layers.size());
+        for (auto& l : layers) v->layers.emplace_back(std::move(l), storage);
         for (const auto& l : v->layers) v->bytes += l.bytes();
         return v;
     }

@@ -2,5 +2,6 @@
 // and the modules of heterogeneous (one task per sequence) batches.
 #pragma once
 
+#include "cpet/serve/compact.hpp"
 #include "cpet/serve/mixed.hpp"
 #include "cpet/serve/registry.hpp"
