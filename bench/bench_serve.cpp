@@ -20,7 +20,9 @@
 // Backbone: 4 LLaMA layers of TinyLlama-1.1B's shape (d 2048, 16 heads, 4 KV heads, d_ff 5632), W8A8 and 2:4
 // sparse; tasks: LoRA r = 16 on q and v; T = 1, 4, 16, 64. The bytes of the backbone, of one task and of 64 tasks
 // are printed first. CPET_BENCH_SERVE_SMALL=1 runs a 2-layer d 256 model instead (a quick check that runs in
-// seconds on a busy machine; its figures are not the issue's).
+// seconds on a busy machine; its figures are not the issue's). Repetitions come from the command line (a full
+// prefill iteration takes tens of seconds on two cores): --benchmark_repetitions=5
+// --benchmark_report_aggregates_only=true and a short --benchmark_filter.
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
@@ -297,10 +299,10 @@ void register_backbone(const char* label) {
                 const std::string tail = set + "/t" + std::to_string(threads);
                 benchmark::RegisterBenchmark(("serve_prefill/" + impl + "/" + label + "/64x128" + tail).c_str(),
                                              [=](benchmark::State& st) { bm_prefill<Comp>(st, tasks, kinds, mixed, threads); })
-                    ->Unit(benchmark::kMillisecond)->UseRealTime()->Repetitions(3)->ReportAggregatesOnly(true)->MinTime(0.1);
+                    ->Unit(benchmark::kMillisecond)->UseRealTime()->ReportAggregatesOnly(true)->MinTime(0.1);
                 benchmark::RegisterBenchmark(("serve_decode/" + impl + "/" + label + "/64seq_kv256" + tail).c_str(),
                                              [=](benchmark::State& st) { bm_decode<Comp>(st, tasks, kinds, mixed, threads); })
-                    ->Unit(benchmark::kMillisecond)->UseRealTime()->Repetitions(3)->ReportAggregatesOnly(true)->MinTime(0.1);
+                    ->Unit(benchmark::kMillisecond)->UseRealTime()->ReportAggregatesOnly(true)->MinTime(0.1);
             }
     }
 }

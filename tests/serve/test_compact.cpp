@@ -205,7 +205,7 @@ TEST_CASE("decode: compact tasks join and leave a mixed batch; each sequence equ
     std::vector<MatD> got(slots), want(slots);   // each slot's outputs so far: mixed, twin
     auto append = [](MatD& all, const MatD& rows) {
         MatD grown(all.rows() + rows.rows(), rows.cols());
-        grown.topRows(all.rows()) = all;
+        if (all.rows() > 0) grown.topRows(all.rows()) = all;
         grown.bottomRows(rows.rows()) = rows;
         all = std::move(grown);
     };
