@@ -13,19 +13,13 @@
 #include "cpet/pet/task.hpp"
 #include "cpet/serve/registry.hpp"
 #include "pet/pet_references.hpp"
+#include "serve/serve_testing.hpp"
 
 using namespace cpet;
 using serve::factor_storage;
 using testing::MatD;
 
 namespace {
-
-template <class C>
-std::shared_ptr<const Stack<C>> backbone_for(const nn::layer_shape& s, unsigned seed) {
-    std::vector<nn::dense_layer_weights> w{nn::random_layer_weights(s, seed, nn::kind_of<C>),
-                                           nn::random_layer_weights(s, seed + 1, nn::kind_of<C>)};
-    return std::make_shared<const Stack<C>>(w, s);
-}
 
 constexpr int kinds = 5;
 const char* const kind_names[kinds] = {"lora", "cpet", "recovery_linear+bitfit", "rslora+ia3", "mam"};
@@ -104,19 +98,9 @@ std::unique_ptr<serve::registry<C>> registry_of(std::shared_ptr<const Stack<C>> 
 }
 
 template <class C>
-Matrix<float> alone(const serve::registry<C>& reg, std::string_view name, ConstMatrixView<float> x, index_t len) {
-    nn::workspace ws;
-    Matrix<float> y(x.rows(), x.cols());
-    const std::vector<index_t> l{len};
-    if (name.empty()) reg.backbone().forward(x, l, y, ws);
-    else reg.forward(name, x, l, y, ws);
-    return y;
-}
-
-template <class C>
 void compact_equals_decoded(unsigned seed) {
     const auto s = testing::shape_for<C>();
-    const auto owner = registry_of<C>(backbone_for<C>(s, seed));
+    const auto owner = registry_of<C>(testing::backbone_for<C>(s, seed));
     const auto& reg = *owner;
     std::vector<std::string> names;
     for (auto st : {factor_storage::bf16, factor_storage::int8, factor_storage::fp32})
@@ -137,10 +121,10 @@ void compact_equals_decoded(unsigned seed) {
             const index_t len = lengths[std::size_t(b)];
             const auto xb = x.view().middle_rows(b * S, S);
             const auto got = y.view().middle_rows(b * S, len);
-            const auto a = alone(reg, n, xb, len);  // alone with the compact task
+            const auto a = testing::alone(reg, n, xb, len);  // alone with the compact task
             CHECK(testing::rel_error(got, testing::to_double(a.view().middle_rows(0, len))) <= 1e-6);
             if (n.find("@bf16") != std::string::npos || n.find("@int8") != std::string::npos) {
-                const auto d = alone(reg, n + "_decoded", xb, len);  // the fp32 task of the decoded factors
+                const auto d = testing::alone(reg, n + "_decoded", xb, len);  // the fp32 task of the decoded factors
                 CHECK(testing::rel_error(got, testing::to_double(d.view().middle_rows(0, len))) <= 1e-6);
             }
         }
@@ -158,7 +142,7 @@ TEST_CASE("a compact task equals its decoded fp32 twin, alone and in a mixed bat
 TEST_CASE("bf16 halves and int8 quarters a task's low-rank bytes; the output change against fp32 is reported") {
     using C = config::llama<compress::int8_per_channel>;
     const auto s = testing::llama_shape();
-    const auto owner = registry_of<C>(backbone_for<C>(s, 40));
+    const auto owner = registry_of<C>(testing::backbone_for<C>(s, 40));
     const auto& reg = *owner;
     const auto lora32 = reg.get(name_of(0, factor_storage::fp32))->bytes;
     const auto lora16 = reg.get(name_of(0, factor_storage::bf16))->bytes;
@@ -174,12 +158,12 @@ TEST_CASE("bf16 halves and int8 quarters a task's low-rank bytes; the output cha
     const index_t S = 16;
     const std::vector<index_t> len{S};
     const auto x = testing::random_matrix(S, s.d_model, 41);
-    const auto bare = alone(reg, "", x, S);
+    const auto bare = testing::alone(reg, "", x, S);
     for (int k = 0; k < 4; ++k) {
-        const auto y32 = alone(reg, name_of(k, factor_storage::fp32), x, S);
+        const auto y32 = testing::alone(reg, name_of(k, factor_storage::fp32), x, S);
         const MatD term32 = testing::to_double(y32) - testing::to_double(bare);  // what the task changes
         for (auto st : {factor_storage::bf16, factor_storage::int8}) {
-            const auto yc = alone(reg, name_of(k, st), x, S);
+            const auto yc = testing::alone(reg, name_of(k, st), x, S);
             const double out_change = testing::rel_error(yc, testing::to_double(y32));
             const double term_change = (testing::to_double(yc) - testing::to_double(y32)).norm() / term32.norm();
             MESSAGE(std::string(kind_names[k]) << " with " << std::string(serve::factor_storage_name(st))
@@ -195,7 +179,7 @@ TEST_CASE("decode: compact tasks join and leave a mixed batch; each sequence equ
     using C = config::llama<compress::int8_per_channel>;
     const auto s = testing::llama_shape();
     const index_t cap = 12, slots = 4;
-    const auto owner = registry_of<C>(backbone_for<C>(s, 50), cap);
+    const auto owner = registry_of<C>(testing::backbone_for<C>(s, 50), cap);
     const auto& reg = *owner;
     auto caches = reg.backbone().make_cache(slots, cap);
     std::vector<std::string> slot_task{name_of(1, factor_storage::int8), name_of(0, factor_storage::bf16),

@@ -13,18 +13,12 @@
 #include "cpet/pet/task.hpp"
 #include "cpet/serve/registry.hpp"
 #include "pet/pet_references.hpp"
+#include "serve/serve_testing.hpp"
 
 using namespace cpet;
 using testing::MatD;
 
 namespace {
-
-template <class C>
-std::shared_ptr<const Stack<C>> backbone_for(const nn::layer_shape& s, unsigned seed) {
-    std::vector<nn::dense_layer_weights> w{nn::random_layer_weights(s, seed, nn::kind_of<C>),
-                                           nn::random_layer_weights(s, seed + 1, nn::kind_of<C>)};
-    return std::make_shared<const Stack<C>>(w, s);
-}
 
 /// Low-rank tasks of different ranks, targets and methods.
 template <class C>
@@ -63,21 +57,10 @@ std::unique_ptr<serve::registry<C>> registry_with_tasks(std::shared_ptr<const St
     return reg;
 }
 
-/// Sequence `rows` of x alone through the backbone with task `name` ("" = none).
-template <class C>
-Matrix<float> alone(const serve::registry<C>& reg, std::string_view name, ConstMatrixView<float> x, index_t len) {
-    nn::workspace ws;
-    Matrix<float> y(x.rows(), x.cols());
-    const std::vector<index_t> l{len};
-    if (name.empty()) reg.backbone().forward(x, l, y, ws);
-    else reg.forward(name, x, l, y, ws);
-    return y;
-}
-
 template <class C>
 void mixed_equals_alone(unsigned seed) {
     const auto s = testing::shape_for<C>();
-    const auto owner = registry_with_tasks<C>(backbone_for<C>(s, seed));
+    const auto owner = registry_with_tasks<C>(testing::backbone_for<C>(s, seed));
     const auto& reg = *owner;
     const std::vector<std::string_view> names{"lora", "lora", "rslora", "", "cpet", "rslora", "lora"};
     const std::vector<index_t> lengths{4, 1, 3, 2, 4, 1, 3};
@@ -91,7 +74,7 @@ void mixed_equals_alone(unsigned seed) {
         CHECK(used[0] == used[1]);  // one version per task, resolved once
         for (index_t b = 0; b < B; ++b) {
             CAPTURE(b);
-            const auto want = alone(reg, names[std::size_t(b)], x.view().middle_rows(b * S, S), lengths[std::size_t(b)]);
+            const auto want = testing::alone(reg, names[std::size_t(b)], x.view().middle_rows(b * S, S), lengths[std::size_t(b)]);
             const index_t n = lengths[std::size_t(b)];
             CHECK(testing::rel_error(y.view().middle_rows(b * S, n), testing::to_double(want.view().middle_rows(0, n))) <= 1e-6);
             for (index_t r = n; r < S; ++r)  // padding stays zero
@@ -120,7 +103,7 @@ TEST_CASE("a mixed batch gives every sequence the output it gets alone with its 
 TEST_CASE("decode with sequences of different tasks joining and leaving equals the full recomputation") {
     using C = config::llama<compress::int8_per_channel>;
     const auto s = testing::llama_shape();
-    const auto owner = registry_with_tasks<C>(backbone_for<C>(s, 400), 8);
+    const auto owner = registry_with_tasks<C>(testing::backbone_for<C>(s, 400), 8);
     const auto& reg = *owner;
     const index_t slots = 3, cap = 8;
     auto caches = reg.backbone().make_cache(slots, cap);
@@ -157,7 +140,7 @@ TEST_CASE("decode with sequences of different tasks joining and leaving equals t
             if (q < 0 || new_len[std::size_t(b)] == 0) continue;
             CAPTURE(q);
             const auto& all = seqs[std::size_t(q)].tokens;
-            const auto full = alone(reg, seqs[std::size_t(q)].name, all, all.rows());
+            const auto full = testing::alone(reg, seqs[std::size_t(q)].name, all, all.rows());
             const index_t n = new_len[std::size_t(b)];
             CHECK(testing::rel_error(y.view().middle_rows(b * S, n), testing::to_double(full.view().middle_rows(all.rows() - n, n))) <=
                   1e-5);
@@ -180,7 +163,7 @@ TEST_CASE("decode with sequences of different tasks joining and leaving equals t
 TEST_CASE("mixed-batch bad input is refused with a clear error and changes no cache") {
     using C = config::llama<compress::int8_per_channel>;
     const auto s = testing::llama_shape();
-    auto owner = registry_with_tasks<C>(backbone_for<C>(s, 600), 8);
+    auto owner = registry_with_tasks<C>(testing::backbone_for<C>(s, 600), 8);
     auto& reg = *owner;
     const auto x = testing::random_matrix(4, s.d_model, 601);
     const std::vector<index_t> lengths{2, 2};

@@ -13,17 +13,11 @@
 #include "cpet/pet/task.hpp"
 #include "cpet/serve/registry.hpp"
 #include "pet/pet_references.hpp"
+#include "serve/serve_testing.hpp"
 
 using namespace cpet;
 
 namespace {
-
-template <class C>
-std::shared_ptr<const Stack<C>> backbone_for(const nn::layer_shape& s, unsigned seed) {
-    std::vector<nn::dense_layer_weights> w{nn::random_layer_weights(s, seed, nn::kind_of<C>),
-                                           nn::random_layer_weights(s, seed + 1, nn::kind_of<C>)};
-    return std::make_shared<const Stack<C>>(w, s);
-}
 
 constexpr int kinds = 16;
 const char* const kind_names[kinds] = {"lora",         "rslora",  "recovery", "recovery_linear", "adapter",
@@ -118,21 +112,10 @@ std::vector<std::string_view> batch_names() {
     return n;
 }
 
-/// x [S rows] alone through the backbone with task `name` ("" = none).
-template <class C>
-Matrix<float> alone(const serve::registry<C>& reg, std::string_view name, ConstMatrixView<float> x, index_t len) {
-    nn::workspace ws;
-    Matrix<float> y(x.rows(), x.cols());
-    const std::vector<index_t> l{len};
-    if (name.empty()) reg.backbone().forward(x, l, y, ws);
-    else reg.forward(name, x, l, y, ws);
-    return y;
-}
-
 template <class C>
 void every_method_mixed_equals_alone(unsigned seed) {
     const auto s = testing::shape_for<C>();
-    const auto owner = registry_of_every_kind<C>(backbone_for<C>(s, seed));
+    const auto owner = registry_of_every_kind<C>(testing::backbone_for<C>(s, seed));
     const auto& reg = *owner;
     const auto names = batch_names();
     const index_t B = index_t(names.size()), S = 4;
@@ -148,13 +131,13 @@ void every_method_mixed_equals_alone(unsigned seed) {
             const std::string task(names[std::size_t(b)]);
             CAPTURE(task);
             const index_t n = lengths[std::size_t(b)];
-            const auto want = alone(reg, task, x.view().middle_rows(b * S, S), n);
+            const auto want = testing::alone(reg, task, x.view().middle_rows(b * S, S), n);
             CHECK(testing::rel_error(y.view().middle_rows(b * S, n), testing::to_double(want.view().middle_rows(0, n))) <= 1e-6);
             for (index_t r = n; r < S; ++r)  // padding stays zero
                 for (index_t c = 0; c < s.d_model; ++c) REQUIRE(y(b * S + r, c) == 0.f);
         }
         // the batch without its one sequence of no task differs from the bare backbone where a task acts
-        const auto bare = alone(reg, "", x.view().middle_rows(0, S), lengths[0]);
+        const auto bare = testing::alone(reg, "", x.view().middle_rows(0, S), lengths[0]);
         CHECK(testing::rel_error(y.view().middle_rows(0, lengths[0]), testing::to_double(bare.view().middle_rows(0, lengths[0]))) > 1e-3);
     });
 }
@@ -177,7 +160,7 @@ template <class C>
 void every_method_decode(unsigned seed) {
     const auto s = testing::llama_shape();
     const index_t cap = 16;
-    const auto owner = registry_of_every_kind<C>(backbone_for<C>(s, seed), cap);
+    const auto owner = registry_of_every_kind<C>(testing::backbone_for<C>(s, seed), cap);
     const auto& reg = *owner;
     const index_t slots = 6;
     auto caches = reg.backbone().make_cache(slots, cap);
@@ -238,7 +221,7 @@ void every_method_decode(unsigned seed) {
             append(sq.got, y.view().middle_rows(b * S, n));
             append(sq.want, ya);
             CHECK(testing::rel_error(sq.got, testing::to_double(sq.want)) <= 1e-6);  // its output so far
-            const auto full = alone(reg, sq.name, sq.tokens, sq.tokens.rows());
+            const auto full = testing::alone(reg, sq.name, sq.tokens, sq.tokens.rows());
             CHECK(testing::rel_error(y.view().middle_rows(b * S, n),
                                      testing::to_double(full.view().middle_rows(sq.tokens.rows() - n, n))) <= 1e-5);
             for (std::size_t l = 0; l < caches.size(); ++l) REQUIRE(caches[l].length(b) == sq.own[l].length(0));
@@ -273,7 +256,7 @@ TEST_CASE("decode: sequences of every PET method join and leave a mixed batch; e
 TEST_CASE("a task that does not fit is refused when registered or bound, naming the problem, and changes nothing") {
     using C = config::llama<compress::int8_per_channel>;
     const auto s = testing::llama_shape();
-    auto owner = registry_of_every_kind<C>(backbone_for<C>(s, 600), 8);
+    auto owner = registry_of_every_kind<C>(testing::backbone_for<C>(s, 600), 8);
     auto& reg = *owner;
     const auto d = reg.backbone().layer(0).pet_dims();
     auto wide = d;  // a layer twice as wide
