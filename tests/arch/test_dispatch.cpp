@@ -4,6 +4,8 @@
 
 #include "cpet/arch/dispatch.hpp"
 
+namespace cpet_test_arch_dispatch {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 
 TEST_CASE("the active ISA is the best available one unless forced") {
@@ -59,3 +61,5 @@ TEST_CASE("CPET_ISA in the environment caps the automatic choice") {
     arch::scoped_isa s(arch::isa::scalar);
     CHECK(arch::active() == arch::isa::scalar);
 }
+
+}  // namespace cpet_test_arch_dispatch

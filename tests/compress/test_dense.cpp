@@ -2,6 +2,8 @@
 #include "cpet/compress/compress.hpp"
 #include "support/testing.hpp"
 
+namespace cpet_test_compress_dense {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 using testing::MatD;
 
@@ -83,3 +85,5 @@ TEST_CASE("calibration is an empty container until filled") {
     CHECK(c.channels() == 8);
     CHECK(c.has_hessian());
 }
+
+}  // namespace cpet_test_compress_dense

@@ -9,6 +9,8 @@
 
 #include "support/testing.hpp"
 
+namespace cpet_test_compress_prune {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 using compress::nm_pattern;
 using compress::sparsity_score;
@@ -316,3 +318,5 @@ TEST_CASE("sparse matmul_t: dx = dy·W block by block for N:M (fp32, int8) and u
         check(compress::unstructured_sparse<60>::compress(w), "unstructured 60%");
     }
 }
+
+}  // namespace cpet_test_compress_prune

@@ -8,6 +8,8 @@
 
 #include "support/testing.hpp"
 
+namespace cpet_test_compress_quantize {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 using compress::granularity;
 using compress::qbits;
@@ -251,3 +253,5 @@ TEST_CASE("GPTQ: an input that never fires zeroes its column; the result is a va
     for (index_t r = 0; r < 5; ++r) CHECK(d(r, 7) == 0.f);
     for (index_t i = 0; i < d.size(); ++i) CHECK(std::isfinite(d.data()[i]));
 }
+
+}  // namespace cpet_test_compress_quantize

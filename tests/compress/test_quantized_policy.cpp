@@ -18,6 +18,8 @@
 #include "nn/reference_layer.hpp"
 #include "support/testing.hpp"
 
+namespace cpet_test_compress_quantized_policy {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 using testing::MatD;
 
@@ -421,3 +423,5 @@ TEST_CASE("clipping rules and GPTQ knobs are reachable from the policy types") {
         CHECK(!std::equal(a.data(), a.data() + a.size(), d.data()));
     }
 }
+
+}  // namespace cpet_test_compress_quantized_policy

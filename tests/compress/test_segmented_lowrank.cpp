@@ -18,6 +18,8 @@
 #include "cpet/core/bf16.hpp"
 #include "support/testing.hpp"
 
+namespace cpet_test_compress_segmented_lowrank {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 using testing::MatD;
 
@@ -231,3 +233,5 @@ TEST_CASE("malformed low-rank segments are refused naming the problem") {
     sparse.matmul(x, y, ok);
     q8.matmul(x, y, ok);
 }
+
+}  // namespace cpet_test_compress_segmented_lowrank

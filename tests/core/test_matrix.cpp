@@ -5,6 +5,8 @@
 
 #include "cpet/core/core.hpp"
 
+namespace cpet_test_core_matrix {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 
 TEST_CASE("aligned_buffer is 64-byte aligned, zeroed, copyable and movable") {
@@ -129,3 +131,5 @@ TEST_CASE("parallel_for visits every index exactly once") {
     }
     set_num_threads(max_threads());
 }
+
+}  // namespace cpet_test_core_matrix

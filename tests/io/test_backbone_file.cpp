@@ -19,6 +19,8 @@
 #include "io/io_testing.hpp"
 #include "support/testing.hpp"
 
+namespace cpet_test_io_backbone_file {  // each test file's own namespace: the files of a room compile as one unit
+
 namespace fs = std::filesystem;
 using namespace cpet;
 
@@ -428,3 +430,5 @@ TEST_CASE("cpet backbone files: the fuzzer's committed seeds are valid files of 
     CHECK(w.get<compress::unstructured_sparse_f32>("layers.0.up").packed().nnz() == 240);
     CHECK(w.get<compress::nm_sparse_f32>("layers.0.down").packed().value_type() == compress::sparse_values::int8);
 }
+
+}  // namespace cpet_test_io_backbone_file

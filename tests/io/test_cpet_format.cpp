@@ -14,6 +14,8 @@
 #include "cpet/io/cpet_format.hpp"
 #include "io/io_testing.hpp"
 
+namespace cpet_test_io_cpet_format {  // each test file's own namespace: the files of a room compile as one unit
+
 namespace fs = std::filesystem;
 using namespace cpet;
 
@@ -353,3 +355,5 @@ TEST_CASE("cpet weight files: kept-index maps, and N:M weights with a corrupt in
     fs::remove(p);
     fs::remove(q);
 }
+
+}  // namespace cpet_test_io_cpet_format

@@ -16,6 +16,8 @@
 #include "cpet/io/safetensors.hpp"
 #include "io/io_testing.hpp"
 
+namespace cpet_test_io_hf_checkpoint {  // each test file's own namespace: the files of a room compile as one unit
+
 namespace fs = std::filesystem;
 using namespace cpet;
 
@@ -277,3 +279,5 @@ TEST_CASE("nn::Model: token ids outside the vocabulary, over-long sequences and 
     const auto h = model.hidden_states(padded, ws);
     for (index_t c = 0; c < h.cols(); ++c) CHECK(h(2, c) == 0.f);
 }
+
+}  // namespace cpet_test_io_hf_checkpoint

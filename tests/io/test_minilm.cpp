@@ -16,6 +16,8 @@
 #include "cpet/io/wordpiece.hpp"
 #include "io/io_testing.hpp"
 
+namespace cpet_test_io_minilm {  // each test file's own namespace: the files of a room compile as one unit
+
 namespace fs = std::filesystem;
 using namespace cpet;
 
@@ -126,3 +128,5 @@ TEST_CASE("all-MiniLM-L6-v2 compressed as it loads: int8 per channel and int4 g1
     CHECK(c8 < 1.0);
     CHECK(c4 < c8);
 }
+
+}  // namespace cpet_test_io_minilm

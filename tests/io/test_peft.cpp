@@ -17,6 +17,8 @@
 #include "cpet/io/safetensors.hpp"
 #include "io/io_testing.hpp"
 
+namespace cpet_test_io_peft {  // each test file's own namespace: the files of a room compile as one unit
+
 namespace fs = std::filesystem;
 using namespace cpet;
 
@@ -281,3 +283,5 @@ TEST_CASE("peft: unsupported or malformed adapters are refused naming the file, 
                          doctest::Contains("IA3 on 'encoder.layer.0.attention.output.dense'"), io_error);
     fs::remove_all(di);
 }
+
+}  // namespace cpet_test_io_peft

@@ -20,6 +20,8 @@
 #include "cpet/io/peft.hpp"
 #include "io/io_testing.hpp"
 
+namespace cpet_test_io_peft_write {  // each test file's own namespace: the files of a room compile as one unit
+
 namespace fs = std::filesystem;
 using namespace cpet;
 
@@ -312,3 +314,5 @@ TEST_CASE("peft prefix: inconsistent or empty prefixes are refused naming the pr
     CHECK(fs::exists(d / "adapter_config.json"));
     fs::remove_all(d);
 }
+
+}  // namespace cpet_test_io_peft_write

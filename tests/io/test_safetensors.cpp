@@ -14,6 +14,8 @@
 
 #include "cpet/io/safetensors.hpp"
 
+namespace cpet_test_io_safetensors {  // each test file's own namespace: the files of a room compile as one unit
+
 namespace fs = std::filesystem;
 using namespace cpet;
 using namespace cpet::io;
@@ -343,3 +345,5 @@ TEST_CASE("safetensors: an interrupted write leaves the previous file intact and
     CHECK(safetensors_file::open(path).tensor("w").numel() == 300000);
     fs::remove_all(dir);
 }
+
+}  // namespace cpet_test_io_safetensors

@@ -12,6 +12,8 @@
 #include "cpet/io/wordpiece.hpp"
 #include "io/io_testing.hpp"
 
+namespace cpet_test_io_wordpiece {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 
 namespace {
@@ -88,3 +90,5 @@ TEST_CASE("wordpiece: pieces, batches and bad input") {
     CHECK_THROWS_WITH_AS(io::wordpiece_tokenizer::from_vocab(testing::reference_dir() / "tiny-bert" / "config.json"),
                          doctest::Contains("config.json: the vocabulary has no [UNK] token"), io_error);
 }
+
+}  // namespace cpet_test_io_wordpiece

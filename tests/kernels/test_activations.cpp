@@ -8,6 +8,8 @@
 
 #include "cpet/kernels/activations.hpp"
 
+namespace cpet_test_kernels_activations {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 using namespace cpet::kernels;
 
@@ -129,3 +131,5 @@ TEST_CASE("multiply_by_derivative matches central differences of the double refe
             }
     });
 }
+
+}  // namespace cpet_test_kernels_activations

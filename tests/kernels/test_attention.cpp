@@ -7,6 +7,8 @@
 #include "cpet/kernels/attention.hpp"
 #include "support/testing.hpp"
 
+namespace cpet_test_kernels_attention {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 using cpet::testing::MatD;
 using kernels::attention_args;
@@ -283,3 +285,5 @@ TEST_CASE("attention: bad arguments throw shape_error naming the operand") {
     // Nothing was written by the rejected calls.
     CHECK((as_eigen(p.out).array() == -7.f).all());
 }
+
+}  // namespace cpet_test_kernels_attention

@@ -11,6 +11,8 @@
 #include "cpet/core/parallel.hpp"
 #include "cpet/kernels/gemm_f32.hpp"
 
+namespace cpet_test_kernels_gemm_f32 {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 using namespace cpet::kernels;
 using testing::MatD;
@@ -386,3 +388,5 @@ TEST_CASE("gemm_f32 with M = 0 touches nothing; NaN in x propagates without a cr
         }
     });
 }
+
+}  // namespace cpet_test_kernels_gemm_f32

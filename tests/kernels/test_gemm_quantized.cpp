@@ -12,6 +12,8 @@
 
 #include "support/testing.hpp"
 
+namespace cpet_test_kernels_gemm_quantized {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 using compress::granularity;
 using compress::qbits;
@@ -546,3 +548,5 @@ TEST_CASE("gemm_wq blocked path: multi-threaded runs bit-identical to single-thr
             CHECK(std::memcmp(one.data(), two.data(), one.bytes()) == 0);
         }
 }
+
+}  // namespace cpet_test_kernels_gemm_quantized

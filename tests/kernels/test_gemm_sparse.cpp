@@ -9,6 +9,8 @@
 
 #include "support/testing.hpp"
 
+namespace cpet_test_kernels_gemm_sparse {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 using compress::nm_pattern;
 using compress::sparsity_score;
@@ -252,3 +254,5 @@ TEST_CASE("bad calls: wrong shapes, a low-rank term, inconsistent views") {
     Matrix<float> x0(0, 16), y0(0, 8);
     CHECK_NOTHROW(compress::matmul(x0.view(), f, y0.view()));
 }
+
+}  // namespace cpet_test_kernels_gemm_sparse

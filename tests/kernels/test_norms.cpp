@@ -7,6 +7,8 @@
 #include "cpet/kernels/norms.hpp"
 #include "support/testing.hpp"
 
+namespace cpet_test_kernels_norms {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 using cpet::testing::MatD;
 
@@ -114,3 +116,5 @@ TEST_CASE("norms: empty, constant and NaN rows; bad shapes") {
                          shape_error);
     CHECK_THROWS_WITH_AS(kernels::rmsnorm(x, nullptr, 1e-5f, y), doctest::Contains("rmsnorm: y"), shape_error);
 }
+
+}  // namespace cpet_test_kernels_norms

@@ -4,6 +4,8 @@
 #include "cpet/kernels/rope.hpp"
 #include "support/testing.hpp"
 
+namespace cpet_test_kernels_rope {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 using cpet::testing::MatD;
 using kernels::rope_style;
@@ -112,3 +114,5 @@ TEST_CASE("rope's unchecked body with an odd head_dim rotates whole pairs and wr
     CHECK_THROWS_WITH_AS(kernels::rope(x, 2, 3, 0), doctest::Contains("head_dim must be positive and even, got 3"),
                          shape_error);
 }
+
+}  // namespace cpet_test_kernels_rope

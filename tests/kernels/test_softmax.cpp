@@ -5,6 +5,8 @@
 #include "cpet/kernels/softmax.hpp"
 #include "support/testing.hpp"
 
+namespace cpet_test_kernels_softmax {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 using cpet::testing::MatD;
 
@@ -75,3 +77,5 @@ TEST_CASE("softmax_rows: fully masked rows become zeros; strided views keep thei
         CHECK(as_eigen(n).row(1).sum() == doctest::Approx(1.0).epsilon(1e-5));
     });
 }
+
+}  // namespace cpet_test_kernels_softmax

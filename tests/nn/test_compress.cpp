@@ -13,6 +13,8 @@
 #include "nn/reference_layer.hpp"
 #include "support/testing.hpp"
 
+namespace cpet_test_nn_compress {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 using testing::MatD;
 
@@ -293,3 +295,5 @@ TEST_CASE("compress: SmoothQuant W8A8 beats plain W8A8 on a layer whose input ha
     CHECK(smooth.report.rel_error < 0.8 * plain.report.rel_error);
     CHECK(smooth.report.bytes > plain.report.bytes);  // the 1/s factors
 }
+
+}  // namespace cpet_test_nn_compress

@@ -7,6 +7,8 @@
 #include "nn/reference_layer.hpp"
 #include "support/testing.hpp"
 
+namespace cpet_test_nn_layer {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 using testing::MatD;
 
@@ -285,3 +287,5 @@ TEST_CASE("bad input: shapes, empty batch, cache overflow, NaN") {
         });
     }
 }
+
+}  // namespace cpet_test_nn_layer

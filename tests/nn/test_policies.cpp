@@ -10,6 +10,8 @@
 #include "nn/reference_layer.hpp"
 #include "support/testing.hpp"
 
+namespace cpet_test_nn_policies {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 using testing::MatD;
 
@@ -290,3 +292,5 @@ TEST_CASE("a linear hook returning the wrong shapes is rejected with the target'
     nn::workspace ws;
     CHECK_THROWS_WITH_AS(layer.forward(x, lengths, y, ws, task), doctest::Contains("target v"), shape_error);
 }
+
+}  // namespace cpet_test_nn_policies

@@ -12,6 +12,8 @@
 #include "nn/reference_layer.hpp"
 #include "support/testing.hpp"
 
+namespace cpet_test_nn_prune {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 using testing::MatD;
 
@@ -240,3 +242,5 @@ TEST_CASE("bad pruning options give clear errors") {
     CHECK_THROWS_AS(nn::prune_structured(w, nn::layer_shape{}, {}), shape_error);
     CHECK_THROWS_AS(nn::prune_structured(bad, s, {}), shape_error);
 }
+
+}  // namespace cpet_test_nn_prune

@@ -8,6 +8,8 @@
 #include "cpet/pet/pet.hpp"
 #include "pet/pet_references.hpp"
 
+namespace cpet_test_nn_task_checks {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 using testing::MatD;
 
@@ -197,3 +199,5 @@ TEST_CASE("RoPE needs an even head_dim: a layer refuses an odd one") {
     CHECK_THROWS_WITH_AS((TransformerLayer<C>(w, s)), doctest::Contains("head_dim must be even with RoPE, got 23"),
                          shape_error);
 }
+
+}  // namespace cpet_test_nn_task_checks

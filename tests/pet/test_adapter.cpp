@@ -5,6 +5,8 @@
 #include "cpet/pet/pet.hpp"
 #include "pet/pet_references.hpp"
 
+namespace cpet_test_pet_adapter {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 using testing::MatD;
 
@@ -68,3 +70,5 @@ TEST_CASE("fresh adapters are the identity; bad input") {
                          doctest::Contains("W_up"), shape_error);
     CHECK(pet::count_parameters(m, 0).trainable == 2 * (64 * 64 + 64 + 64 * 64 + 64));
 }
+
+}  // namespace cpet_test_pet_adapter

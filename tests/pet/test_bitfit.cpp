@@ -6,6 +6,8 @@
 #include "cpet/pet/pet.hpp"
 #include "pet/pet_references.hpp"
 
+namespace cpet_test_pet_bitfit {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 using testing::MatD;
 
@@ -107,3 +109,5 @@ TEST_CASE("BitFit on RMSNorm layers: no β to tune, the norm part is absent or r
                          doctest::Contains("RMSNorm"), shape_error);
     CHECK(caches[0].length(0) == 0);  // refused before the cache changed
 }
+
+}  // namespace cpet_test_pet_bitfit

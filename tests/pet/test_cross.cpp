@@ -12,6 +12,8 @@
 #include "cpet/pet/task.hpp"
 #include "pet/pet_references.hpp"
 
+namespace cpet_test_pet_cross {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 using testing::MatD;
 
@@ -195,3 +197,5 @@ TEST_CASE("every PET method on every compression policy (BERT; LLaMA for dense a
     unsigned seed = 800;
     std::apply([&](auto... comp) { (run_policy<decltype(comp)>(seed), ...); }, testing::compression_policies{});
 }
+
+}  // namespace cpet_test_pet_cross

@@ -4,6 +4,8 @@
 #include "cpet/pet/pet.hpp"
 #include "pet/pet_references.hpp"
 
+namespace cpet_test_pet_ia3 {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 using testing::MatD;
 
@@ -50,3 +52,5 @@ TEST_CASE("IA3 bad input and accounting") {
     CHECK_THROWS_WITH_AS(m.set(pet::target::down, v), doctest::Contains("expected 176"), shape_error);
     CHECK(pet::count_parameters(m, 1000).trainable == 2 * s.kv_dim() + s.d_ff);
 }
+
+}  // namespace cpet_test_pet_ia3

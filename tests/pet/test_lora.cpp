@@ -6,6 +6,8 @@
 #include "cpet/pet/pet.hpp"
 #include "pet/pet_testing.hpp"
 
+namespace cpet_test_pet_lora {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 using testing::MatD;
 
@@ -241,3 +243,5 @@ TEST_CASE("LoRA parameter accounting (print_trainable_parameters)") {
     CHECK(pet::parameter_report::grouped(-123456) == "-123,456");
     CHECK(pet::parameter_report::grouped(0) == "0");
 }
+
+}  // namespace cpet_test_pet_lora

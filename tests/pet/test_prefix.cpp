@@ -5,6 +5,8 @@
 #include "cpet/pet/pet.hpp"
 #include "pet/pet_testing.hpp"
 
+namespace cpet_test_pet_prefix {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 using testing::MatD;
 
@@ -157,3 +159,5 @@ TEST_CASE("prefix bad input: beyond the KV cache capacity, a cache of another ta
     pet::prefix_tuning::modules bad;
     CHECK_THROWS_AS(bad.set(Matrix<float>(2, 4), Matrix<float>(3, 4)), shape_error);
 }
+
+}  // namespace cpet_test_pet_prefix

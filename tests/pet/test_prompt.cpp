@@ -8,6 +8,8 @@
 #include "cpet/pet/pet.hpp"
 #include "pet/pet_references.hpp"
 
+namespace cpet_test_pet_prompt {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 using testing::MatD;
 
@@ -204,3 +206,5 @@ TEST_CASE("prompt-tuned decode: bad input throws before any cache changes") {
         unchanged(caches, {0, 8});
     }
 }
+
+}  // namespace cpet_test_pet_prompt

@@ -7,6 +7,8 @@
 #include "cpet/pet/pet.hpp"
 #include "pet/pet_testing.hpp"
 
+namespace cpet_test_pet_recovery {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 using testing::MatD;
 
@@ -194,3 +196,5 @@ TEST_CASE("recovery bad input: rank beyond the dimensions, missing gate, calibra
     bad.wq = Matrix<float>(3, 3);
     CHECK_THROWS_AS(nn::init_recovery(layer, bad), shape_error);
 }
+
+}  // namespace cpet_test_pet_recovery

@@ -12,6 +12,8 @@
 #include "cpet/pet/pet.hpp"
 #include "pet/pet_testing.hpp"
 
+namespace cpet_test_pet_recovery_eora {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 using testing::MatD;
 
@@ -267,3 +269,5 @@ TEST_CASE("EoRA bad input: a Gram matrix of the wrong size, not symmetric, not P
     CHECK(testing::max_abs_error(from_diag.B, testing::to_double(ref_diag.B)) <= 1e-5);
     CHECK(pet::svd_residual(w, w_hat, 2, &g).weighting == pet::residual_weighting::gram);
 }
+
+}  // namespace cpet_test_pet_recovery_eora

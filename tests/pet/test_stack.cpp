@@ -8,6 +8,8 @@
 #include "cpet/pet/pet.hpp"
 #include "pet/pet_references.hpp"
 
+namespace cpet_test_pet_stack {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 using testing::MatD;
 
@@ -131,3 +133,5 @@ TEST_CASE_TEMPLATE("every hook at once: IA3 + BitFit + LoRA + prefix + adapter i
     CHECK(task.norm_bias_delta(pet::norm_site::norm2).has_value() == (C::norm == nn::norm_kind::layernorm));
     check_layer(layer, task, hk, [&](nn::dense_layer_weights w) { return testing::bitfit_weights(w, task.template get<1>()); });
 }
+
+}  // namespace cpet_test_pet_stack

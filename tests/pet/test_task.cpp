@@ -10,6 +10,8 @@
 #include "cpet/pet/task.hpp"
 #include "pet/pet_references.hpp"
 
+namespace cpet_test_pet_task {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 using testing::MatD;
 
@@ -235,3 +237,5 @@ TEST_CASE("a single-method task is that method exactly; tasks refuse a second me
     CHECK_THROWS_WITH_AS(layer.forward(x, two, y, ws, bad), doctest::Contains("recovery: target down expects A [r, 128]"),
                          shape_error);
 }
+
+}  // namespace cpet_test_pet_task

@@ -15,6 +15,8 @@
 #include "pet/pet_references.hpp"
 #include "serve/serve_testing.hpp"
 
+namespace cpet_test_serve_compact {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 using serve::factor_storage;
 using testing::MatD;
@@ -227,3 +229,5 @@ TEST_CASE("decode: compact tasks join and leave a mixed batch; each sequence equ
     step({1, 2, 1, 1});
     step({1, 1, 0, 1});
 }
+
+}  // namespace cpet_test_serve_compact

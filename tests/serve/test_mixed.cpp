@@ -15,6 +15,8 @@
 #include "pet/pet_references.hpp"
 #include "serve/serve_testing.hpp"
 
+namespace cpet_test_serve_mixed {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 using testing::MatD;
 
@@ -185,3 +187,5 @@ TEST_CASE("mixed-batch bad input is refused with a clear error and changes no ca
     CHECK_THROWS_WITH_AS(reg.forward_batch(unknown, x, lengths, y, ws), doctest::Contains("unknown task \"nope\""),
                          format_error);
 }
+
+}  // namespace cpet_test_serve_mixed

@@ -15,6 +15,8 @@
 #include "pet/pet_references.hpp"
 #include "serve/serve_testing.hpp"
 
+namespace cpet_test_serve_mixed_methods {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 
 namespace {
@@ -311,3 +313,5 @@ TEST_CASE("a task that does not fit is refused when registered or bound, naming 
     CHECK(caches[0].length(0) == 4);
     CHECK(caches[1].length(1) == 2);
 }
+
+}  // namespace cpet_test_serve_mixed_methods

@@ -15,6 +15,8 @@
 #include "cpet/serve/registry.hpp"
 #include "pet/pet_references.hpp"
 
+namespace cpet_test_serve_registry {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 using testing::MatD;
 
@@ -214,3 +216,5 @@ TEST_CASE("registry bad input is refused with a clear error and changes nothing"
     CHECK(reg.names() == std::vector<std::string>{"lora"});
     CHECK(reg.get("lora")->version == 1);
 }
+
+}  // namespace cpet_test_serve_registry

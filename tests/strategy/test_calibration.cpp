@@ -12,6 +12,8 @@
 #include "cpet/strategy/recovery_init.hpp"
 #include "support/testing.hpp"
 
+namespace cpet_test_strategy_calibration {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 using testing::MatD;
 
@@ -287,3 +289,5 @@ TEST_CASE("strategy::init_recovery: EoRA on the compressed layer's own inputs ov
     CHECK_THROWS_AS(strategy::init_recovery(stack.layer(0), w[0], std::span<const nn::calibration_set>(), o),
                     shape_error);
 }
+
+}  // namespace cpet_test_strategy_calibration

@@ -17,6 +17,8 @@
 #include "io/io_testing.hpp"
 #include "support/testing.hpp"
 
+namespace cpet_test_strategy_cpet_fortunes {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 namespace fs = std::filesystem;
 
@@ -94,3 +96,5 @@ TEST_CASE("CPET beats plain LoRA on an int4 MiniLM (2 layers) on held-out fortun
     CHECK(cpet_eval.loss < plain_eval.loss);
     CHECK(cpet_eval.examples == index_t(data.test.size()));
 }
+
+}  // namespace cpet_test_strategy_cpet_fortunes

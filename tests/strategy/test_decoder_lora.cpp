@@ -32,6 +32,8 @@
 #include "cpet/train/trainer.hpp"
 #include "support/testing.hpp"
 
+namespace cpet_test_strategy_decoder_lora {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 namespace fs = std::filesystem;
 
@@ -195,3 +197,5 @@ TEST_CASE("a LoRA (r 8 on q, v, o) on a small LLaMA-shaped decoder lowers held-o
     CHECK(after < 0.9 * before);
     CHECK(after < 0.9 * std::log(256.0));
 }
+
+}  // namespace cpet_test_strategy_decoder_lora

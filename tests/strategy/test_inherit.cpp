@@ -21,6 +21,8 @@
 #include "nn/reference_layer.hpp"
 #include "support/testing.hpp"
 
+namespace cpet_test_strategy_inherit {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 using testing::MatD;
 
@@ -468,3 +470,5 @@ TEST_CASE("inherit bad input: modules of another layer, maps of the wrong length
     CHECK(flatten(task) == before);
     CHECK_NOTHROW(strategy::inherit(task, dense, small, kept));
 }
+
+}  // namespace cpet_test_strategy_inherit

@@ -10,6 +10,8 @@
 #include "cpet/strategy/pipeline.hpp"
 #include "support/testing.hpp"
 
+namespace cpet_test_strategy_tune_checks {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 using C = config::bert<>;
 
@@ -168,3 +170,5 @@ TEST_CASE("fresh_like re-initialises adapters, prefixes and virtual tokens for a
     CHECK(strategy::evaluate(m, t, data).loss < 0.7 * before);
     CHECK(t.layers[0].get<pet::prompt_tuning::modules>(0).tokens(0, 0) != tok0);
 }
+
+}  // namespace cpet_test_strategy_tune_checks

@@ -1,13 +1,16 @@
 // tests/support/doctest_main.cpp — the main() of every cpet test binary: doctest's, plus what CTest needs so
 // that every test case runs under CTest exactly once and a run that executes nothing cannot pass.
 //
-//   --cpet-ctest-file=F --cpet-ctest-prefix=P --cpet-ctest-label=L
+//   --cpet-ctest-file=F
 //       Writes F, a CTest script with one entry per test case (run by the build right after linking; see
-//       tests/CMakeLists.txt). doctest's stock discovery hands names to CMake lists, so a name with ';' became two
-//       entries whose filters matched nothing, and ',' separates doctest filters. Here each entry's filter is the
-//       name with every character that a CMake list or a doctest filter list would read specially replaced by
-//       '?' (doctest's one-character wildcard), and doctest's own matcher checks, before F is written, that each
-//       filter selects exactly one case of this binary. Any ambiguity fails the build, naming the cases.
+//       tests/CMakeLists.txt). A binary may hold the files of a whole room (tests/<room>/test_<name>.cpp); each
+//       case is named and labelled after its own file, "<room>/<name>/<case>", label <room>. doctest's stock
+//       discovery hands names to CMake lists, so a name with ';' became two entries whose filters matched
+//       nothing, and ',' separates doctest filters. Here each entry's filters are the case's file
+//       (--source-file=*/<room>/test_<name>.cpp) and its name with every character that a CMake list or a doctest
+//       filter list would read specially replaced by '?' (doctest's one-character wildcard); doctest's own matcher
+//       checks, before F is written, that the pair selects exactly one case of this binary. Any ambiguity fails the
+//       build, naming the cases.
 //   --cpet-list-ids
 //       Prints each case's ledger id (below), one a line.
 //   CPET_TEST_LEDGER=FILE (environment)
@@ -43,6 +46,33 @@ std::string self_path() {
 std::string base_name(const std::string& p) {
     const auto slash = p.find_last_of('/');
     return slash == std::string::npos ? p : p.substr(slash + 1);
+}
+
+/// Where a case comes from: tests/<room>/test_<name>.cpp gives room and name (the binary may hold several files).
+struct case_origin {
+    std::string room, name;
+};
+case_origin origin_of(const doctest::TestCaseData& tc) {
+    const std::string file(tc.m_file.c_str());
+    const auto slash = file.find_last_of('/');
+    const auto up = slash == std::string::npos || slash == 0 ? std::string::npos : file.find_last_of('/', slash - 1);
+    std::string stem = file.substr(slash == std::string::npos ? 0 : slash + 1);
+    if (stem.ends_with(".cpp")) stem.resize(stem.size() - 4);
+    if (stem.starts_with("test_")) stem.erase(0, 5);
+    std::string room = slash == std::string::npos ? std::string() : file.substr(up + 1, slash - up - 1);
+    return {room, stem};
+}
+
+/// The CTest prefix of a case: "<room>/<name>/".
+std::string prefix_of(const doctest::TestCaseData& tc) {
+    const auto o = origin_of(tc);
+    return o.room + "/" + o.name + "/";
+}
+
+/// The source-file filter of a case: its own file, whatever directory the tree sits in.
+std::string file_filter_of(const doctest::TestCaseData& tc) {
+    const auto o = origin_of(tc);
+    return "*/" + o.room + "/test_" + o.name + ".cpp";
 }
 
 /// A name as a ledger id: one token a CMake list keeps whole (no ';', '[', ']', '\\', no newline or tab).
@@ -86,7 +116,7 @@ struct ledger_listener : doctest::IReporter {
         ++g_cases_started;
         const char* path = std::getenv("CPET_TEST_LEDGER");
         if (!path || !*path) return;
-        const std::string line = base_name(self_path()) + " " + ledger_id(tc.m_name) + "\n";
+        const std::string line = base_name(self_path()) + " " + ledger_id(prefix_of(tc) + tc.m_name) + "\n";
         // O_APPEND: CTest runs several binaries at once; one short write() per case keeps lines whole.
         const int fd = ::open(path, O_WRONLY | O_CREAT | O_APPEND, 0644);
         if (fd < 0) {
@@ -117,19 +147,22 @@ std::vector<const doctest::detail::TestCase*> all_cases() {
     return out;
 }
 
-int write_ctest_file(const std::string& file, const std::string& prefix, const std::string& label) {
+int write_ctest_file(const std::string& file) {
     const auto cases = all_cases();
     if (cases.empty()) {
         std::fprintf(stderr, "cpet: %s registers no test case\n", self_path().c_str());
         return 1;
     }
-    // Each filter must select its own case and no other (doctest matches case-insensitively by default).
+    // Each pair of filters must select its own case and no other (doctest matches case-insensitively by default).
     bool ok = true;
     for (const auto* tc : cases) {
         const std::string f = filter_of(tc->m_name);
+        const std::string sf = file_filter_of(*tc);
         std::vector<std::string> hits;
         for (const auto* other : cases)
-            if (doctest::wildcmp(other->m_name, f.c_str(), false)) hits.emplace_back(other->m_name);
+            if (doctest::wildcmp(other->m_file.c_str(), sf.c_str(), false) &&
+                doctest::wildcmp(other->m_name, f.c_str(), false))
+                hits.emplace_back(other->m_name);
         if (hits.size() != 1) {
             ok = false;
             std::fprintf(stderr, "cpet: the CTest filter of test case \"%s\" selects %zu cases:\n", tc->m_name,
@@ -139,7 +172,7 @@ int write_ctest_file(const std::string& file, const std::string& prefix, const s
     }
     std::vector<std::string> seen;
     for (const auto* tc : cases) {
-        const std::string d = display_of(prefix, tc->m_name);
+        const std::string d = display_of(prefix_of(*tc), tc->m_name);
         for (const auto& s : seen)
             if (s == d) {
                 ok = false;
@@ -155,10 +188,11 @@ int write_ctest_file(const std::string& file, const std::string& prefix, const s
     std::string dir = exe.substr(0, exe.find_last_of('/'));
     std::string script;
     for (const auto* tc : cases) {
-        const std::string d = bracket(display_of(prefix, tc->m_name));
-        script += "add_test(" + d + " " + bracket(exe) + " " + bracket("--test-case=" + filter_of(tc->m_name)) + ")\n";
-        script += "set_tests_properties(" + d + " PROPERTIES LABELS " + bracket(label) + " WORKING_DIRECTORY " +
-                  bracket(dir) + ")\n";
+        const std::string d = bracket(display_of(prefix_of(*tc), tc->m_name));
+        script += "add_test(" + d + " " + bracket(exe) + " " + bracket("--source-file=" + file_filter_of(*tc)) + " " +
+                  bracket("--test-case=" + filter_of(tc->m_name)) + ")\n";
+        script += "set_tests_properties(" + d + " PROPERTIES LABELS " + bracket(origin_of(*tc).room) +
+                  " WORKING_DIRECTORY " + bracket(dir) + ")\n";
     }
     const std::string tmp = file + ".tmp";
     {
@@ -179,7 +213,7 @@ int write_ctest_file(const std::string& file, const std::string& prefix, const s
 }  // namespace
 
 int main(int argc, char** argv) {
-    std::string ctest_file, ctest_prefix, ctest_label;
+    std::string ctest_file;
     bool list_ids = false;
     std::vector<char*> rest;
     for (int i = 0; i < argc; ++i) {
@@ -189,18 +223,16 @@ int main(int argc, char** argv) {
             out = std::string(a.substr(opt.size()));
             return true;
         };
-        if (i > 0 && (value("--cpet-ctest-file=", ctest_file) || value("--cpet-ctest-prefix=", ctest_prefix) ||
-                      value("--cpet-ctest-label=", ctest_label)))
-            continue;
+        if (i > 0 && value("--cpet-ctest-file=", ctest_file)) continue;
         if (i > 0 && a == "--cpet-list-ids") {
             list_ids = true;
             continue;
         }
         rest.push_back(argv[i]);
     }
-    if (!ctest_file.empty()) return write_ctest_file(ctest_file, ctest_prefix, ctest_label);
+    if (!ctest_file.empty()) return write_ctest_file(ctest_file);
     if (list_ids) {
-        for (const auto* tc : all_cases()) std::cout << ledger_id(tc->m_name) << '\n';
+        for (const auto* tc : all_cases()) std::cout << ledger_id(prefix_of(*tc) + tc->m_name) << '\n';
         return 0;
     }
 

@@ -17,6 +17,8 @@
 #include "nn/reference_layer.hpp"
 #include "support/testing.hpp"
 
+namespace cpet_test_train_layer_backward {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 using testing::MatD;
 
@@ -358,3 +360,5 @@ TEST_CASE("train::bind refuses gradient stores that do not mirror the task") {
     auto gm = train::zeros_like(m);
     CHECK_THROWS_AS(train::bind(dims, m, gm), shape_error);
 }
+
+}  // namespace cpet_test_train_layer_backward

@@ -7,6 +7,8 @@
 #include "cpet/train/loss.hpp"
 #include "train/train_testing.hpp"
 
+namespace cpet_test_train_loss {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 using testing::floats;
 using testing::rel_diff;
@@ -315,3 +317,5 @@ TEST_CASE("loss_parts: weighted total, sums over micro-batches, text") {
     CHECK_FALSE(train::loss_parts::of("ce", std::nan("")).finite());
     CHECK_FALSE(train::loss_parts::of("ce", 1.0).add("kd", INFINITY, 0.0).finite());
 }
+
+}  // namespace cpet_test_train_loss

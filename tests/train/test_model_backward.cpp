@@ -11,6 +11,8 @@
 #include "support/testing.hpp"
 #include "train/model_testing.hpp"
 
+namespace cpet_test_train_model_backward {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 using testing::MatD;
 
@@ -200,3 +202,5 @@ TEST_CASE("train::forward of a BERT model with a classification head equals the 
     CHECK_THROWS_WITH_AS(train::forward(model, batch, wrong, tape), doctest::Contains("2 layer_terms for 3 layers"),
                          shape_error);
 }
+
+}  // namespace cpet_test_train_model_backward

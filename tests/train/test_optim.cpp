@@ -8,6 +8,8 @@
 #include "cpet/train/schedule.hpp"
 #include "train/train_testing.hpp"
 
+namespace cpet_test_train_optim {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 using testing::floats;
 using testing::rel_diff;
@@ -297,3 +299,5 @@ TEST_CASE("optimizer options are checked; the run-time optimizer dispatches to t
     CHECK(dyn.state_suffixes().size() == 1);
     CHECK(train::optimizer{}.state_suffixes().size() == 2);
 }
+
+}  // namespace cpet_test_train_optim

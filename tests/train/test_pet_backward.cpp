@@ -20,6 +20,8 @@
 #include "support/testing.hpp"
 #include "train/model_testing.hpp"
 
+namespace cpet_test_train_pet_backward {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 using testing::MatD;
 
@@ -677,3 +679,5 @@ TEST_CASE("train::bind / forward refuse misfit prefixes, adapters and virtual to
     const auto& gk = preg.get<pet::prefix_tuning::modules>(0).k;
     for (index_t i = 0; i < gk.size(); ++i) REQUIRE(gk.data()[i] == 0.f);
 }
+
+}  // namespace cpet_test_train_pet_backward

@@ -10,6 +10,8 @@
 #include "cpet/io/train_checkpoint.hpp"
 #include "train/train_testing.hpp"
 
+namespace cpet_test_train_train_checkpoint {  // each test file's own namespace: the files of a room compile as one unit
+
 using namespace cpet;
 using testing::least_squares;
 using testing::same_bits;
@@ -215,3 +217,5 @@ TEST_CASE("a checkpoint that does not fit fails naming the difference and change
     }
     std::filesystem::remove(path);
 }
+
+}  // namespace cpet_test_train_train_checkpoint

@@ -269,6 +269,8 @@ TEST_CASE("trainer options are checked; epochs give the step count") {
 #include <fcntl.h>
 #include <unistd.h>
 
+namespace cpet_test_train_trainer {  // each test file's own namespace: the files of a room compile as one unit
+
 TEST_CASE("on a terminal the default report rewrites one progress line with \\r") {
     // A pseudo-terminal stands in for the user's: isatty() is true on its slave side.
     const int master = ::posix_openpt(O_RDWR | O_NOCTTY);
@@ -301,3 +303,5 @@ TEST_CASE("on a terminal the default report rewrites one progress line with \\r"
     CHECK(out.find("ETA") != std::string::npos);
 }
 #endif
+
+}  // namespace cpet_test_train_trainer
