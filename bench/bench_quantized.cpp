@@ -3,8 +3,9 @@
 // oneDNN's integer-only matmul (u8 · s8 → s32, activations already quantised: a lower bound on what the integer
 // part of W8A8 costs).
 //
-// Names: <family>/<impl>/<M>x<N>x<K>/t<threads>, families gemm_wq, gemm_w4a8 (int4 × per-token int8), gemm_w8a8,
-// gemm_f32; gemm_wq/decode_* forces the decode kernel (rows in lanes) at large M, the baseline of gemm_wq's
+// Names: <family>/<impl>/<M>x<N>x<K>/t<threads>, families gemm_wq, gemm_w4a8 (int4 × per-token int8), gemm_w8a8
+// (cpet: any int8 codes; cpet_pairbound: codes quantised with quant_options::pair_bound, the exact u8 · s8 tile
+// on AVX2 CPUs without VNNI — the same kernel as cpet where VNNI is present), gemm_f32; gemm_wq/decode_* forces the decode kernel (rows in lanes) at large M, the baseline of gemm_wq's
 // blocked path there. Every run reports GOP/s
 // (2·M·N·K per call) and pct_peak of the fp32 FMA peak (bench/roofline.hpp); decode shapes (M <= 8) also GBps and
 // pct_bw, counting the bytes of the packed weights read per call, and rotate through copies of the weights
@@ -98,12 +99,12 @@ void bench_w4a8(benchmark::State& st, shape s, int threads, cc::quant_options o)
     finish(st, s, threads, bytes);
 }
 
-void bench_w8a8(benchmark::State& st, shape s, int threads) {
+void bench_w8a8(benchmark::State& st, shape s, int threads, cc::quant_options o) {
     cpet::set_num_threads(threads);
     const auto x = random_matrix(s.m, s.k, 1);
     Matrix<float> y(s.m, s.n);
     std::vector<cc::quantized_weights> w;
-    w.push_back(make_weights(s, {cc::qbits::int8, cc::granularity::per_channel}));
+    w.push_back(make_weights(s, o));
     const double bytes = double(w[0].bytes());
     for (std::size_t i = 1; i < cpet::bench::weight_copies(s.m, bytes); ++i) w.push_back(w[0]);
     std::vector<cpet::kernels::wq_weights> views;
@@ -203,6 +204,8 @@ const bool registered = [] {
     const index_t n = 4096, k = 4096;
     cc::quant_options int8_pc{cc::qbits::int8, cc::granularity::per_channel};
     cc::quant_options int4_g128{cc::qbits::int4, cc::granularity::per_group, 128};
+    cc::quant_options int8_pairs = int8_pc;
+    int8_pairs.pair_bound = true;
     for (int t : {1, 2})
         for (index_t m : {1, 8, 128, 512}) {
             const shape s{m, n, k};
@@ -212,7 +215,9 @@ const bool registered = [] {
                 add("gemm_wq/cpet_int4_g128" + tail, bench_wq, s, t, int4_g128);
             }
             if (m <= 8) add("gemm_w4a8/cpet_int4_g128" + tail, bench_w4a8, s, t, int4_g128);
-            add("gemm_w8a8/cpet" + tail, bench_w8a8, s, t);
+            add("gemm_w8a8/cpet" + tail, bench_w8a8, s, t, int8_pc);
+            // pair-bounded codes (quant_options::pair_bound): the exact u8 · s8 tile on AVX2 without VNNI
+            add("gemm_w8a8/cpet_pairbound" + tail, bench_w8a8, s, t, int8_pairs);
 #ifdef CPET_BENCH_HAVE_ONEDNN
             add("gemm_w8a8/onednn_u8s8s32" + tail, bench_onednn_s8, s, t);
 #endif

@@ -37,7 +37,8 @@ struct guarded {
     }
 };
 
-/// Every ISA path, plus AVX-512 without VNNI where the CPU has VNNI (the vpmaddubsw route on AVX-512).
+/// Every ISA path, plus AVX-512 without VNNI where the CPU has VNNI (the vpmaddubsw route on AVX-512), plus, on
+/// every SIMD ISA, the signed vpmaddubsw tile for pair-bounded weights (which otherwise take the u8 tile there).
 template <class Body>
 void for_each_s8_path(Body&& body) {
     testing::for_each_isa([&](arch::isa i) {
@@ -48,7 +49,50 @@ void for_each_s8_path(Body&& body) {
             body(i);
             kernels::detail::s8_disable_vnni() = false;
         }
+        if (i != arch::isa::scalar) {
+            kernels::detail::s8_disable_pair_path() = true;
+            kernels::detail::s8_disable_vnni() = true;
+            CAPTURE("signed tile for pair-bounded weights");
+            body(i);
+            kernels::detail::s8_disable_vnni() = false;
+            kernels::detail::s8_disable_pair_path() = false;
+        }
     });
+}
+
+/// Random int8 codes [n, k] whose pairs (2t, 2t + 1) obey |q| + |q'| <= 128, a fifth of them exactly at the bound
+/// ((64, 64), (127, 1), (-128, 0) when asymmetric, ...); `over` puts one pair at 129 (row 0, k 0..1).
+std::vector<std::int32_t> bounded_codes(index_t n, index_t k, bool sym, unsigned seed, bool over = false) {
+    std::mt19937 gen(seed);
+    const int lo = sym ? -127 : -128;
+    std::uniform_int_distribution<int> first(lo, 127), pick(0, 9);
+    std::vector<std::int32_t> q(static_cast<std::size_t>(n * k));
+    for (index_t r = 0; r < n; ++r)
+        for (index_t c = 0; c < k; c += 2) {
+            int a = first(gen), b = 0;
+            const int room = 128 - std::abs(a);
+            switch (pick(gen)) {
+                case 0: a = 64, b = 64; break;
+                case 1: a = 127, b = 1; break;
+                case 2: a = sym ? -127 : -128, b = sym ? -1 : 0; break;
+                default: b = std::uniform_int_distribution<int>(std::max(lo, -room), std::min(127, room))(gen);
+            }
+            q[static_cast<std::size_t>(r * k + c)] = a;
+            if (c + 1 < k) q[static_cast<std::size_t>(r * k + c + 1)] = b;
+        }
+    if (over && k >= 2) q[0] = 65, q[1] = 64;
+    return q;
+}
+
+compress::quantized_weights from_bounded(index_t n, index_t k, bool sym, unsigned seed, bool over = false) {
+    const std::vector<std::int32_t> q = bounded_codes(n, k, sym, seed, over);
+    std::vector<float> scales(static_cast<std::size_t>(n)), zeros(static_cast<std::size_t>(n));
+    for (index_t r = 0; r < n; ++r) {
+        scales[static_cast<std::size_t>(r)] = 0.01f * static_cast<float>(1 + r % 7);
+        zeros[static_cast<std::size_t>(r)] = sym ? 0.f : static_cast<float>(r % 2 ? 100 - r % 200 : -128 + r % 50);
+    }
+    return compress::quantized_weights::from_codes(qbits::int8, granularity::per_channel, 0, sym, n, k, q.data(),
+                                                   scales.data(), sym ? nullptr : zeros.data());
 }
 
 testing::MatD dense_reference(const Matrix<float>& x, const Matrix<float>& wd, const std::vector<float>& bias) {
@@ -213,8 +257,56 @@ TEST_CASE("gemm_s8_s32: blocking edges (K beyond one 1024 block, M beyond one 25
         }
 }
 
-TEST_CASE("gemm_s8: W8A8 fp32 against the reference from the same quantised activations, identical on every path") {
+TEST_CASE("gemm_s8_s32: pair-bounded weights (the u8 tile) bit-exact at the bound on every path, and the flag") {
+    struct dims {
+        index_t m, n, k;
+    };
     for (bool sym : {true, false})
+        for (dims d : {dims{1, 1, 2}, dims{3, 16, 4}, dims{4, 17, 33}, dims{5, 33, 127}, dims{8, 7, 256},
+                       dims{33, 16, 1030}, dims{260, 9, 20}}) {
+            CAPTURE(sym);
+            CAPTURE(d.m);
+            CAPTURE(d.n);
+            CAPTURE(d.k);
+            const auto q = from_bounded(d.n, d.k, sym, static_cast<unsigned>(d.m + d.n + d.k));
+            REQUIRE(q.pair_bounded());
+            // Mostly the extremes ±127 (x + 128 = 255 or 1): with (64, 64) pairs the int16 sums reach ±32640.
+            Matrix<std::int8_t> xq(d.m, d.k);
+            std::mt19937 gen(static_cast<unsigned>(d.k));
+            std::uniform_int_distribution<int> dist(-127, 127);
+            for (index_t i = 0; i < xq.size(); ++i)
+                xq.data()[i] = static_cast<std::int8_t>(i % 3 == 2 ? dist(gen) : (i % 7 < 4 ? 127 : -127));
+            Matrix<std::int32_t> ref(d.m, d.n);
+            for (index_t m = 0; m < d.m; ++m)
+                for (index_t n = 0; n < d.n; ++n) {
+                    std::int64_t acc = 0;
+                    for (index_t k = 0; k < d.k; ++k)
+                        acc += std::int64_t{xq(m, k)} * (q.code(n, k) - static_cast<std::int64_t>(q.zero(n, k)));
+                    ref(m, n) = static_cast<std::int32_t>(acc);
+                }
+            for_each_s8_path([&](arch::isa) {
+                Matrix<std::int32_t> c(d.m, d.n);
+                c.fill(-7);
+                kernels::gemm_s8_s32(xq.view(), compress::kernel_view(q), c.view());
+                CHECK(std::memcmp(c.data(), ref.data(), c.bytes()) == 0);
+            });
+        }
+    // One pair at 129 clears the flag (those weights take the signed tile, still exact).
+    const auto over = from_bounded(5, 40, true, 3, true);
+    CHECK_FALSE(over.pair_bounded());
+    CHECK_FALSE(compress::kernel_view(over).pair_bounded);
+    CHECK(from_bounded(5, 40, true, 3, false).pair_bounded());
+    // int4 codes are never flagged (the flag is about int8 pairs).
+    const Matrix<float> w4 = testing::random_matrix(4, 64, 5);
+    quant_options o4;
+    o4.bits = qbits::int4;
+    CHECK_FALSE(compress::quantize_rtn(w4.view(), o4).pair_bounded());
+}
+
+TEST_CASE("gemm_s8: W8A8 fp32 against the reference from the same quantised activations, identical on every path") {
+    for (bool bounded : {false, true})
+    for (bool sym : {true, false})
+        if (sym || !bounded)  // pair_bound: symmetric int8 only
         for (granularity g : {granularity::per_channel, granularity::per_tensor})
             for (index_t K : {33, 256})
                 for (index_t N : {7, 127}) {
@@ -222,7 +314,10 @@ TEST_CASE("gemm_s8: W8A8 fp32 against the reference from the same quantised acti
                     quant_options o;
                     o.symmetric = sym;
                     o.gran = g;
+                    o.pair_bound = bounded;
                     const auto q = compress::quantize_rtn(w.view(), o);
+                    CAPTURE(bounded);
+                    if (bounded) REQUIRE(q.pair_bounded());
                     const auto kv = compress::kernel_view(q);
                     const Matrix<float> wd = compress::dequantize(q);
                     const std::vector<float> bias = random_bias(N, 5);

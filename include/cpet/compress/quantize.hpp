@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <vector>
 
@@ -50,6 +51,13 @@ struct quant_options {
     double percentile = 99.9;     ///< clipping::percentile, in (0, 100]
     int mse_grid = 100;           ///< clipping::mse: candidate shrink steps of 1/grid
     double mse_max_shrink = 0.8;  ///< clipping::mse: smallest candidate is (1 − max_shrink) · range
+    /// Symmetric int8 only: keep |q[n, 2t]| + |q[n, 2t + 1]| ≤ 128 for every pair of codes (formats::pair_bound),
+    /// so that W8A8 on AVX2 CPUs without VNNI takes the exact u8 · s8 tile (kernels/gemm_s8.hpp), which runs
+    /// about 1.5× the signed one. The price is precision: each scale grows to max(absmax / 127, largest pair sum
+    /// / 128) — for Gaussian rows of 256–4096 weights about 1.3–1.4×, between 8 and 7 bits — and a pair that
+    /// rounding still puts over the bound loses magnitude where that costs the least squared error (RTN), or in
+    /// GPTQ its second code is clamped and the error fed forward like any rounding error.
+    bool pair_bound = false;
 };
 
 /// GPTQ knobs (the reference defaults).
@@ -147,6 +155,8 @@ inline qparam find_params(std::vector<float>& v, const quant_options& o) {
 inline void check_options(index_t n, index_t k, const quant_options& o, const char* who) {
     require<shape_error>(n > 0 && k > 0, who, ": weight shape must be positive, got ", shape_str(n, k));
     require<format_error>(o.bits == qbits::int8 || o.bits == qbits::int4, who, ": bits must be int8 or int4");
+    require<format_error>(!o.pair_bound || (o.bits == qbits::int8 && o.symmetric), who,
+                          ": pair_bound applies to symmetric int8 weights only (int4 codes never saturate a pair)");
     if (o.gran == granularity::per_group) {
         require<shape_error>(o.group > 0 && o.group % 8 == 0, who, ": group size ", o.group,
                              " must be a positive multiple of 8 (32, 64, 128 are usual)");
@@ -166,6 +176,47 @@ inline void check_finite(ConstMatrixView<float> m, const char* who, const char* 
         for (index_t c = 0; c < m.cols(); ++c)
             require<numeric_error>(std::isfinite(m(r, c)), who, ": ", what, "(", r, ", ", c, ") = ", m(r, c),
                                    " is not finite");
+}
+
+/// find_params, and with o.pair_bound the scale widened so that the largest pair |w| + |w'| (w clipped to the
+/// range, pairs (2t, 2t + 1) counted inside each row of `row_len` values of v) maps to formats::pair_bound.
+inline qparam find_params_for(std::vector<float>& v, const quant_options& o, index_t row_len) {
+    qparam p = find_params(v, o);
+    if (!o.pair_bound) return p;
+    const double cap = 127.0 * static_cast<double>(p.scale);
+    double widest = 0;
+    const auto len = static_cast<std::size_t>(row_len);
+    for (std::size_t r0 = 0; r0 < v.size(); r0 += len)
+        for (std::size_t c = 0; c < len; c += 2) {
+            const double a = std::min<double>(std::abs(v[r0 + c]), cap);
+            const double b = c + 1 < len ? std::min<double>(std::abs(v[r0 + c + 1]), cap) : 0.0;
+            widest = std::max(widest, a + b);
+        }
+    p.scale = std::max(p.scale, static_cast<float>(widest / formats::pair_bound));
+    return p;
+}
+
+/// Makes one row's codes pair-bounded: each pair (2t, 2t + 1) with |q| + |q'| > formats::pair_bound moves its
+/// codes toward zero one step at a time, each step on the code whose squared error (against the unrounded target
+/// t = w / s + z) grows the least. Moving toward zero stays inside [qlo, qhi], which holds 0.
+template <class Target>
+void bound_pairs(std::int32_t* q, index_t k, Target&& target) {
+    for (index_t c = 0; c + 1 < k; c += 2) {
+        std::int32_t& a = q[c];
+        std::int32_t& b = q[c + 1];
+        int excess = std::abs(a) + std::abs(b) - formats::pair_bound;
+        if (excess <= 0) continue;
+        const double ta = target(c), tb = target(c + 1);
+        const auto cost = [](std::int32_t v, double t) {  // growth of (v − t)² when |v| drops by one
+            const std::int32_t n = v > 0 ? v - 1 : v + 1;
+            return (n - t) * (n - t) - (v - t) * (v - t);
+        };
+        for (; excess > 0; --excess) {
+            const bool take_a = b == 0 || (a != 0 && cost(a, ta) <= cost(b, tb));
+            std::int32_t& v = take_a ? a : b;
+            v += v > 0 ? -1 : 1;
+        }
+    }
 }
 
 /// Scale groups per row in the caller-facing [n, ng] arrays.
@@ -189,12 +240,12 @@ inline quantized_weights quantize_rtn(ConstMatrixView<float> w, const quant_opti
         vals.assign(static_cast<std::size_t>(n * k), 0.f);
         for (index_t r = 0; r < n; ++r)
             for (index_t c = 0; c < k; ++c) vals[static_cast<std::size_t>(r * k + c)] = w(r, c);
-        std::fill(params.begin(), params.end(), detail::find_params(vals, o));
+        std::fill(params.begin(), params.end(), detail::find_params_for(vals, o, k));
     } else {
         for (index_t r = 0; r < n; ++r)
             for (index_t g = 0; g < ng; ++g) {
                 vals.assign(w.row(r) + g * gk, w.row(r) + (g + 1) * gk);
-                params[static_cast<std::size_t>(r * ng + g)] = detail::find_params(vals, o);
+                params[static_cast<std::size_t>(r * ng + g)] = detail::find_params_for(vals, o, gk);
             }
     }
     std::vector<std::int32_t> codes(static_cast<std::size_t>(n * k));
@@ -203,10 +254,16 @@ inline quantized_weights quantize_rtn(ConstMatrixView<float> w, const quant_opti
         scales[i] = params[i].scale;
         zeros[i] = params[i].zero;
     }
-    for (index_t r = 0; r < n; ++r)
+    for (index_t r = 0; r < n; ++r) {
         for (index_t c = 0; c < k; ++c)
             codes[static_cast<std::size_t>(r * k + c)] =
                 detail::quantize_one(w(r, c), params[static_cast<std::size_t>(r * ng + c / gk)], qlo, qhi);
+        if (o.pair_bound)
+            detail::bound_pairs(codes.data() + r * k, k, [&](index_t c) {
+                const detail::qparam p = params[static_cast<std::size_t>(r * ng + c / gk)];
+                return static_cast<double>(w(r, c)) / p.scale + p.zero;
+            });
+    }
     return quantized_weights::from_codes(o.bits, o.gran, o.group, o.symmetric, n, k, codes.data(), scales.data(),
                                          zeros.data());
 }
@@ -274,12 +331,12 @@ quantized_weights quantize_gptq_hessian(ConstMatrixView<float> w, Eigen::MatrixX
             vals.resize(static_cast<std::size_t>(n * k));
             for (index_t r = 0; r < n; ++r)
                 for (index_t c = 0; c < k; ++c) vals[static_cast<std::size_t>(r * k + c)] = static_cast<float>(W(r, c));
-            std::fill(params.begin(), params.end(), detail::find_params(vals, o));
+            std::fill(params.begin(), params.end(), detail::find_params_for(vals, o, k));
         } else {
             for (index_t r = 0; r < n; ++r) {
                 vals.resize(static_cast<std::size_t>(k));
                 for (index_t c = 0; c < k; ++c) vals[static_cast<std::size_t>(c)] = static_cast<float>(W(r, c));
-                params[static_cast<std::size_t>(r)] = detail::find_params(vals, o);
+                params[static_cast<std::size_t>(r)] = detail::find_params_for(vals, o, k);
             }
         }
     }
@@ -294,13 +351,17 @@ quantized_weights quantize_gptq_hessian(ConstMatrixView<float> w, Eigen::MatrixX
                 for (index_t r = 0; r < n; ++r) {
                     for (index_t c = 0; c < o.group; ++c)
                         vals[static_cast<std::size_t>(c)] = static_cast<float>(W(r, i + c));
-                    params[static_cast<std::size_t>(r * ng + i / o.group)] = detail::find_params(vals, o);
+                    params[static_cast<std::size_t>(r * ng + i / o.group)] = detail::find_params_for(vals, o, o.group);
                 }
             }
             const double d = U(i, i);
             for (index_t r = 0; r < n; ++r) {
                 const detail::qparam p = params[static_cast<std::size_t>(r * ng + i / gk)];
-                const int q = detail::quantize_one(static_cast<float>(W(r, i)), p, qlo, qhi);
+                int q = detail::quantize_one(static_cast<float>(W(r, i)), p, qlo, qhi);
+                if (o.pair_bound && i % 2 == 1) {  // the second code of a pair: clamp, GPTQ carries the error
+                    const int room = formats::pair_bound - std::abs(codes[static_cast<std::size_t>(r * k + i - 1)]);
+                    q = std::clamp(q, -room, room);
+                }
                 codes[static_cast<std::size_t>(r * k + i)] = q;
                 err(r, i - i1) = (W(r, i) - static_cast<double>(detail::dequantize_one(q, p))) / d;
             }
@@ -338,6 +399,7 @@ inline kernels::wq_weights kernel_view(const quantized_weights& q) {
     v.scales = q.scales();
     v.zeros = q.zeros();
     v.row_sums = q.row_sums();
+    v.pair_bounded = q.pair_bounded();
     v.bits = static_cast<int>(q.bits());
     v.n = q.rows();
     v.k = q.cols();

@@ -68,6 +68,7 @@ struct wq_weights {
     const float* scales = nullptr;        ///< [panels][groups][16]
     const float* zeros = nullptr;         ///< like scales, integer-valued; null when symmetric int8
     const std::int32_t* row_sums = nullptr;  ///< [panels·16] Σ_k q (int8 only)
+    bool pair_bounded = false;            ///< int8: every code pair (k = 2t, 2t + 1) has |q| + |q'| ≤ 128
     int bits = 8;                         ///< 8 or 4
     index_t n = 0, k = 0, k_pad = 0, group = 0, groups = 0;
 

@@ -24,11 +24,16 @@
 //   scales[(p · groups + g) · 16 + i] = s[16·p + i, g]  — one 64-byte line per (panel, group)
 //   zeros : same layout as scales, integer-valued floats (empty for symmetric int8; all 8 for symmetric int4)
 //   row_sums[n] = Σ_k q[n, k] (int8 only): the correction a u8·s8 kernel needs when it shifts x by +128
-//                 (cpet's own VNNI kernel shifts the weights instead; oneDNN-style kernels shift x).
+//                 (cpet's own VNNI kernel shifts the weights instead; cpet's pair-bounded AVX2 kernel shifts x).
+//   pair_bounded (int8 only): every code pair q[n, 2t], q[n, 2t + 1] (K padded with zeros) has |q| + |q'| ≤ 128.
+//                 Then a vpmaddubsw pair (x + 128) · q + (x' + 128) · q' stays within ±255·128 = ±32640 and never
+//                 saturates int16, so AVX2 CPUs without VNNI can run W8A8 exactly without the per-product sign
+//                 step. Computed from the codes, whatever quantised them (quant_options::pair_bound asks for it).
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 
 #include "cpet/core/buffer.hpp"
 #include "cpet/core/error.hpp"
@@ -47,6 +52,8 @@ namespace formats {
 inline constexpr index_t panel_rows = 16;
 /// Bytes of one packed chunk (one cache line).
 inline constexpr index_t chunk_bytes = 64;
+/// Largest |q| + |q'| of an int8 code pair for which u8 · s8 pair sums of vpmaddubsw cannot saturate.
+inline constexpr int pair_bound = 128;
 
 /// 16 rows × 4 consecutive k of int8 weights: q[i][j] = W[row0 + i, k0 + j]. One vpdpbusd operand.
 struct block_q8x16 {
@@ -131,6 +138,7 @@ public:
         w.scales_.reset(static_cast<std::size_t>(w.panels_ * w.groups_ * panel_rows));
         if (has_zero) w.zeros_.reset(w.scales_.size());
         if (bits == qbits::int8) w.row_sums_.reset(static_cast<std::size_t>(w.panels_ * panel_rows));
+        w.pair_bounded_ = bits == qbits::int8;  // until a pair says otherwise (k_pad is even for int8)
         for (index_t r = 0; r < w.panels_ * panel_rows; ++r) {
             for (index_t g = 0; g < w.groups_; ++g) {
                 const std::size_t at = w.scale_index(r, g);
@@ -149,6 +157,7 @@ public:
                 }
             }
             std::int32_t sum = 0;
+            int prev = 0;  // the even code of the current pair
             for (index_t c = 0; c < w.k_pad_; ++c) {
                 int v = 0;  // padding: exactly-zero weight
                 if (r < n && c < k)
@@ -157,6 +166,10 @@ public:
                     v = static_cast<int>(w.zeros_[w.scale_index(r, c / w.group_)]);
                 w.set_code(r, c, v);
                 sum += v;
+                if (c % 2 == 0)
+                    prev = v;
+                else if (std::abs(prev) + std::abs(v) > pair_bound)
+                    w.pair_bounded_ = false;
             }
             if (bits == qbits::int8) w.row_sums_[static_cast<std::size_t>(r)] = sum;
         }
@@ -179,6 +192,8 @@ public:
     const float* scales() const noexcept { return scales_.data(); }
     const float* zeros() const noexcept { return zeros_.empty() ? nullptr : zeros_.data(); }
     const std::int32_t* row_sums() const noexcept { return row_sums_.empty() ? nullptr : row_sums_.data(); }
+    /// int8 codes whose every pair (k = 2t, 2t + 1) of a row has |q| + |q'| ≤ pair_bound (see the file comment).
+    bool pair_bounded() const noexcept { return pair_bounded_; }
     /// Bytes of the packed representation (codes + scales + zeros + row sums).
     std::size_t bytes() const noexcept {
         return data_.size() + 4 * (scales_.size() + zeros_.size() + row_sums_.size());
@@ -225,6 +240,7 @@ private:
     qbits bits_ = qbits::int8;
     granularity gran_ = granularity::per_channel;
     bool symmetric_ = true;
+    bool pair_bounded_ = false;
     index_t n_ = 0, k_ = 0, k_pad_ = 0, group_ = 0, groups_ = 0, panels_ = 0;
     aligned_buffer<std::uint8_t> data_;
     aligned_buffer<float> scales_;
