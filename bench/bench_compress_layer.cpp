@@ -5,7 +5,7 @@
 //   Every layer is made by nn::compress from the same random dense weights, calibrated on 24 × 128 tokens of
 //   its own (not the benchmark input). Policies:
 //     dense, int8 (per-channel, weight-only), int8_gptq, int4_g128 (weight-only), int4_g128_gptq, w8a8,
-//     w8a8_smooth (SmoothQuant α 0.5), w4a8_g128, sparse_2:4 (magnitude), sparse_2:4_wanda,
+//     w8a8_pairs (pair-bounded codes: the exact u8 · s8 tile on AVX2 without VNNI), w8a8_smooth (SmoothQuant α 0.5), w4a8_g128, sparse_2:4 (magnitude), sparse_2:4_wanda,
 //     pruned50 (50 % of heads and FFN neurons, FLAP fluctuation score + bias compensation, then dense fp32),
 //     pruned50+w8a8.
 // After the runs one table prints per thread count: policy, MiB, compression ratio, relative output error on the
@@ -88,8 +88,7 @@ const cpet::Matrix<float>& dense_output() {
 }
 
 template <class Compressed>
-void run(benchmark::State& st, const std::string& name, const Compressed& c) {
-    const int threads = int(st.range(0));
+void run(benchmark::State& st, const std::string& name, int threads, const Compressed& c) {
     cpet::set_num_threads(threads);
     const std::vector<index_t> lengths(batch, seq);
     cpet::Matrix<float> y(input().rows(), input().cols());
@@ -113,7 +112,7 @@ void run(benchmark::State& st, const std::string& name, const Compressed& c) {
 /// The layer of `Policy` (compressed once, on first use: one static per instantiation) as a benchmark body.
 template <class Policy, bool Prune = false>
 auto body() {
-    return [](benchmark::State& st, const std::string& name) {
+    return [](benchmark::State& st, const std::string& name, int threads) {
         static const auto c = [] {
             cpet::nn::compress_options o;
             if (Prune)
@@ -121,22 +120,21 @@ auto body() {
                            .bias_compensation = true};
             return cpet::nn::compress<cpet::config::bert<Policy>>(weights(), bert_base(), calibration(), o);
         }();
-        run(st, name, c);
+        run(st, name, threads, c);
     };
 }
 
 void register_all() {
     const auto reg = [](const std::string& policy, auto fn) {
         order().push_back(policy);
-        const std::string name = "layer_compress/" + policy + "/bert_base_8x128";
-        benchmark::RegisterBenchmark(name.c_str(), [fn, policy](benchmark::State& st) { fn(st, policy); })
-            ->ArgName("t")
-            ->Arg(1)
-            ->Arg(2)
-            ->Unit(benchmark::kMillisecond)
-            ->Repetitions(5)
-            ->ReportAggregatesOnly(true)
-            ->UseRealTime();
+        for (int t : {1, 2}) {  // the thread count is the one argument, named /t<n> like every other bench
+            const std::string name = "layer_compress/" + policy + "/bert_base_8x128/t" + std::to_string(t);
+            benchmark::RegisterBenchmark(name.c_str(), [fn, policy, t](benchmark::State& st) { fn(st, policy, t); })
+                ->Unit(benchmark::kMillisecond)
+                ->Repetitions(5)
+                ->ReportAggregatesOnly(true)
+                ->UseRealTime();
+        }
     };
     using int8_gptq = cc::int8_per_channel_gptq;
     using int4_gptq = cc::int4_g128_gptq;
@@ -146,6 +144,7 @@ void register_all() {
     reg("int4_g128", body<cc::int4_g128>());
     reg("int4_g128_gptq", body<int4_gptq>());
     reg("w8a8", body<cc::w8a8>());
+    reg("w8a8_pairs", body<cc::w8a8_pairs>());
     reg("w8a8_smooth", body<cc::w8a8_smooth>());
     reg("w4a8_g128", body<cc::w4a8_g128>());
     reg("sparse_2:4", body<cc::nm_sparse<2, 4>>());

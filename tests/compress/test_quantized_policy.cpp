@@ -324,6 +324,19 @@ TEST_CASE("W8A8 / W4A8 layers stay within the int8-activation bound of the dequa
     MESSAGE("bert w8a8: rel. error vs dequantised-dense ", e8.vs_dequantised, ", vs fp32 dense ", e8.vs_fp32);
     CHECK(e8.vs_dequantised <= 3e-2);
     CHECK(e8.vs_fp32 <= 5e-2);
+    // Pair-bounded codes (the exact u8 tile on AVX2 without VNNI): a coarser scale, the same kind of bound.
+    const auto ep = run_layer<config::bert, compress::w8a8_pairs>(bert_shape(), 5);
+    MESSAGE("bert w8a8_pairs: rel. error vs dequantised-dense ", ep.vs_dequantised, ", vs fp32 dense ", ep.vs_fp32);
+    CHECK(ep.vs_dequantised <= 3e-2);
+    CHECK(ep.vs_fp32 <= 5e-2);
+    CHECK(compress::w8a8_pairs::options().pair_bound);
+    CHECK_FALSE(compress::w8a8::options().pair_bound);
+    CHECK(compress::quantized<compress::int8, compress::per_channel, compress::symmetric,
+                              compress::pair_bounded<compress::gptq>>::name() == "int8_per_channel_sym_gptq_pairs_a32");
+    {
+        const Matrix<float> w = testing::random_matrix(16, 64, 3);
+        CHECK(compress::w8a8_pairs::compress(w).weights().pair_bounded());
+    }
     const auto e4 = run_layer<config::llama, compress::w4a8_g128>(llama_shape(), 7);
     MESSAGE("llama w4a8_g128: rel. error vs dequantised-dense ", e4.vs_dequantised, ", vs fp32 dense ", e4.vs_fp32);
     CHECK(e4.vs_dequantised <= 3e-2);

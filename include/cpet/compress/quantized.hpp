@@ -170,6 +170,19 @@ struct gptq_with {
 using rtn = rtn_with<>;
 using gptq = gptq_with<>;
 
+/// Quantizer Q with its int8 codes kept pair-bounded (quant_options::pair_bound: |q| + |q'| ≤ 128 for each pair
+/// of k a vpmaddubsw adds), so W8A8 on AVX2 CPUs without VNNI runs the exact u8 · s8 tile, ~1.4× the signed one
+/// (kernels/gemm_s8.hpp). Symmetric int8 only; costs about 1.3–1.4× the rounding step (the scale widens to the
+/// largest pair). The format is unchanged: whether codes are pair-bounded is read from the codes themselves.
+template <class Q>
+struct pair_bounded : Q {
+    static std::string name() { return Q::name() + "_pairs"; }
+    static void apply(quant_options& o) {
+        Q::apply(o);
+        o.pair_bound = true;
+    }
+};
+
 /// What the activations are multiplied as.
 struct activations_fp32 {
     static constexpr const char* name() noexcept { return "a32"; }
@@ -209,6 +222,12 @@ template <class C>
 inline constexpr bool is_quantizer_v<rtn_with<C>> = true;
 template <class C, int D, int B>
 inline constexpr bool is_quantizer_v<gptq_with<C, D, B>> = true;
+template <class Q>
+inline constexpr bool is_quantizer_v<pair_bounded<Q>> = is_quantizer_v<Q>;
+template <class T>
+inline constexpr bool is_pair_bounded_v = false;
+template <class Q>
+inline constexpr bool is_pair_bounded_v<pair_bounded<Q>> = true;
 template <class T>
 inline constexpr bool is_activations_v =
     std::is_same_v<T, activations_fp32> || std::is_same_v<T, activations_int8> || is_smooth_v<T>;
@@ -380,7 +399,10 @@ private:
 template <class Bits, class Gran, class Sym = symmetric, class Quantizer = rtn, class Act = activations_fp32>
 struct quantized {
     static_assert(detail::is_quantizer_v<Quantizer>,
-                  "cpet quantized: Quantizer must be compress::rtn, rtn_with<Clip>, gptq or gptq_with<Clip, Damp, Block>");
+                  "cpet quantized: Quantizer must be compress::rtn, rtn_with<Clip>, gptq or gptq_with<Clip, Damp, Block> "
+                  "(or pair_bounded<one of them>)");
+    static_assert(!detail::is_pair_bounded_v<Quantizer> || (Bits::bits == qbits::int8 && Sym::value),
+                  "cpet quantized: pair_bounded<Q> applies to symmetric int8 weights only");
     using format = quantized_format<Bits, Gran, Sym, Act>;
     static constexpr bool needs_hessian = Quantizer::uses_hessian;
 
@@ -451,6 +473,10 @@ struct w8a8 : quantized<int8, per_channel, symmetric, rtn, activations_int8> {
 struct w4a8_g128 : quantized<int4, per_group<128>, symmetric, rtn, activations_int8> {
     static constexpr const char* name() noexcept { return "w4a8_g128"; }
 };
+/// W8A8 with pair-bounded codes: exact and ~1.4× faster on AVX2 CPUs without VNNI, a little less precise.
+struct w8a8_pairs : quantized<int8, per_channel, symmetric, pair_bounded<rtn>, activations_int8> {
+    static constexpr const char* name() noexcept { return "w8a8_pairs"; }
+};
 /// W8A8 with SmoothQuant (α = 0.5); needs calibration max |x|.
 struct w8a8_smooth : quantized<int8, per_channel, symmetric, rtn, activations_int8_smooth<50>> {
     static constexpr const char* name() noexcept { return "w8a8_smooth"; }
@@ -471,6 +497,8 @@ static_assert(check_compression_policy<int4_g128>());
 static_assert(check_compression_policy<w8a8>());
 static_assert(check_compression_policy<w4a8_g128>());
 static_assert(check_compression_policy<w8a8_smooth>());
+static_assert(check_compression_policy<w8a8_pairs>());
+static_assert(check_compression_policy<quantized<int8, per_channel, symmetric, pair_bounded<gptq>, activations_int8>>());
 static_assert(check_compression_policy<int8_per_channel_gptq>());
 static_assert(check_compression_policy<int4_g128_gptq>());
 static_assert(check_compression_policy<quantized<int8, per_tensor, asymmetric, rtn>>());
