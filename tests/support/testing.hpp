@@ -16,6 +16,14 @@
 
 namespace cpet::testing {
 
+/// True in the sanitizer builds (ASan / TSan): code there runs 10-30x slower, so the few long training tests may
+/// run fewer steps there (never weaker checks).
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+inline constexpr bool sanitized = true;
+#else
+inline constexpr bool sanitized = false;
+#endif
+
 /// A test case's backbone configuration and PET policy: the backbone's type names no PET method, so a case that
 /// runs a method on a configuration names both (TEST_CASE_TEMPLATE over testing::with<config, policy>).
 template <class Config, class Pet>
