@@ -17,8 +17,8 @@
 // task's rank. Read tasks<T> of cpet_mixed against tasks1 (the aim at T = 64: >= 0.85x its throughput in
 // prefill, >= 0.8x in decode) and against per_task_loop at the same T (>= 1.5x prefill, >= 3x decode).
 //
-// Backbone: 4 LLaMA layers of TinyLlama-1.1B's shape (d 2048, 16 heads, 4 KV heads, d_ff 5632), W8A8 and 2:4
-// sparse; tasks: LoRA r = 16 on q and v; T = 1, 4, 16, 64. The bytes of the backbone, of one task and of 64 tasks
+// Backbone: 4 LLaMA layers of TinyLlama-1.1B's shape (d 2048, 16 heads, 4 KV heads, d_ff 5632), W8A8 (also
+// w8a8_pairs: pair-bounded codes, compress::pair_bounded) and 2:4 sparse; tasks: LoRA r = 16 on q and v; T = 1, 4, 16, 64. The bytes of the backbone, of one task and of 64 tasks
 // are printed first. CPET_BENCH_SERVE_SMALL=1 runs a 2-layer d 256 model instead (a quick check that runs in
 // seconds on a busy machine; its figures are not the issue's). Repetitions come from the command line (a full
 // prefill iteration takes tens of seconds on two cores): --benchmark_repetitions=5
@@ -311,6 +311,8 @@ void register_backbone(const char* label) {
 
 int main(int argc, char** argv) {
     register_backbone<cpet::compress::w8a8>("w8a8");
+    // pair-bounded int8 codes: the same W8A8 arithmetic (exact), on the u8·s8 tile where AVX2 has no VNNI
+    register_backbone<cpet::compress::w8a8_pairs>("w8a8_pairs");
     register_backbone<cpet::compress::nm_sparse<2, 4>>("sparse24");
     benchmark::Initialize(&argc, argv);
     if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;

@@ -165,7 +165,6 @@ TEST_CASE("pet::target names") {
 TEST_CASE_TEMPLATE("a linear-hook policy adds its low-rank term inside the base GEMMs", T,
                    testing::with<config::bert<compress::dense>, toy_lora>, testing::with<config::llama<compress::dense>, toy_lora>) {
     using C = typename T::config;
-    using P = typename T::pet;
     constexpr bool is_llama = C::ffn == nn::ffn_kind::swiglu;
     const auto s = is_llama ? llama_shape() : bert_shape();
     const auto w = nn::random_layer_weights(s, 81, nn::kind_of<C>);
@@ -200,7 +199,6 @@ TEST_CASE_TEMPLATE("a linear-hook policy adds its low-rank term inside the base 
 TEST_CASE_TEMPLATE("a sublayer-hook policy transforms both sublayer outputs before the residual", T,
                    testing::with<config::bert<compress::dense>, toy_adapter>, testing::with<config::llama<compress::dense>, toy_adapter>) {
     using C = typename T::config;
-    using P = typename T::pet;
     constexpr bool is_llama = C::ffn == nn::ffn_kind::swiglu;
     const auto s = is_llama ? llama_shape() : bert_shape();
     std::vector<nn::dense_layer_weights> w;

@@ -19,7 +19,6 @@ TEST_CASE_TEMPLATE("BitFit bias and LayerNorm β deltas match the Eigen referenc
                    testing::with<config::llama<compress::dense>, pet::bitfit>, testing::with<config::bert<testing::rounded<4>>, pet::bitfit>,
                    testing::with<config::gpt2<compress::int8_per_channel>, pet::bitfit>) {
     using C = typename T::config;
-    using P = typename T::pet;
     const auto s = testing::shape_for<C>();
     const TransformerLayer<C> layer(nn::random_layer_weights(s, 400, nn::kind_of<C>), s);
     const auto task = testing::random_bitfit(layer.pet_dims(), 401);

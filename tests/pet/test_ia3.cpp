@@ -18,7 +18,6 @@ TEST_CASE_TEMPLATE("IA3 rescaling matches the Eigen reference (k, v before RoPE;
                    testing::with<config::bert<compress::dense>, pet::ia3>, testing::with<config::llama<compress::dense>, pet::ia3>,
                    testing::with<config::llama<testing::rounded<4>>, pet::ia3>) {
     using C = typename T::config;
-    using P = typename T::pet;
     const auto s = testing::shape_for<C>();
     const TransformerLayer<C> layer(nn::random_layer_weights(s, 300, nn::kind_of<C>), s);
     for (auto ts : {pet::target_set{pet::target::k, pet::target::v, pet::target::down},

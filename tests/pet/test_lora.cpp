@@ -73,7 +73,6 @@ TEST_CASE_TEMPLATE("LoRA (fused, unmerged) matches the Eigen reference on every 
 TEST_CASE_TEMPLATE("LoRA with B = 0 (a fresh adapter) equals the base layer exactly", T,
                    testing::with<config::bert<compress::dense>, pet::lora>, testing::with<config::llama<compress::dense>, pet::lora>) {
     using C = typename T::config;
-    using P = typename T::pet;
     const auto s = testing::shape_for<C>();
     const auto w = nn::random_layer_weights(s, 6, nn::kind_of<C>);
     const TransformerLayer<C> layer(w, s);
@@ -125,7 +124,6 @@ TEST_CASE_TEMPLATE("LoRA merged into dense weights equals the unmerged forward; 
 TEST_CASE_TEMPLATE("LoRA merge / unmerge on a structurally pruned dense layer", T, testing::with<config::bert<compress::dense>, pet::lora>,
                    testing::with<config::llama<compress::dense>, pet::lora>) {
     using C = typename T::config;
-    using P = typename T::pet;
     const auto s = testing::shape_for<C>();
     const auto w = nn::random_layer_weights(s, 31, nn::kind_of<C>);
     const auto p = nn::prune_structured(w, s, {.head_ratio = 0.5, .neuron_ratio = 0.25});

@@ -16,7 +16,6 @@ using testing::MatD;
 TEST_CASE_TEMPLATE("prompt tuning equals the reference on [virtual tokens; sequence], real rows returned", T,
                    testing::with<config::bert<compress::dense>, pet::prompt_tuning>, testing::with<config::llama<testing::rounded<4>>, pet::prompt_tuning>) {
     using C = typename T::config;
-    using P = typename T::pet;
     const auto s = testing::shape_for<C>();
     std::vector<nn::dense_layer_weights> w{nn::random_layer_weights(s, 600, nn::kind_of<C>),
                                            nn::random_layer_weights(s, 601, nn::kind_of<C>)};

@@ -38,7 +38,6 @@ void for_each_policy(F&& f) {
 TEST_CASE_TEMPLATE("the paper's recovery module R(x) = s·GELU(x·A1ᵀ)·A2ᵀ matches the reference on every linear", T,
                    testing::with<config::bert<compress::dense>, pet::recovery>, testing::with<config::llama<testing::rounded<4>>, pet::recovery>) {
     using C = typename T::config;
-    using P = typename T::pet;
     const auto s = testing::shape_for<C>();
     const TransformerLayer<C> layer(nn::random_layer_weights(s, 40, nn::kind_of<C>), s);
     pet::recovery::options o;
@@ -92,7 +91,6 @@ TEST_CASE_TEMPLATE("a full-rank linear recovery module makes the compressed laye
                    testing::with<config::bert<testing::rounded<4>>, pet::recovery_linear>,
                    testing::with<config::llama<testing::rounded<4>>, pet::recovery_linear>) {
     using C = typename T::config;
-    using P = typename T::pet;
     const auto s = testing::shape_for<C>();
     const auto w = nn::random_layer_weights(s, 44, nn::kind_of<C>);
     const TransformerLayer<C> layer(w, s);
