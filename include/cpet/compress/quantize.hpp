@@ -53,10 +53,11 @@ struct quant_options {
     double mse_max_shrink = 0.8;  ///< clipping::mse: smallest candidate is (1 − max_shrink) · range
     /// Symmetric int8 only: keep |q[n, 2t]| + |q[n, 2t + 1]| ≤ 128 for every pair of codes (formats::pair_bound),
     /// so that W8A8 on AVX2 CPUs without VNNI takes the exact u8 · s8 tile (kernels/gemm_s8.hpp), which runs
-    /// about 1.5× the signed one. The price is precision: each scale grows to max(absmax / 127, largest pair sum
-    /// / 128) — for Gaussian rows of 256–4096 weights about 1.3–1.4×, between 8 and 7 bits — and a pair that
-    /// rounding still puts over the bound loses magnitude where that costs the least squared error (RTN), or in
-    /// GPTQ its second code is clamped and the error fed forward like any rounding error.
+    /// 1.2–1.7× the signed one on Zen 3 (M = 8 to 512). The price is precision: each scale grows to
+    /// max(absmax / 127, largest pair sum / 128) — for Gaussian rows of 256–4096 weights about 1.3–1.4×, between
+    /// 8 and 7 bits — and a pair that rounding still puts over the bound loses magnitude where that costs the
+    /// least squared error (RTN), or in GPTQ its second code is clamped and the error fed forward like any
+    /// rounding error.
     bool pair_bound = false;
 };
 

@@ -171,7 +171,7 @@ using rtn = rtn_with<>;
 using gptq = gptq_with<>;
 
 /// Quantizer Q with its int8 codes kept pair-bounded (quant_options::pair_bound: |q| + |q'| ≤ 128 for each pair
-/// of k a vpmaddubsw adds), so W8A8 on AVX2 CPUs without VNNI runs the exact u8 · s8 tile, ~1.4× the signed one
+/// of k a vpmaddubsw adds), so W8A8 on AVX2 CPUs without VNNI runs the exact u8 · s8 tile, 1.2–1.7× the signed one
 /// (kernels/gemm_s8.hpp). Symmetric int8 only; costs about 1.3–1.4× the rounding step (the scale widens to the
 /// largest pair). The format is unchanged: whether codes are pair-bounded is read from the codes themselves.
 template <class Q>
@@ -473,7 +473,7 @@ struct w8a8 : quantized<int8, per_channel, symmetric, rtn, activations_int8> {
 struct w4a8_g128 : quantized<int4, per_group<128>, symmetric, rtn, activations_int8> {
     static constexpr const char* name() noexcept { return "w4a8_g128"; }
 };
-/// W8A8 with pair-bounded codes: exact and ~1.4× faster on AVX2 CPUs without VNNI, a little less precise.
+/// W8A8 with pair-bounded codes: exact and 1.2–1.7× faster on AVX2 CPUs without VNNI, a little less precise.
 struct w8a8_pairs : quantized<int8, per_channel, symmetric, pair_bounded<rtn>, activations_int8> {
     static constexpr const char* name() noexcept { return "w8a8_pairs"; }
 };
