@@ -237,6 +237,17 @@ inline constexpr bool has_block8 = requires(const typename isa_ops<Arch>::block8
     isa_ops<Arch>::pick8(b, i);
 };
 
+/// The x block type of width BW: isa_ops::block8 for BW = 8, isa_ops::block otherwise. A partial specialisation,
+/// not std::conditional_t, which would name block8 on ISAs that have none (AVX-512).
+template <class Arch, int BW>
+struct x_block {
+    using type = typename isa_ops<Arch>::block;
+};
+template <class Arch>
+struct x_block<Arch, 8> {
+    using type = typename isa_ops<Arch>::block8;
+};
+
 /// SIMD tile: panel p × MR rows of x. Lanes are output rows (V registers of L lanes cover the 16 rows). BW is the
 /// width of the x block one register set holds: 16 (isa_ops::block: one zmm, or two ymm picked by two vpermps and
 /// a blend) or 8 (isa_ops::block8 on AVX2, for groups of M ≤ 8: one ymm and one vpermps, so a row of x costs a
@@ -266,7 +277,7 @@ void nm_tile(const nm_weights& w, const float* x, index_t ldx, index_t p, index_
     index_t pos = w.vpw;  // index within the current word; reload when it reaches vpw
     index_t t = 0;
     for (index_t g0 = 0; g0 < G; g0 += gpb) {
-        using block = std::conditional_t<BW == 8, typename ops::block8, typename ops::block>;
+        using block = typename x_block<Arch, BW>::type;
         block xb[MR];
         for (int m = 0; m < MR; ++m) {
             const float* xs = x + (m0 + m) * ldx + g0 * group;
