@@ -697,16 +697,31 @@ inline void gemm_s8(ConstMatrixView<float> x, const wq_weights& w, MatrixView<fl
             s8_activations a;
             detail::quantize_rows_s8(tag, x, w.k_pad, Path::shifted, a, in_scale);
             detail::s8_drive<Path>(w, a, [&](index_t m0, index_t rows, index_t p0, int np, const std::int32_t* t) {
+                // The scales of consecutive panels are contiguous (scales[p·16 + i]), so one row of the tile is
+                // one contiguous run of outputs. Written as separate multiplies and an add: the same fp32
+                // operations, in the same order, on every path and in both loops.
                 const index_t n0 = p0 * wq_panel_rows, valid = std::min<index_t>(np * wq_panel_rows, w.n - n0);
+                const float* sw = w.scales + n0;
+                const float* bn = bias ? bias + n0 : nullptr;
                 for (index_t m = 0; m < rows; ++m) {
                     const float sx = a.scale[static_cast<std::size_t>(m0 + m)];
                     float* yr = y.row(m0 + m) + n0;
                     const std::int32_t* tr = t + m * np * wq_panel_rows;
-                    for (index_t i = 0; i < valid; ++i) {
-                        const index_t pi = i / wq_panel_rows, li = i % wq_panel_rows;
-                        const float sw = w.scales[(p0 + pi) * wq_panel_rows + li];
-                        const float v = (static_cast<float>(tr[i]) * sx) * sw;
-                        yr[i] = bias ? v + bias[n0 + i] : v;
+                    index_t i = 0;
+                    if constexpr (arch::is_simd_v<decltype(tag)>) {
+                        using A = decltype(tag);
+                        using F = xsimd::batch<float, A>;
+                        using I = xsimd::batch<std::int32_t, A>;
+                        constexpr index_t L = F::size;
+                        const F vsx(sx);
+                        for (; i + L <= valid; i += L) {
+                            const F v = (xsimd::batch_cast<float>(I::load_unaligned(tr + i)) * vsx) * F::load_unaligned(sw + i);
+                            (bn ? v + F::load_unaligned(bn + i) : v).store_unaligned(yr + i);
+                        }
+                    }
+                    for (; i < valid; ++i) {
+                        const float v = (static_cast<float>(tr[i]) * sx) * sw[i];
+                        yr[i] = bn ? v + bn[i] : v;
                     }
                 }
             });
