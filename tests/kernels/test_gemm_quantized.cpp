@@ -360,6 +360,86 @@ TEST_CASE("gemm_s8: W8A8 fp32 against the reference from the same quantised acti
                 }
 }
 
+TEST_CASE("gemm_s8: bias, activation and residual fused on the integer tiles, against the int32 reference, every path") {
+    using kernels::activation;
+    for (index_t K : {33, 256})
+        for (index_t N : {1, 7, 127}) {
+            const Matrix<float> w = testing::random_matrix(N, K, static_cast<unsigned>(N * 7 + K));
+            quant_options o;
+            o.gran = granularity::per_channel;
+            const auto q = compress::quantize_rtn(w.view(), o);
+            const auto kv = compress::kernel_view(q);
+            const std::vector<float> bias = random_bias(N, 9);
+            for (index_t M : {1, 9, 33})
+                for (activation act : {activation::none, activation::gelu_erf, activation::relu})
+                    for (int res_kind : {0, 1, 2}) {  // no residual, a separate one, y itself
+                        const Matrix<float> x = testing::random_matrix(M, K, static_cast<unsigned>(M * 5 + K));
+                        const Matrix<float> res = testing::random_matrix(M, N, static_cast<unsigned>(M + 3 * N));
+                        // Reference: exact integer dot of the same quantised activations, double rescale, the
+                        // scalar activation, then the residual.
+                        testing::MatD ref(M, N);
+                        for (index_t m = 0; m < M; ++m) {
+                            float amax = 0.f;
+                            for (index_t k = 0; k < K; ++k) amax = std::max(amax, std::abs(x(m, k)));
+                            const float inv = amax > 0 ? 127.f / amax : 0.f;
+                            for (index_t n = 0; n < N; ++n) {
+                                double acc = 0;
+                                for (index_t k = 0; k < K; ++k) acc += std::nearbyint(x(m, k) * inv) * q.code(n, k);
+                                const double pre = acc * (amax / 127.0) * q.scale(n, 0) + bias[static_cast<std::size_t>(n)];
+                                ref(m, n) = kernels::activate(act, static_cast<float>(pre)) + (res_kind ? res(m, n) : 0.f);
+                            }
+                        }
+                        for_each_s8_path([&](arch::isa) {
+                            CAPTURE(M);
+                            CAPTURE(N);
+                            CAPTURE(K);
+                            CAPTURE(static_cast<int>(act));
+                            CAPTURE(res_kind);
+                            guarded y(M, N);
+                            kernels::epilogue ep;
+                            ep.bias = bias.data();
+                            ep.act = act;
+                            if (res_kind == 1) {
+                                ep.residual = res.data();
+                                ep.ld_residual = res.cols();
+                            } else if (res_kind == 2) {
+                                for (index_t r = 0; r < M; ++r)
+                                    for (index_t c = 0; c < N; ++c) y.view()(r, c) = res(r, c);
+                                ep.residual = y.view().data();
+                                ep.ld_residual = y.view().stride();
+                            }
+                            REQUIRE(kernels::gemm_s8_fuses(ep, y.view()));
+                            kernels::gemm_s8(x.view(), kv, y.view(), ep);
+                            CHECK(testing::rel_error(y.view(), ref) < 2e-6);
+                            CHECK(y.guards_intact());
+                        });
+                    }
+        }
+    // What it does not fuse is refused with a sentence, and y is left as it was.
+    const Matrix<float> w = testing::random_matrix(16, 32, 3);
+    const auto q = compress::quantize_rtn(w.view(), quant_options{});
+    const auto kv = compress::kernel_view(q);
+    const Matrix<float> x = testing::random_matrix(4, 32, 4);
+    Matrix<float> y(5, 16);
+    y.fill(1.f);
+    const Matrix<float> u = testing::random_matrix(4, 2, 5), b = testing::random_matrix(16, 2, 6);
+    kernels::epilogue lr;
+    lr.lowrank_u = u.data();
+    lr.ld_u = 2;
+    lr.lowrank_b = b.data();
+    lr.ld_b = 2;
+    lr.rank = 2;
+    MatrixView<float> y4(y.data(), 4, 16, 16);
+    CHECK_FALSE(kernels::gemm_s8_fuses(lr, y4));
+    CHECK_THROWS_WITH_AS(kernels::gemm_s8(x.view(), kv, y4, lr), doctest::Contains("low-rank"), shape_error);
+    kernels::epilogue shifted;  // the residual one row below y: it overlaps y without being y
+    shifted.residual = y.data() + 16;
+    shifted.ld_residual = 16;
+    CHECK_FALSE(kernels::gemm_s8_fuses(shifted, y4));
+    CHECK_THROWS_AS(kernels::gemm_s8(x.view(), kv, y4, shifted), shape_error);
+    for (index_t i = 0; i < y.size(); ++i) CHECK(y.data()[i] == 1.f);
+}
+
 TEST_CASE("gemm_w4a8: int4 weights x int8 activations, against the same-quantisation reference, identical on every path") {
     for (bool sym : {true, false})
         for (granularity g : {granularity::per_group, granularity::per_channel})

@@ -18,10 +18,12 @@
 // The format (quantized_format<Bits, Granularity, Symmetry, Activations>) holds formats::quantized_weights.
 //   matmul : y = act(x·Ŵᵀ + bias + s·U·Bᵀ) + residual. Weight-only at M ≥ kernels::wq_blocked_rows runs the
 //            fp32 GEMM's blocked loops over slices dequantised into L1, so the whole epilogue is applied on the
-//            tile like the dense GEMM's. The decode kernel (small M) and the int8-activation kernels fuse only the
-//            bias; the rest is a second step over y: the low-rank term as one thin GEMM added into y, then one
-//            SIMD pass for activation + residual (kernels::gemm_detail::store_tile). MISSED FUSION there: one
-//            extra read + write of y (two with a low-rank term); a residual aliasing y is saved first.
+//            tile like the dense GEMM's. W8A8 (kernels::gemm_s8) applies bias, activation and residual on its
+//            integer tiles too, when there is no low-rank term. The decode kernel (small M), W4A8 and W8A8 with a
+//            low-rank term fuse only the bias; the rest is a second step over y: the low-rank term as one thin
+//            GEMM added into y, then one SIMD pass (rows in parallel) for activation + residual
+//            (kernels::gemm_detail::store_tile). MISSED FUSION there: one extra read + write of y (two with a
+//            low-rank term); a residual aliasing y is saved first.
 //   matmul_t: dx = dy·Ŵ, by dequantising 64-row blocks of Ŵ into a scratch tile and one Eigen GEMM per block
 //            (exactly the values every kernel multiplies: s·(q − z) in fp32).
 // The Activations choice is validated at compile time: int8 activations with group-wise int8 weights have no
@@ -343,8 +345,11 @@ public:
     void matmul(Arch tag, ConstMatrixView<float> x, MatrixView<float> y, const kernels::epilogue& ep) const {
         if (x.rows() == 0 || out_features() == 0) return;
         const kernels::wq_weights w = kernel_view(q_);
-        if constexpr (!int8_activations)  // the blocked path (large M) applies the whole epilogue on the tile
+        if constexpr (!int8_activations) {  // the blocked path (large M) applies the whole epilogue on the tile
             if (kernels::gemm_wq_fuses_epilogue(tag, x.rows())) return kernels::gemm_wq(tag, x, w, y, ep);
+        } else if constexpr (Bits::bits == qbits::int8) {  // W8A8: all but a low-rank term on the integer tiles
+            if (kernels::gemm_s8_fuses(ep, y)) return kernels::gemm_s8(x, w, y, ep, act_scale());
+        }
         run_split_epilogue(tag, y, ep, [&](const float* bias) {
             if constexpr (!int8_activations) kernels::gemm_wq(tag, x, w, y, bias);
             else if constexpr (Bits::bits == qbits::int8) kernels::gemm_s8(x, w, y, bias, act_scale());

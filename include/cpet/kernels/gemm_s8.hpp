@@ -1,6 +1,7 @@
 // cpet/kernels/gemm_s8.hpp — W8A8 GEMM: y = x·Ŵᵀ (+ bias) with int8 weights (per-channel or per-tensor scales,
 // optional zero points) and activations quantised per token to int8 on the fly; int8·int8 → int32 accumulation;
-// the per-token × per-channel rescale (and the bias) in the epilogue; fp32 in and out.
+// the per-token × per-channel rescale, bias, activation and residual on each tile (the low-rank term through
+// compress::run_split_epilogue); fp32 in and out.
 //
 //   x_q[m, k] = round(x[m, k] · 127 / max_k |x[m, k]|)            s_x[m] = max_k |x[m, k]| / 127   (symmetric)
 //   C[m, n]   = Σ_k x_q[m, k] · (q[n, k] − z[n])                  exact in int32 (K ≤ 65536 checked)
@@ -682,14 +683,33 @@ inline void gemm_s8_s32(ConstMatrixView<std::int8_t> xq, const wq_weights& w, Ma
     });
 }
 
-/// y [M, N] = x [M, K] · Ŵᵀ (+ bias [N]) with dynamic per-token int8 activations, on the active path.
-/// Needs int8 per-channel / per-tensor weights (format_error otherwise). y must not alias x. `in_scale` [K], when
-/// given, multiplies x per input channel before it is quantised (SmoothQuant: Ŵ holds W·diag(s), in_scale = 1/s).
-inline void gemm_s8(ConstMatrixView<float> x, const wq_weights& w, MatrixView<float> y, const float* bias = nullptr,
+/// Whether gemm_s8 can apply epilogue `ep` to y [M, N] on its tiles: no low-rank term, and a residual that either
+/// is y itself (same rows, same stride: each element is read before the one store that overwrites it) or does not
+/// overlap y.
+inline bool gemm_s8_fuses(const epilogue& ep, MatrixView<float> y) noexcept {
+    if (ep.has_lowrank()) return false;
+    if (!ep.residual || y.rows() == 0 || y.cols() == 0) return true;
+    if (ep.residual == y.data() && (ep.ld_residual == y.stride() || y.rows() == 1)) return true;
+    const float* r_end = ep.residual + (y.rows() - 1) * ep.ld_residual + y.cols();
+    return !(ep.residual < y.row(y.rows() - 1) + y.cols() && y.data() < r_end);
+}
+
+/// y [M, N] = act(x [M, K] · Ŵᵀ + bias) + residual with dynamic per-token int8 activations, on the active path:
+/// the rescale, bias, activation and residual applied on each integer tile while it is in L1 (no second pass
+/// over y). Needs int8 per-channel / per-tensor weights (format_error otherwise) and an epilogue gemm_s8_fuses
+/// accepts (shape_error otherwise: the low-rank term goes through compress::run_split_epilogue). y must not
+/// alias x. `in_scale` [K], when given, multiplies x per input channel before it is quantised (SmoothQuant: Ŵ
+/// holds W·diag(s), in_scale = 1/s).
+inline void gemm_s8(ConstMatrixView<float> x, const wq_weights& w, MatrixView<float> y, const epilogue& ep,
                     const float* in_scale = nullptr) {
     detail::check_s8_weights(w, "gemm_s8");
     check_shape(x, -1, w.k, "gemm_s8: x");
     check_shape(y, x.rows(), w.n, "gemm_s8: y");
+    require<shape_error>(gemm_s8_fuses(ep, y), "gemm_s8: the epilogue has a low-rank term or a residual that "
+                                               "partly overlaps y (run it through compress::run_split_epilogue)");
+    if (ep.residual)
+        require<shape_error>(ep.ld_residual >= w.n || x.rows() <= 1, "gemm_s8: residual row stride ",
+                             ep.ld_residual, " < ", w.n);
     if (x.rows() == 0) return;
     arch::dispatch([&](auto tag) {
         detail::s8_with_path(tag, w, [&](auto path) {
@@ -697,16 +717,17 @@ inline void gemm_s8(ConstMatrixView<float> x, const wq_weights& w, MatrixView<fl
             s8_activations a;
             detail::quantize_rows_s8(tag, x, w.k_pad, Path::shifted, a, in_scale);
             detail::s8_drive<Path>(w, a, [&](index_t m0, index_t rows, index_t p0, int np, const std::int32_t* t) {
-                // The scales of consecutive panels are contiguous (scales[p·16 + i]), so one row of the tile is
-                // one contiguous run of outputs. Written as separate multiplies and an add: the same fp32
-                // operations, in the same order, on every path and in both loops.
+                // (float(C)·s_x)·s_w into an L1 tile, then the fp32 GEMM's own tile epilogue (bias, activation,
+                // residual). The scales of consecutive panels are contiguous (scales[p·16 + i]), so a row of the
+                // tile is one run of outputs. Separate multiplies: the same fp32 operations on every path.
+                constexpr index_t tile_cols = Path::np * wq_panel_rows;
+                alignas(64) float f[Path::mr * tile_cols];
                 const index_t n0 = p0 * wq_panel_rows, valid = std::min<index_t>(np * wq_panel_rows, w.n - n0);
                 const float* sw = w.scales + n0;
-                const float* bn = bias ? bias + n0 : nullptr;
                 for (index_t m = 0; m < rows; ++m) {
                     const float sx = a.scale[static_cast<std::size_t>(m0 + m)];
-                    float* yr = y.row(m0 + m) + n0;
                     const std::int32_t* tr = t + m * np * wq_panel_rows;
+                    float* fr = f + m * tile_cols;
                     index_t i = 0;
                     if constexpr (arch::is_simd_v<decltype(tag)>) {
                         using A = decltype(tag);
@@ -714,19 +735,25 @@ inline void gemm_s8(ConstMatrixView<float> x, const wq_weights& w, MatrixView<fl
                         using I = xsimd::batch<std::int32_t, A>;
                         constexpr index_t L = F::size;
                         const F vsx(sx);
-                        for (; i + L <= valid; i += L) {
-                            const F v = (xsimd::batch_cast<float>(I::load_unaligned(tr + i)) * vsx) * F::load_unaligned(sw + i);
-                            (bn ? v + F::load_unaligned(bn + i) : v).store_unaligned(yr + i);
-                        }
+                        for (; i + L <= valid; i += L)
+                            ((xsimd::batch_cast<float>(I::load_unaligned(tr + i)) * vsx) * F::load_unaligned(sw + i))
+                                .store_aligned(fr + i);
                     }
-                    for (; i < valid; ++i) {
-                        const float v = (static_cast<float>(tr[i]) * sx) * sw[i];
-                        yr[i] = bn ? v + bn[i] : v;
-                    }
+                    for (; i < valid; ++i) fr[i] = (static_cast<float>(tr[i]) * sx) * sw[i];
                 }
+                gemm_detail::store_tile(tag, f, tile_cols, rows, valid, m0, n0, y, ep);
             });
         });
     });
+}
+
+/// y [M, N] = x [M, K] · Ŵᵀ (+ bias [N]) with dynamic per-token int8 activations, on the active path (gemm_s8
+/// above with the bias alone).
+inline void gemm_s8(ConstMatrixView<float> x, const wq_weights& w, MatrixView<float> y, const float* bias = nullptr,
+                    const float* in_scale = nullptr) {
+    epilogue ep;
+    ep.bias = bias;
+    gemm_s8(x, w, y, ep, in_scale);
 }
 
 /// y [M, N] = x [M, K] · Ŵᵀ (+ bias [N]) for int4 weights (any granularity) with dynamic per-token int8
