@@ -549,6 +549,26 @@ TEST_CASE("gemm_wq / gemm_s8: multi-threaded runs agree with single-threaded one
     CHECK(std::memcmp(a.data(), b.data(), a.bytes()) == 0);
     CHECK(std::memcmp(c.data(), d.data(), c.bytes()) == 0);
     CHECK(std::memcmp(e.data(), f.data(), e.bytes()) == 0);
+
+    // W8A8 across two row blocks (300 > 256 rows) and two K blocks (1100 > 1024), GELU and an in-place residual
+    // fused: the threads split (row block, panel group) items, and every tile is computed the same way.
+    const Matrix<float> w2 = testing::random_matrix(100, 1100, 10);
+    const Matrix<float> x2 = testing::random_matrix(300, 1100, 11);
+    const auto q2 = compress::quantize_rtn(w2.view(), {qbits::int8, granularity::per_channel});
+    const Matrix<float> res = testing::random_matrix(300, 100, 12);
+    Matrix<float> g{ConstMatrixView<float>(res.view())}, h{ConstMatrixView<float>(res.view())};
+    kernels::epilogue ep;
+    ep.act = kernels::activation::gelu_erf;
+    ep.ld_residual = 100;
+    set_num_threads(1);
+    ep.residual = g.data();
+    kernels::gemm_s8(x2.view(), compress::kernel_view(q2), g.view(), ep);
+    set_num_threads(2);
+    ep.residual = h.data();
+    kernels::gemm_s8(x2.view(), compress::kernel_view(q2), h.view(), ep);
+    set_num_threads(before);
+    CHECK(std::memcmp(g.data(), h.data(), g.bytes()) == 0);
+    CHECK(std::memcmp(g.data(), res.data(), g.bytes()) != 0);
 }
 
 namespace {
