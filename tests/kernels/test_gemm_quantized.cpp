@@ -121,6 +121,25 @@ std::vector<float> random_bias(index_t n, unsigned seed) {
     return std::vector<float>(b.data(), b.data() + n);
 }
 
+/// W8A8 reference: per-token symmetric int8 activations, the exact integer dot with the codes (minus zero points),
+/// the rescale and the bias in double.
+template <class Q>
+testing::MatD w8a8_reference(const Matrix<float>& x, const Q& q, const std::vector<float>& bias) {
+    const index_t M = x.rows(), K = x.cols(), N = static_cast<index_t>(bias.size());
+    testing::MatD ref(M, N);
+    for (index_t m = 0; m < M; ++m) {
+        float amax = 0.f;
+        for (index_t k = 0; k < K; ++k) amax = std::max(amax, std::abs(x(m, k)));
+        const float inv = amax > 0 ? 127.f / amax : 0.f;
+        for (index_t n = 0; n < N; ++n) {
+            double acc = 0;
+            for (index_t k = 0; k < K; ++k) acc += std::nearbyint(x(m, k) * inv) * (q.code(n, k) - q.zero(n, k));
+            ref(m, n) = acc * (amax / 127.0) * q.scale(n, 0) + bias[static_cast<std::size_t>(n)];
+        }
+    }
+    return ref;
+}
+
 /// Every bits × symmetry × granularity combination, with per-group sizes `groups`.
 struct cfg {
     qbits b;
@@ -324,19 +343,7 @@ TEST_CASE("gemm_s8: W8A8 fp32 against the reference from the same quantised acti
                     for (index_t M : {1, 8, 9, 33}) {
                         Matrix<float> x = testing::random_matrix(M, K, static_cast<unsigned>(M + K));
                         for (index_t c = 0; c < K; ++c) x(0, c) = 0.f;  // an all-zero token: scale 0, no NaN
-                        // Reference: per-token symmetric int8 activations, exact integer dot, double rescale.
-                        testing::MatD ref(M, N);
-                        for (index_t m = 0; m < M; ++m) {
-                            float amax = 0.f;
-                            for (index_t k = 0; k < K; ++k) amax = std::max(amax, std::abs(x(m, k)));
-                            const float inv = amax > 0 ? 127.f / amax : 0.f;
-                            for (index_t n = 0; n < N; ++n) {
-                                double acc = 0;
-                                for (index_t k = 0; k < K; ++k)
-                                    acc += std::nearbyint(x(m, k) * inv) * (q.code(n, k) - q.zero(n, k));
-                                ref(m, n) = acc * (amax / 127.0) * q.scale(n, 0) + bias[static_cast<std::size_t>(n)];
-                            }
-                        }
+                        const testing::MatD ref = w8a8_reference(x, q, bias);
                         const testing::MatD dense = dense_reference(x, wd, bias);
                         Matrix<float> first;
                         for_each_s8_path([&](arch::isa) {
@@ -375,20 +382,11 @@ TEST_CASE("gemm_s8: bias, activation and residual fused on the integer tiles, ag
                     for (int res_kind : {0, 1, 2}) {  // no residual, a separate one, y itself
                         const Matrix<float> x = testing::random_matrix(M, K, static_cast<unsigned>(M * 5 + K));
                         const Matrix<float> res = testing::random_matrix(M, N, static_cast<unsigned>(M + 3 * N));
-                        // Reference: exact integer dot of the same quantised activations, double rescale, the
-                        // scalar activation, then the residual.
-                        testing::MatD ref(M, N);
-                        for (index_t m = 0; m < M; ++m) {
-                            float amax = 0.f;
-                            for (index_t k = 0; k < K; ++k) amax = std::max(amax, std::abs(x(m, k)));
-                            const float inv = amax > 0 ? 127.f / amax : 0.f;
-                            for (index_t n = 0; n < N; ++n) {
-                                double acc = 0;
-                                for (index_t k = 0; k < K; ++k) acc += std::nearbyint(x(m, k) * inv) * q.code(n, k);
-                                const double pre = acc * (amax / 127.0) * q.scale(n, 0) + bias[static_cast<std::size_t>(n)];
-                                ref(m, n) = kernels::activate(act, static_cast<float>(pre)) + (res_kind ? res(m, n) : 0.f);
-                            }
-                        }
+                        // Reference: the W8A8 reference, then the scalar activation and the residual.
+                        testing::MatD ref = w8a8_reference(x, q, bias);
+                        for (index_t m = 0; m < M; ++m)
+                            for (index_t n = 0; n < N; ++n)
+                                ref(m, n) = kernels::activate(act, static_cast<float>(ref(m, n))) + (res_kind ? res(m, n) : 0.f);
                         for_each_s8_path([&](arch::isa) {
                             CAPTURE(M);
                             CAPTURE(N);
