@@ -138,10 +138,19 @@ TEST_CASE("8 threads forward while tasks are added, replaced and removed: no req
                 const int k = int(gen() % kinds);
                 try {
                     const auto p = reg.forward(name_of(k), x, lengths, y, ws);
+                    // The writer records a version after add / replace returns, so a forward may see it first:
+                    // wait for the record (bounded; a version never recorded still throws and counts as lost).
                     std::pair<int, int> kv;
-                    {
-                        std::lock_guard g(versions_mu);
-                        kv = versions.at(p->version);
+                    for (int tries = 0;; ++tries) {
+                        {
+                            std::lock_guard g(versions_mu);
+                            const auto it = versions.find(p->version);
+                            if (it != versions.end() || tries == 100000) {
+                                kv = versions.at(p->version);
+                                break;
+                            }
+                        }
+                        std::this_thread::yield();
                     }
                     const auto& want = expected.at(kv);
                     double diff = 0;

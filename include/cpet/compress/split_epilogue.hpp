@@ -22,15 +22,6 @@
 
 namespace cpet::compress {
 
-namespace detail {
-
-inline bool overlaps(const float* r, index_t ld, MatrixView<float> y, index_t M, index_t N) noexcept {
-    const float* r_end = r + (M - 1) * ld + N;
-    return r < y.row(M - 1) + N && y.data() < r_end;
-}
-
-}  // namespace detail
-
 /// Runs `product(bias)` — which must store x·Ŵᵀ + bias into y — then the rest of `ep`, on path `tag`.
 template <class Arch, class Product>
 void run_split_epilogue(Arch tag, MatrixView<float> y, const kernels::epilogue& ep, Product&& product) {
@@ -38,7 +29,7 @@ void run_split_epilogue(Arch tag, MatrixView<float> y, const kernels::epilogue& 
     if (M == 0 || N == 0) return;
     const float* residual = ep.residual;
     index_t ld_res = ep.ld_residual;
-    if (residual && detail::overlaps(residual, ld_res, y, M, N)) {
+    if (kernels::residual_overlaps(residual, ld_res, y)) {
         thread_local aligned_buffer<float> saved;
         if (saved.size() < static_cast<std::size_t>(M * N)) saved.reset(static_cast<std::size_t>(M * N));
         for (index_t m = 0; m < M; ++m) std::copy_n(residual + m * ld_res, N, saved.data() + m * N);

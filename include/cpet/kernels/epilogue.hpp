@@ -82,6 +82,14 @@ struct epilogue {
     bool has_lowrank() const noexcept { return rank > 0 || segment_count > 0; }
 };
 
+/// Whether the M × N block at r (row stride ld) shares memory with y [M, N] (a residual read while y is written).
+inline bool residual_overlaps(const float* r, index_t ld, MatrixView<float> y) noexcept {
+    const index_t M = y.rows(), N = y.cols();
+    if (!r || M == 0 || N == 0) return false;
+    const float* r_end = r + (M - 1) * ld + N;
+    return r < y.row(M - 1) + N && y.data() < r_end;
+}
+
 /// Throws shape_error unless the low-rank term of `ep` is usable for y [M, N] (`who` prefixes the message): the
 /// plain term's pointers and strides, or the segments' order, rows, pointers and strides. O(segments): a
 /// kernel's checked entry calls it once, the hot loops trust it.

@@ -38,6 +38,8 @@
 #include "cpet/core/error.hpp"
 #include "cpet/core/matrix.hpp"
 #include "cpet/core/parallel.hpp"
+#include "cpet/kernels/epilogue.hpp"
+#include "cpet/kernels/gemm_f32.hpp"
 #include "cpet/kernels/gemm_wq.hpp"
 
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -319,42 +321,40 @@ void s8_drive(const wq_weights& w, const s8_activations& a, Epi&& epi) {
     // One parallel region over every (row block, panel group) item, row block major: one barrier per call
     // instead of one per row block (the two-thread BERT layer spent ~6 % spinning at them).
     const index_t row_blocks = (a.rows + row_block - 1) / row_block;
-    {
-        const auto body = [&](index_t item) {
-            const index_t mb = (item / groups) * row_block, pg = item % groups;
-            const index_t mb_end = std::min(a.rows, mb + row_block);
-            alignas(64) std::int32_t sums[s8_row_block * Path::np * wq_panel_rows];
-            const index_t p0 = pg * NP;
-            const int np = static_cast<int>(std::min<index_t>(NP, panels - p0));
-            for (index_t c0 = 0; c0 < chunks; c0 += k_block_chunks) {
-                const index_t c1 = std::min(chunks, c0 + k_block_chunks);
-                for (index_t m0 = mb; m0 < mb_end; m0 += MR) {
-                    const index_t rem = std::min<index_t>(MR, mb_end - m0);
-                    std::int32_t* tile = sums + (m0 - mb) * np * wq_panel_rows;
-                    if (np == NP)
-                        s8_rows<Path, MR, NP>(w, a, p0, m0, rem, tile, c0, c1, c0 == 0);
-                    else
-                        s8_rows<Path, MR, 1>(w, a, p0, m0, rem, tile, c0, c1, c0 == 0);
-                }
-            }
+    const auto body = [&](index_t item) {
+        const index_t mb = (item / groups) * row_block, pg = item % groups;
+        const index_t mb_end = std::min(a.rows, mb + row_block);
+        alignas(64) std::int32_t sums[s8_row_block * Path::np * wq_panel_rows];
+        const index_t p0 = pg * NP;
+        const int np = static_cast<int>(std::min<index_t>(NP, panels - p0));
+        for (index_t c0 = 0; c0 < chunks; c0 += k_block_chunks) {
+            const index_t c1 = std::min(chunks, c0 + k_block_chunks);
             for (index_t m0 = mb; m0 < mb_end; m0 += MR) {
                 const index_t rem = std::min<index_t>(MR, mb_end - m0);
                 std::int32_t* tile = sums + (m0 - mb) * np * wq_panel_rows;
-                // Zero points: − z[n] · Σ_k x_q[m, k].
-                if (w.zeros)
-                    for (index_t m = 0; m < rem; ++m)
-                        for (index_t i = 0; i < np * wq_panel_rows; ++i)
-                            tile[m * np * wq_panel_rows + i] -=
-                                static_cast<std::int32_t>(w.zeros[(p0 + i / wq_panel_rows) * wq_panel_rows + i % wq_panel_rows]) *
-                                a.sum[static_cast<std::size_t>(m0 + m)];
-                epi(m0, rem, p0, np, static_cast<const std::int32_t*>(tile));
+                if (np == NP)
+                    s8_rows<Path, MR, NP>(w, a, p0, m0, rem, tile, c0, c1, c0 == 0);
+                else
+                    s8_rows<Path, MR, 1>(w, a, p0, m0, rem, tile, c0, c1, c0 == 0);
             }
-        };
-        if (worth_threads(std::min(a.rows, row_block), w))
-            parallel_for(index_t{0}, row_blocks * groups, body);
-        else
-            for (index_t item = 0; item < row_blocks * groups; ++item) body(item);
-    }
+        }
+        for (index_t m0 = mb; m0 < mb_end; m0 += MR) {
+            const index_t rem = std::min<index_t>(MR, mb_end - m0);
+            std::int32_t* tile = sums + (m0 - mb) * np * wq_panel_rows;
+            // Zero points: − z[n] · Σ_k x_q[m, k].
+            if (w.zeros)
+                for (index_t m = 0; m < rem; ++m)
+                    for (index_t i = 0; i < np * wq_panel_rows; ++i)
+                        tile[m * np * wq_panel_rows + i] -=
+                            static_cast<std::int32_t>(w.zeros[(p0 + i / wq_panel_rows) * wq_panel_rows + i % wq_panel_rows]) *
+                            a.sum[static_cast<std::size_t>(m0 + m)];
+            epi(m0, rem, p0, np, static_cast<const std::int32_t*>(tile));
+        }
+    };
+    if (worth_threads(std::min(a.rows, row_block), w))
+        parallel_for(index_t{0}, row_blocks * groups, body);
+    else
+        for (index_t item = 0; item < row_blocks * groups; ++item) body(item);
 }
 
 /// Test hook: when true, pair-bounded weights take the signed AVX2 tile too (so both are tested on them).
@@ -692,10 +692,8 @@ inline void gemm_s8_s32(ConstMatrixView<std::int8_t> xq, const wq_weights& w, Ma
 /// overlap y.
 inline bool gemm_s8_fuses(const epilogue& ep, MatrixView<float> y) noexcept {
     if (ep.has_lowrank()) return false;
-    if (!ep.residual || y.rows() == 0 || y.cols() == 0) return true;
-    if (ep.residual == y.data() && (ep.ld_residual == y.stride() || y.rows() == 1)) return true;
-    const float* r_end = ep.residual + (y.rows() - 1) * ep.ld_residual + y.cols();
-    return !(ep.residual < y.row(y.rows() - 1) + y.cols() && y.data() < r_end);
+    if (ep.residual == y.data() && (ep.ld_residual == y.stride() || y.rows() <= 1)) return true;
+    return !residual_overlaps(ep.residual, ep.ld_residual, y);
 }
 
 /// y [M, N] = act(x [M, K] · Ŵᵀ + bias) + residual with dynamic per-token int8 activations, on the active path:
