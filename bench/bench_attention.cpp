@@ -98,6 +98,9 @@ int main(int argc, char** argv) {
         {"bert_h12_d64_s2048", 12, 12, 64, 2048, 2048, false},
         {"llama7b_decode_h32_d128_kv512", 32, 32, 128, 1, 512, true},
         {"llama7b_decode_h32_d128_kv2048", 32, 32, 128, 1, 2048, true},
+        // grouped-query decode: 4 and 8 query heads share each K/V head (bench_serve's and TinyLlama's layers)
+        {"gqa4_decode_h16_kv4_d128_kv256", 16, 4, 128, 1, 256, true},
+        {"gqa8_decode_h32_kv4_d64_kv512", 32, 4, 64, 1, 512, true},
     };
     for (const auto& s : shapes)
         for (int t : {1, 2}) {

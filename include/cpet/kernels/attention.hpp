@@ -14,11 +14,16 @@
 // and finally out = O / l. Memory is O(tile) per thread, never Sq × Sk. Work items go to the threads from a
 // shared counter, the heaviest (last causal tiles) first, so a causal triangle balances.
 //
-// Scores use two shapes: with >= 4 rows the K tile is transposed into scratch (D × key_tile) and a register-
-// tiled micro-kernel broadcasts q (4 rows × NV vectors of keys per step, a small GEMM); with fewer rows (decode:
-// Sq = 1 and a small group) each score is a vector dot product straight from the K rows, since transposing would
-// touch every K element twice for one use. When head_dim is not a multiple of the vector width, the K/V rows of
-// a tile are copied into zero-padded scratch so the inner loops never need a tail.
+// Scores use two shapes. With >= 4 rows (prefill, or decode with a wide GQA group) the item works on the
+// transposed score tile Sᵀ (keys × rows): the scaled queries are stored once per item as Qᵀ (D × rows, rows
+// padded to a vector), and a register-tiled micro-kernel broadcasts k_j[d] straight from the K rows and multiplies
+// it by vectors of Qᵀ — no copy of K at all, and the per-row softmax statistics (max, running max m, sum l,
+// rescale factor) are lanes of vectors, so the online softmax needs no horizontal reduction and no per-row
+// masking loop. P·V then broadcasts Pᵀ[j, r] and rescales O by exp(m − m') as it loads the accumulator. With
+// fewer rows (decode: Sq = 1 and a small group) each score is a vector dot product straight from the K rows,
+// since a row of Pᵀ would fill a fraction of a vector. When head_dim is not a multiple of the vector width, the V
+// rows of a tile (and, on the dot-product path, the K rows) are copied into zero-padded scratch so the inner
+// loops never need a tail.
 //
 // Parallelism is over (KV head, query tile) only: a decode step with one KV head (MQA, Sq = 1) runs on one thread.
 // Splitting the keys across threads with a final merge of (m, l, O) ("flash-decoding") would fix that; not done.
@@ -87,23 +92,42 @@ struct widths<Arch> {
 
 inline index_t round_up(index_t x, index_t m) { return (x + m - 1) / m * m; }
 
-/// Per-thread tile scratch; sized once per call, outside the parallel region.
+/// Pins a loaded vector to a register. GCC otherwise folds a load that feeds four FMAs into each of them, one
+/// load per FMA instead of one per four, which makes the micro-kernels below load-bound (measured: the score
+/// kernel issued 20 loads per 16 FMAs on Zen 5, whose two 512-bit load ports then set its speed).
+template <class B>
+inline void in_register(B& b) noexcept {
+#if defined(__GNUC__)
+    asm("" : "+v"(b.data));
+#endif
+}
+
+/// Per-thread tile scratch; sized once per call, outside the parallel region. R = rows rounded up to a vector.
 struct scratch {
-    aligned_buffer<float> q;   // rows × Dp, scaled queries, zero padded
-    aligned_buffer<float> kt;  // D × key_tile (transposed K) or key_tile × Dp (padded K rows)
+    aligned_buffer<float> q;   // rows × Dp, scaled queries, zero padded (dot-product path)
+    aligned_buffer<float> qt;  // D × R, scaled queries transposed, padded rows zero (tile path)
+    aligned_buffer<float> kt;  // key_tile × Dp (padded K rows, dot-product path)
     aligned_buffer<float> vp;  // key_tile × Dp (padded V rows, only when D % W != 0)
-    aligned_buffer<float> s;   // rows × key_tile scores, then probabilities
+    aligned_buffer<float> s;   // rows × key_tile scores, then probabilities (dot-product path)
+    aligned_buffer<float> st;  // key_tile × R transposed scores, then probabilities (tile path)
     aligned_buffer<float> o;   // rows × Dp unnormalised output accumulator
-    std::vector<float> m, l;   // running max and running sum per row
+    aligned_buffer<float> mv, lv, alpha, limf;  // R each: running max, running sum, rescale, visible keys (tile path)
+    std::vector<float> m, l;   // running max and running sum per row (dot-product path)
     std::vector<index_t> lim;  // keys [0, lim) are visible to the row
     std::vector<float*> out;   // output row pointers
 
-    scratch(index_t rows, index_t D, index_t Dp)
+    scratch(index_t rows, index_t D, index_t Dp, index_t R)
         : q(std::size_t(rows * Dp)),
-          kt(std::size_t(key_tile * std::max(D, Dp))),
+          qt(std::size_t(D * R)),
+          kt(std::size_t(key_tile * Dp)),
           vp(std::size_t(key_tile * Dp)),
           s(std::size_t(rows * key_tile)),
+          st(std::size_t(key_tile * R)),
           o(std::size_t(rows * Dp)),
+          mv(std::size_t(R)),
+          lv(std::size_t(R)),
+          alpha(std::size_t(R)),
+          limf(std::size_t(R)),
           m(std::size_t(rows)),
           l(std::size_t(rows)),
           lim(std::size_t(rows)),
@@ -112,27 +136,57 @@ struct scratch {
 
 // ---- scores S[r, j] = q_r · k_j ------------------------------------------------------------------------------
 
-/// MR rows × all key vectors of a tile from the transposed tile kt (D × key_tile): a register-tiled GEMM step.
-template <class Arch, int MR>
-void scores_gemm_rows(const float* q, index_t qs, const float* kt, index_t D, index_t ncols, float* s) {
+template <class Arch>
+struct tile_shape {
+    static constexpr int JR = 4;                                    // keys per micro-tile
+    static constexpr int RV = widths<Arch>::W >= 16 ? 4 : 3;        // row vectors per micro-tile
+};
+
+/// Sᵀ[j, c·W ..) for JR keys (rows of K from k, stride ks) × RV row vectors of Qᵀ (D × R, from qt): each step
+/// broadcasts JR elements k_j[d] and loads RV vectors Qᵀ[d, ·] — JR·RV FMAs for JR + RV loads.
+template <class Arch, int JR, int RV>
+void scores_t_block(const float* qt, index_t R, const float* k, index_t ks, index_t D, float* st) {
     using B = xsimd::batch<float, Arch>;
     constexpr index_t W = widths<Arch>::W;
-    constexpr int NV = widths<Arch>::NV;
-    for (index_t j0 = 0; j0 < ncols; j0 += NV * W) {
-        B acc[MR][NV];
-        for (int r = 0; r < MR; ++r)
-            for (int c = 0; c < NV; ++c) acc[r][c] = B(0.f);
-        const float* kp = kt + j0;
-        for (index_t d = 0; d < D; ++d, kp += key_tile) {
-            B kv[NV];
-            for (int c = 0; c < NV; ++c) kv[c] = B::load_aligned(kp + c * W);
-            for (int r = 0; r < MR; ++r) {
-                const B qb(q[r * qs + d]);
-                for (int c = 0; c < NV; ++c) acc[r][c] = xsimd::fma(qb, kv[c], acc[r][c]);
-            }
+    B acc[JR][RV];
+    for (int j = 0; j < JR; ++j)
+        for (int c = 0; c < RV; ++c) acc[j][c] = B(0.f);
+    for (index_t d = 0; d < D; ++d) {
+        B qv[RV];
+        for (int c = 0; c < RV; ++c) {
+            qv[c] = B::load_aligned(qt + d * R + c * W);
+            in_register(qv[c]);
         }
-        for (int r = 0; r < MR; ++r)
-            for (int c = 0; c < NV; ++c) acc[r][c].store_aligned(s + r * key_tile + j0 + c * W);
+        for (int j = 0; j < JR; ++j) {
+            const B kb(k[j * ks + d]);
+            for (int c = 0; c < RV; ++c) acc[j][c] = xsimd::fma(kb, qv[c], acc[j][c]);
+        }
+    }
+    for (int j = 0; j < JR; ++j)
+        for (int c = 0; c < RV; ++c) acc[j][c].store_aligned(st + j * R + c * W);
+}
+
+template <class Arch, int RV>
+void scores_t_rows(const float* qt, index_t R, const float* k, index_t ks, index_t D, index_t nk, float* st) {
+    constexpr int JR = tile_shape<Arch>::JR;
+    index_t j = 0;
+    for (; j + JR <= nk; j += JR) scores_t_block<Arch, JR, RV>(qt, R, k + j * ks, ks, D, st + j * R);
+    for (; j < nk; ++j) scores_t_block<Arch, 1, RV>(qt, R, k + j * ks, ks, D, st + j * R);
+}
+
+/// Sᵀ (nk × R) = K[0, nk) · Qᵀ.
+template <class Arch>
+void scores_t(const float* qt, index_t R, const float* k, index_t ks, index_t D, index_t nk, float* st) {
+    constexpr index_t W = widths<Arch>::W;
+    constexpr int RV = tile_shape<Arch>::RV;
+    const index_t nv = R / W;
+    index_t c = 0;
+    for (; c + RV <= nv; c += RV) scores_t_rows<Arch, RV>(qt + c * W, R, k, ks, D, nk, st + c * W);
+    switch (nv - c) {
+        case 3: if constexpr (RV > 3) scores_t_rows<Arch, 3>(qt + c * W, R, k, ks, D, nk, st + c * W); break;
+        case 2: scores_t_rows<Arch, 2>(qt + c * W, R, k, ks, D, nk, st + c * W); break;
+        case 1: scores_t_rows<Arch, 1>(qt + c * W, R, k, ks, D, nk, st + c * W); break;
+        default: break;
     }
 }
 
@@ -169,20 +223,31 @@ void scores_dot_rows(const float* q, index_t Dp, const float* k, index_t ks, ind
     }
 }
 
-// ---- O[r, :] += Σ_j P[r, j] · v_j --------------------------------------------------------------------------
+// ---- O[r, :] = alpha_r · O[r, :] + Σ_j P[r, j] · v_j -----------------------------------------------------------
+// P[r, j] sits at p[r·pr + j·pj]: pr = key_tile, pj = 1 for the row-major score tile, pr = 1, pj = R for Sᵀ.
+// alpha (one per row) rescales the accumulator as it is loaded; nullptr means 1.
 
 template <class Arch, int MR, int NC>
-void pv_block(const float* p, const float* v, index_t vs, index_t nk, float* o, index_t Dp) {
+void pv_block(const float* p, index_t pr, index_t pj, const float* alpha, const float* v, index_t vs, index_t nk,
+              float* o, index_t Dp) {
     using B = xsimd::batch<float, Arch>;
     constexpr index_t W = widths<Arch>::W;
     B acc[MR][NC];
     for (int r = 0; r < MR; ++r)
         for (int c = 0; c < NC; ++c) acc[r][c] = B::load_aligned(o + r * Dp + c * W);
+    if (alpha != nullptr)
+        for (int r = 0; r < MR; ++r) {
+            const B ab(alpha[r]);
+            for (int c = 0; c < NC; ++c) acc[r][c] *= ab;
+        }
     for (index_t j = 0; j < nk; ++j) {
         B vv[NC];
-        for (int c = 0; c < NC; ++c) vv[c] = B::load_unaligned(v + j * vs + c * W);
+        for (int c = 0; c < NC; ++c) {
+            vv[c] = B::load_unaligned(v + j * vs + c * W);
+            if constexpr (MR > 1) in_register(vv[c]);
+        }
         for (int r = 0; r < MR; ++r) {
-            const B pb(p[r * key_tile + j]);
+            const B pb(p[r * pr + j * pj]);
             for (int c = 0; c < NC; ++c) acc[r][c] = xsimd::fma(pb, vv[c], acc[r][c]);
         }
     }
@@ -191,15 +256,16 @@ void pv_block(const float* p, const float* v, index_t vs, index_t nk, float* o, 
 }
 
 template <class Arch, int MR>
-void pv_rows(const float* p, const float* v, index_t vs, index_t nk, float* o, index_t Dp) {
+void pv_rows(const float* p, index_t pr, index_t pj, const float* alpha, const float* v, index_t vs, index_t nk,
+             float* o, index_t Dp) {
     constexpr index_t W = widths<Arch>::W;
     constexpr int NV = widths<Arch>::NV;
     index_t d = 0;
-    for (; d + NV * W <= Dp; d += NV * W) pv_block<Arch, MR, NV>(p, v + d, vs, nk, o + d, Dp);
+    for (; d + NV * W <= Dp; d += NV * W) pv_block<Arch, MR, NV>(p, pr, pj, alpha, v + d, vs, nk, o + d, Dp);
     switch ((Dp - d) / W) {
-        case 3: pv_block<Arch, MR, 3>(p, v + d, vs, nk, o + d, Dp); break;
-        case 2: pv_block<Arch, MR, 2>(p, v + d, vs, nk, o + d, Dp); break;
-        case 1: pv_block<Arch, MR, 1>(p, v + d, vs, nk, o + d, Dp); break;
+        case 3: pv_block<Arch, MR, 3>(p, pr, pj, alpha, v + d, vs, nk, o + d, Dp); break;
+        case 2: pv_block<Arch, MR, 2>(p, pr, pj, alpha, v + d, vs, nk, o + d, Dp); break;
+        case 1: pv_block<Arch, MR, 1>(p, pr, pj, alpha, v + d, vs, nk, o + d, Dp); break;
         default: break;
     }
 }
@@ -271,9 +337,78 @@ void scale_row(float* o, index_t Dp, float alpha) {
     }
 }
 
-/// One work item: KV head g, query tokens [t0, t0 + tn).
+template <class Arch, int CV>
+void softmax_t_block(float* st, index_t R, index_t nk, bool masked, index_t j0, const float* limf, float* m, float* l,
+                     float* alpha) {
+    using B = xsimd::batch<float, Arch>;
+    constexpr index_t W = widths<Arch>::W;
+    const B ninf(-std::numeric_limits<float>::infinity());
+    B mx[CV], lim[CV];
+    for (int c = 0; c < CV; ++c) mx[c] = ninf;
+    if (masked) {
+        for (int c = 0; c < CV; ++c) lim[c] = B::load_aligned(limf + c * W);
+        for (index_t j = 0; j < nk; ++j) {
+            const B key(float(j0 + j));
+            for (int c = 0; c < CV; ++c) {
+                const B sv = xsimd::select(key < lim[c], B::load_aligned(st + j * R + c * W), ninf);
+                sv.store_aligned(st + j * R + c * W);
+                mx[c] = xsimd::max(mx[c], sv);
+            }
+        }
+    } else {
+        for (index_t j = 0; j < nk; ++j)
+            for (int c = 0; c < CV; ++c) mx[c] = xsimd::max(mx[c], B::load_aligned(st + j * R + c * W));
+    }
+    B mo[CV], ms[CV], sum[CV];
+    for (int c = 0; c < CV; ++c) {
+        mo[c] = B::load_aligned(m + c * W);
+        const B mn = xsimd::max(mo[c], mx[c]);
+        mn.store_aligned(m + c * W);
+        ms[c] = xsimd::select(mn == ninf, B(0.f), mn);
+        sum[c] = B(0.f);
+    }
+    for (index_t j = 0; j < nk; ++j)
+        for (int c = 0; c < CV; ++c) {
+            const B e = xsimd::exp(B::load_aligned(st + j * R + c * W) - ms[c]);
+            e.store_aligned(st + j * R + c * W);
+            sum[c] += e;
+        }
+    for (int c = 0; c < CV; ++c) {
+        const B a = xsimd::exp(mo[c] - ms[c]);
+        (B::load_aligned(l + c * W) * a + sum[c]).store_aligned(l + c * W);
+        a.store_aligned(alpha + c * W);
+    }
+}
+
+/// The online-softmax step on a transposed tile Sᵀ (nk × R), all rows at once, lane by lane: masks the keys a row
+/// does not see (when `masked`: key j0 + j is visible to row r iff j0 + j < limf[r]), m' = max(m, max_j S),
+/// P = exp(S − m'), l' = l·exp(m − m') + Σ_j P, and leaves exp(m − m') in alpha for P·V to rescale O with. A row
+/// that has seen no key yet keeps m = −inf; its exponents are taken against 0 so that P = 0 and alpha = 0, not NaN.
+/// Up to four row vectors go together, so the max and sum chains over the keys are independent.
 template <class Arch>
-void attention_item(const attention_args& a, index_t g, index_t t0, index_t tn, index_t kv_len, float scale,
+void softmax_t(float* st, index_t R, index_t nk, bool masked, index_t j0, const float* limf, float* m, float* l,
+               float* alpha) {
+    constexpr index_t W = widths<Arch>::W;
+    const index_t nv = R / W;
+    index_t c = 0;
+    for (; c + 4 <= nv; c += 4)
+        softmax_t_block<Arch, 4>(st + c * W, R, nk, masked, j0, limf + c * W, m + c * W, l + c * W, alpha + c * W);
+    const auto tail = [&](auto cv) {
+        softmax_t_block<Arch, decltype(cv)::value>(st + c * W, R, nk, masked, j0, limf + c * W, m + c * W, l + c * W,
+                                                   alpha + c * W);
+    };
+    switch (nv - c) {
+        case 3: tail(std::integral_constant<int, 3>{}); break;
+        case 2: tail(std::integral_constant<int, 2>{}); break;
+        case 1: tail(std::integral_constant<int, 1>{}); break;
+        default: break;
+    }
+}
+
+/// One work item on the dot-product path (fewer than gemm_rows rows, or no SIMD): KV head g, query tokens
+/// [t0, t0 + tn).
+template <class Arch>
+void attention_item_dot(const attention_args& a, index_t g, index_t t0, index_t tn, index_t kv_len, float scale,
                     scratch& w) {
     constexpr index_t W = widths<Arch>::W;
     constexpr float ninf = -std::numeric_limits<float>::infinity();
@@ -312,35 +447,23 @@ void attention_item(const attention_args& a, index_t g, index_t t0, index_t tn, 
         const float* vp = a.v.row(j0) + g * D;
         float* S = w.s.data();
 
-        // 1. scores
+        // 1. scores (dot products: the rows are too few to fill a vector of Pᵀ)
         if constexpr (arch::is_simd_v<Arch>) {
-            if (rows >= gemm_rows) {
-                float* kt = w.kt.data();
+            const float* kk = kp;
+            index_t kst = ks;
+            if (padded) {
+                float* kpad = w.kt.data();
                 for (index_t j = 0; j < nk; ++j) {
-                    const float* kr = kp + j * ks;
-                    for (index_t d = 0; d < D; ++d) kt[d * key_tile + j] = kr[d];
+                    std::memcpy(kpad + j * Dp, kp + j * ks, sizeof(float) * std::size_t(D));
+                    for (index_t d = D; d < Dp; ++d) kpad[j * Dp + d] = 0.f;
                 }
-                for_row_blocks(rows, [&](auto mr, index_t r0) {
-                    scores_gemm_rows<Arch, decltype(mr)::value>(w.q.data() + r0 * Dp, Dp, kt, D, ncols,
-                                                                S + r0 * key_tile);
-                });
-            } else {
-                const float* kk = kp;
-                index_t kst = ks;
-                if (padded) {
-                    float* kpad = w.kt.data();
-                    for (index_t j = 0; j < nk; ++j) {
-                        std::memcpy(kpad + j * Dp, kp + j * ks, sizeof(float) * std::size_t(D));
-                        for (index_t d = D; d < Dp; ++d) kpad[j * Dp + d] = 0.f;
-                    }
-                    kk = kpad;
-                    kst = Dp;
-                }
-                for_row_blocks(rows, [&](auto mr, index_t r0) {
-                    scores_dot_rows<Arch, decltype(mr)::value>(w.q.data() + r0 * Dp, Dp, kk, kst, nk,
-                                                               S + r0 * key_tile);
-                });
+                kk = kpad;
+                kst = Dp;
             }
+            for_row_blocks(rows, [&](auto mr, index_t r0) {
+                scores_dot_rows<Arch, decltype(mr)::value>(w.q.data() + r0 * Dp, Dp, kk, kst, nk,
+                                                           S + r0 * key_tile);
+            });
         } else {
             for (index_t r = 0; r < rows; ++r) {
                 const float* qr = w.q.data() + r * D;
@@ -391,7 +514,8 @@ void attention_item(const attention_args& a, index_t g, index_t t0, index_t tn, 
                 vst = Dp;
             }
             for_row_blocks(rows, [&](auto mr, index_t r0) {
-                pv_rows<Arch, decltype(mr)::value>(S + r0 * key_tile, vv, vst, nk_used, w.o.data() + r0 * Dp, Dp);
+                pv_rows<Arch, decltype(mr)::value>(S + r0 * key_tile, key_tile, 1, nullptr, vv, vst, nk_used,
+                                                   w.o.data() + r0 * Dp, Dp);
             });
         } else {
             for (index_t r = 0; r < rows; ++r) {
@@ -420,6 +544,89 @@ void attention_item(const attention_args& a, index_t g, index_t t0, index_t tn, 
     }
 }
 
+/// One work item on the tile path (SIMD, >= gemm_rows rows): KV head g, query tokens [t0, t0 + tn).
+template <class Arch>
+void attention_item_tile(const attention_args& a, index_t g, index_t t0, index_t tn, index_t kv_len, float scale,
+                         scratch& w) {
+    constexpr index_t W = widths<Arch>::W;
+    constexpr float ninf = -std::numeric_limits<float>::infinity();
+    const index_t D = a.head_dim, Dp = round_up(D, W);
+    const index_t group = a.n_heads / a.n_kv_heads;
+    const index_t rows = group * tn, R = round_up(rows, W);
+    const bool padded = Dp != D;
+    float* qt = w.qt.data();
+
+    // Qᵀ (scaled), limits and statistics; the padding rows (zero queries) "see" every key so that they never force
+    // a mask, and their results are never stored.
+    index_t kend = 0, kmin = std::numeric_limits<index_t>::max();
+    for (index_t hh = 0; hh < group; ++hh) {
+        const index_t h = g * group + hh;
+        for (index_t t = 0; t < tn; ++t) {
+            const index_t r = hh * tn + t, i = t0 + t;
+            const float* src = a.q.row(i) + h * D;
+            for (index_t d = 0; d < D; ++d) qt[d * R + r] = src[d] * scale;
+            index_t lim = kv_len;
+            if (a.causal) lim = std::min(lim, a.q_pos0 + i + 1);
+            lim = std::max<index_t>(lim, 0);
+            w.lim[r] = lim;
+            w.out[r] = a.out.row(i) + h * D;
+            kend = std::max(kend, lim);
+            kmin = std::min(kmin, lim);
+        }
+    }
+    for (index_t r = 0; r < R; ++r) {
+        w.mv[r] = ninf;
+        w.lv[r] = 0.f;
+        w.limf[r] = float(r < rows ? w.lim[r] : kend);
+    }
+    for (index_t d = 0; d < D; ++d)
+        for (index_t r = rows; r < R; ++r) qt[d * R + r] = 0.f;
+    std::memset(w.o.data(), 0, sizeof(float) * std::size_t(rows * Dp));
+
+    const index_t ks = a.k.stride(), vs = a.v.stride();
+    float* St = w.st.data();
+    for (index_t j0 = 0; j0 < kend; j0 += key_tile) {
+        const index_t nk = std::min(key_tile, kend - j0);
+        const float* kp = a.k.row(j0) + g * D;
+        const float* vp = a.v.row(j0) + g * D;
+        scores_t<Arch>(qt, R, kp, ks, D, nk, St);
+        softmax_t<Arch>(St, R, nk, j0 + nk > kmin, j0, w.limf.data(), w.mv.data(), w.lv.data(), w.alpha.data());
+        const float* vv = vp;
+        index_t vst = vs;
+        if (padded) {
+            float* vpad = w.vp.data();
+            for (index_t j = 0; j < nk; ++j) {
+                std::memcpy(vpad + j * Dp, vp + j * vs, sizeof(float) * std::size_t(D));
+                for (index_t d = D; d < Dp; ++d) vpad[j * Dp + d] = 0.f;
+            }
+            vv = vpad;
+            vst = Dp;
+        }
+        for_row_blocks(rows, [&](auto mr, index_t r0) {
+            pv_rows<Arch, decltype(mr)::value>(St + r0, 1, R, w.alpha.data() + r0, vv, vst, nk, w.o.data() + r0 * Dp,
+                                               Dp);
+        });
+    }
+
+    // out = O / l; a row that saw no key (l == 0) gets zeros.
+    for (index_t r = 0; r < rows; ++r) {
+        const float* orow = w.o.data() + r * Dp;
+        float* dst = w.out[r];
+        const float l = w.lv[r];
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        for (index_t d = 0; d < D; ++d) dst[d] = orow[d] * inv;
+    }
+}
+
+template <class Arch>
+void attention_item(const attention_args& a, index_t g, index_t t0, index_t tn, index_t kv_len, float scale,
+                    scratch& w) {
+    if constexpr (arch::is_simd_v<Arch>) {
+        if ((a.n_heads / a.n_kv_heads) * tn >= gemm_rows) return attention_item_tile<Arch>(a, g, t0, tn, kv_len, scale, w);
+    }
+    attention_item_dot<Arch>(a, g, t0, tn, kv_len, scale, w);
+}
+
 }  // namespace detail::attn
 
 /// Unchecked body: the arguments must already satisfy the checks of attention(const attention_args&).
@@ -443,7 +650,7 @@ void attention(Arch, const attention_args& a) {
 
     std::vector<da::scratch> ws;
     ws.reserve(std::size_t(threads));
-    for (int t = 0; t < threads; ++t) ws.emplace_back(group * tq, D, Dp);
+    for (int t = 0; t < threads; ++t) ws.emplace_back(group * tq, D, Dp, da::round_up(group * tq, da::widths<Arch>::W));
 
     // Items in decreasing order of work (last query tiles first when causal), handed out from a counter.
     std::atomic<index_t> next{0};
