@@ -59,6 +59,25 @@ struct s8_activations {
 
 namespace detail {
 
+/// The calling thread's quantised activations, reused from call to call. A fresh M × K buffer per call cost a
+/// serial zeroing pass over it (and, past glibc's mmap threshold, fresh pages) before the quantising pass wrote
+/// it again. The guard gives buffers larger than 64 MiB back when the call ends, so one huge prefill does not pin
+/// its buffer to the thread for good.
+inline s8_activations& s8_scratch() noexcept {
+    thread_local s8_activations a;
+    return a;
+}
+
+struct s8_scratch_guard {
+    s8_activations& a = s8_scratch();
+    s8_scratch_guard() = default;
+    s8_scratch_guard(const s8_scratch_guard&) = delete;
+    s8_scratch_guard& operator=(const s8_scratch_guard&) = delete;
+    ~s8_scratch_guard() {
+        if (a.q.size() > (std::size_t{64} << 20)) a = s8_activations{};
+    }
+};
+
 /// Test hook: when true, AVX-512 uses the vpmaddubsw path even on a VNNI CPU (so both are tested here).
 inline std::atomic<bool>& s8_disable_vnni() noexcept {
     static std::atomic<bool> v{false};
@@ -395,9 +414,14 @@ void quantize_rows_s8(Arch, ConstMatrixView<float> x, index_t k_pad, bool shifte
     out.cols = K;
     out.ld = k_pad;
     out.shifted = shifted;
-    out.q.reset(static_cast<std::size_t>(M * k_pad));
-    out.scale.reset(static_cast<std::size_t>(M));
-    out.sum.reset(static_cast<std::size_t>(M));
+    // Grow only: every byte of rows [0, M) × [0, k_pad) is written below, so a buffer reused from an earlier call
+    // needs neither zeroing nor fresh pages.
+    const auto grow = [](auto& buf, std::size_t n) {
+        if (buf.size() < n) buf.reset(n);
+    };
+    grow(out.q, static_cast<std::size_t>(M * k_pad));
+    grow(out.scale, static_cast<std::size_t>(M));
+    grow(out.sum, static_cast<std::size_t>(M));
     const std::int8_t pad = shifted ? static_cast<std::int8_t>(-128) : 0;  // u8 128 == x_q 0
     const auto body = [&](index_t m) {
         const float* xr = x.row(m);
@@ -716,7 +740,8 @@ inline void gemm_s8(ConstMatrixView<float> x, const wq_weights& w, MatrixView<fl
     arch::dispatch([&](auto tag) {
         detail::s8_with_path(tag, w, [&](auto path) {
             using Path = decltype(path);
-            s8_activations a;
+            const detail::s8_scratch_guard scratch;
+            s8_activations& a = scratch.a;
             detail::quantize_rows_s8(tag, x, w.k_pad, Path::shifted, a, in_scale);
             detail::s8_drive<Path>(w, a, [&](index_t m0, index_t rows, index_t p0, int np, const std::int32_t* t) {
                 // (float(C)·s_x)·s_w into an L1 tile, then the fp32 GEMM's own tile epilogue (bias, activation,
@@ -772,7 +797,8 @@ inline void gemm_w4a8(ConstMatrixView<float> x, const wq_weights& w, MatrixView<
         detail::w4_with_path(tag, [&](auto path) {
             using Path = decltype(path);
             constexpr int MR = Path::mr;
-            s8_activations a;
+            const detail::s8_scratch_guard scratch;
+            s8_activations& a = scratch.a;
             detail::quantize_rows_s8(tag, x, w.k_pad, false, a, in_scale);
             const aligned_buffer<std::int32_t> gsum = detail::group_sums(a, w);
             const auto body = [&](index_t p) {
