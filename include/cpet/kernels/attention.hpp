@@ -405,6 +405,38 @@ void softmax_t(float* st, index_t R, index_t nk, bool masked, index_t j0, const 
     }
 }
 
+/// The number of keys query token i of the call sees: kv_len, cut by the causal mask at its position.
+inline index_t row_limit(const attention_args& a, index_t i, index_t kv_len) noexcept {
+    index_t lim = kv_len;
+    if (a.causal) lim = std::min(lim, a.q_pos0 + i + 1);
+    return std::max<index_t>(lim, 0);
+}
+
+/// Copies n rows of D floats (row stride `stride`) into dst with row stride Dp, zeroing the padding columns; the
+/// SIMD loops then read whole vectors of K or V rows when head_dim is not a multiple of the vector width.
+inline const float* pad_rows(const float* src, index_t stride, index_t n, index_t D, index_t Dp, float* dst) noexcept {
+    for (index_t j = 0; j < n; ++j) {
+        std::memcpy(dst + j * Dp, src + j * stride, sizeof(float) * std::size_t(D));
+        std::fill(dst + j * Dp + D, dst + (j + 1) * Dp, 0.f);
+    }
+    return dst;
+}
+
+/// out = O / l for every row of the item; a row that saw no key (l == 0) gets zeros.
+inline void store_rows(const float* o, index_t Dp, const float* l, float* const* out, index_t rows,
+                       index_t D) noexcept {
+    for (index_t r = 0; r < rows; ++r) {
+        const float* orow = o + r * Dp;
+        float* dst = out[r];
+        if (l[r] > 0.f) {
+            const float inv = 1.f / l[r];
+            for (index_t d = 0; d < D; ++d) dst[d] = orow[d] * inv;
+        } else {
+            std::fill(dst, dst + D, 0.f);
+        }
+    }
+}
+
 /// One work item on the dot-product path (fewer than gemm_rows rows, or no SIMD): KV head g, query tokens
 /// [t0, t0 + tn).
 template <class Arch>
@@ -427,9 +459,7 @@ void attention_item_dot(const attention_args& a, index_t g, index_t t0, index_t 
             float* dst = w.q.data() + r * Dp;
             for (index_t d = 0; d < D; ++d) dst[d] = src[d] * scale;
             for (index_t d = D; d < Dp; ++d) dst[d] = 0.f;
-            index_t lim = kv_len;
-            if (a.causal) lim = std::min(lim, a.q_pos0 + i + 1);
-            lim = std::max<index_t>(lim, 0);
+            const index_t lim = row_limit(a, i, kv_len);
             w.lim[r] = lim;
             w.m[r] = ninf;
             w.l[r] = 0.f;
@@ -452,12 +482,7 @@ void attention_item_dot(const attention_args& a, index_t g, index_t t0, index_t 
             const float* kk = kp;
             index_t kst = ks;
             if (padded) {
-                float* kpad = w.kt.data();
-                for (index_t j = 0; j < nk; ++j) {
-                    std::memcpy(kpad + j * Dp, kp + j * ks, sizeof(float) * std::size_t(D));
-                    for (index_t d = D; d < Dp; ++d) kpad[j * Dp + d] = 0.f;
-                }
-                kk = kpad;
+                kk = pad_rows(kp, ks, nk, D, Dp, w.kt.data());
                 kst = Dp;
             }
             for_row_blocks(rows, [&](auto mr, index_t r0) {
@@ -505,12 +530,7 @@ void attention_item_dot(const attention_args& a, index_t g, index_t t0, index_t 
             const float* vv = vp;
             index_t vst = vs;
             if (padded) {
-                float* vpad = w.vp.data();
-                for (index_t j = 0; j < nk_used; ++j) {
-                    std::memcpy(vpad + j * Dp, vp + j * vs, sizeof(float) * std::size_t(D));
-                    for (index_t d = D; d < Dp; ++d) vpad[j * Dp + d] = 0.f;
-                }
-                vv = vpad;
+                vv = pad_rows(vp, vs, nk_used, D, Dp, w.vp.data());
                 vst = Dp;
             }
             for_row_blocks(rows, [&](auto mr, index_t r0) {
@@ -531,17 +551,7 @@ void attention_item_dot(const attention_args& a, index_t g, index_t t0, index_t 
         }
     }
 
-    // out = O / l; a row that saw no key (l == 0) gets zeros.
-    for (index_t r = 0; r < rows; ++r) {
-        const float* orow = w.o.data() + r * Dp;
-        float* dst = w.out[r];
-        if (w.l[r] > 0.f) {
-            const float inv = 1.f / w.l[r];
-            for (index_t d = 0; d < D; ++d) dst[d] = orow[d] * inv;
-        } else {
-            for (index_t d = 0; d < D; ++d) dst[d] = 0.f;
-        }
-    }
+    store_rows(w.o.data(), Dp, w.l.data(), w.out.data(), rows, D);
 }
 
 /// One work item on the tile path (SIMD, >= gemm_rows rows): KV head g, query tokens [t0, t0 + tn).
@@ -565,9 +575,7 @@ void attention_item_tile(const attention_args& a, index_t g, index_t t0, index_t
             const index_t r = hh * tn + t, i = t0 + t;
             const float* src = a.q.row(i) + h * D;
             for (index_t d = 0; d < D; ++d) qt[d * R + r] = src[d] * scale;
-            index_t lim = kv_len;
-            if (a.causal) lim = std::min(lim, a.q_pos0 + i + 1);
-            lim = std::max<index_t>(lim, 0);
+            const index_t lim = row_limit(a, i, kv_len);
             w.lim[r] = lim;
             w.out[r] = a.out.row(i) + h * D;
             kend = std::max(kend, lim);
@@ -594,12 +602,7 @@ void attention_item_tile(const attention_args& a, index_t g, index_t t0, index_t
         const float* vv = vp;
         index_t vst = vs;
         if (padded) {
-            float* vpad = w.vp.data();
-            for (index_t j = 0; j < nk; ++j) {
-                std::memcpy(vpad + j * Dp, vp + j * vs, sizeof(float) * std::size_t(D));
-                for (index_t d = D; d < Dp; ++d) vpad[j * Dp + d] = 0.f;
-            }
-            vv = vpad;
+            vv = pad_rows(vp, vs, nk, D, Dp, w.vp.data());
             vst = Dp;
         }
         for_row_blocks(rows, [&](auto mr, index_t r0) {
@@ -608,14 +611,7 @@ void attention_item_tile(const attention_args& a, index_t g, index_t t0, index_t
         });
     }
 
-    // out = O / l; a row that saw no key (l == 0) gets zeros.
-    for (index_t r = 0; r < rows; ++r) {
-        const float* orow = w.o.data() + r * Dp;
-        float* dst = w.out[r];
-        const float l = w.lv[r];
-        const float inv = l > 0.f ? 1.f / l : 0.f;
-        for (index_t d = 0; d < D; ++d) dst[d] = orow[d] * inv;
-    }
+    store_rows(w.o.data(), Dp, w.lv.data(), w.out.data(), rows, D);
 }
 
 template <class Arch>
