@@ -236,6 +236,17 @@ const bool registered = [] {
             }
             if (s.n != 4096 || s.m != 128) add("gemm_f32/cpet_dense" + tail, bench_dense, s, t);
         }
+    // W8A8 on the BERT-base layer's own GEMMs at the layer's 8 × 128 tokens (QKV, attention output, FFN up and
+    // down: K = 768 and 3072, one or three K blocks), beside oneDNN on the same shapes.
+    for (int t : {1, 2})
+        for (const shape& s : {shape{1024, 2304, 768}, shape{1024, 768, 768}, shape{1024, 3072, 768},
+                               shape{1024, 768, 3072}}) {
+            const std::string tail = name_tail(s, t);
+            add("gemm_w8a8/cpet" + tail, bench_w8a8, s, t, int8_pc);
+#ifdef CPET_BENCH_HAVE_ONEDNN
+            add("gemm_w8a8/onednn_u8s8s32" + tail, bench_onednn_s8, s, t);
+#endif
+        }
     return true;
 }();
 

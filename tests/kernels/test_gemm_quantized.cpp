@@ -407,12 +407,53 @@ TEST_CASE("gemm_s8: bias, activation and residual fused on the integer tiles, ag
                                 ep.ld_residual = y.view().stride();
                             }
                             REQUIRE(kernels::gemm_s8_fuses(ep, y.view()));
+                            // The result with non-temporal stores forced (every output streamed) must be the
+                            // same bits; y's rows are not vector-aligned here, so mostly the fallback runs.
+                            guarded ys(M, N);
+                            kernels::epilogue eps = ep;
+                            if (res_kind == 2) {
+                                for (index_t r = 0; r < M; ++r)
+                                    for (index_t c = 0; c < N; ++c) ys.view()(r, c) = res(r, c);
+                                eps.residual = ys.view().data();
+                                eps.ld_residual = ys.view().stride();
+                            }
                             kernels::gemm_s8(x.view(), kv, y.view(), ep);
                             CHECK(testing::rel_error(y.view(), ref) < 2e-6);
                             CHECK(y.guards_intact());
+                            const std::size_t threshold = kernels::detail::s8_stream_bytes();
+                            kernels::detail::s8_stream_bytes() = 0;
+                            kernels::gemm_s8(x.view(), kv, ys.view(), eps);
+                            kernels::detail::s8_stream_bytes() = threshold;
+                            CHECK(std::memcmp(ys.store.data(), y.store.data(), sizeof(float) * std::size_t(y.store.size())) == 0);
                         });
                     }
         }
+    // Non-temporal stores on vector-aligned rows (a dense y whose row stride is a multiple of the widest vector):
+    // the same bits as the cached stores, with bias, activation and y as its own residual.
+    {
+        const index_t M = 9, N = 80, K = 33;
+        const Matrix<float> w = testing::random_matrix(N, K, 21);
+        const auto q = compress::quantize_rtn(w.view(), quant_options{});
+        const auto kv = compress::kernel_view(q);
+        const Matrix<float> x = testing::random_matrix(M, K, 22), res = testing::random_matrix(M, N, 23);
+        const std::vector<float> bias = random_bias(N, 24);
+        for_each_s8_path([&](arch::isa) {
+            Matrix<float> y(res.view()), ys(res.view());
+            REQUIRE(reinterpret_cast<std::uintptr_t>(ys.data()) % 64 == 0);
+            kernels::epilogue ep;
+            ep.bias = bias.data();
+            ep.act = kernels::activation::gelu_erf;
+            ep.residual = y.data();
+            ep.ld_residual = N;
+            kernels::gemm_s8(x.view(), kv, y.view(), ep);
+            ep.residual = ys.data();
+            const std::size_t threshold = kernels::detail::s8_stream_bytes();
+            kernels::detail::s8_stream_bytes() = 0;
+            kernels::gemm_s8(x.view(), kv, ys.view(), ep);
+            kernels::detail::s8_stream_bytes() = threshold;
+            for (index_t i = 0; i < y.size(); ++i) REQUIRE(ys.data()[i] == y.data()[i]);
+        });
+    }
     // What it does not fuse is refused with a sentence, and y is left as it was.
     const Matrix<float> w = testing::random_matrix(16, 32, 3);
     const auto q = compress::quantize_rtn(w.view(), quant_options{});

@@ -33,6 +33,10 @@
 #include <utility>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
 #include "cpet/arch/dispatch.hpp"
 #include "cpet/core/buffer.hpp"
 #include "cpet/core/matrix.hpp"
@@ -235,14 +239,36 @@ inline void microkernel_rows(index_t rows, index_t kc, const float* a, const flo
     }
 }
 
-/// Epilogue of one finished tile: rows × cols of c (row stride ldc) → y at (m0, n0), applying bias, activation
-/// and residual on SIMD batches (scalar for the column tail). Reads each residual element before writing the
-/// same element of y, so residual may alias y.
-template <class Arch>
-inline void store_tile(Arch, const float* c, index_t ldc, index_t rows, index_t cols, index_t m0, index_t n0,
-                       MatrixView<float> y, const epilogue& ep) noexcept {
+/// A non-temporal store of one aligned batch (a plain aligned store where the ISA has none here).
+template <class Arch, class B>
+inline void stream_store(Arch, float* p, const B& v) noexcept {
+#if defined(__AVX512F__)
+    if constexpr (B::size == 16) return _mm512_stream_ps(p, v);
+#endif
+#if defined(__AVX__)
+    if constexpr (B::size == 8) return _mm256_stream_ps(p, v);
+#endif
+    v.store_aligned(p);
+}
+
+/// Orders the non-temporal stores of the calling thread before what follows (a no-op without SSE).
+inline void stream_fence() noexcept {
+#if defined(__SSE2__)
+    _mm_sfence();
+#endif
+}
+
+/// Epilogue of one finished tile: rows × cols of values → y at (m0, n0), applying bias, activation and residual
+/// on SIMD batches (scalar for the column tail). The values come from src: src.batch(B, r, j) gives the batch of
+/// row r at columns j.., src.scalar(r, j) one value (so a quantised GEMM can rescale its integer tile on the way,
+/// without a float tile in between). Reads each residual element before writing the same element of y, so
+/// residual may alias y.
+/// With `stream`, whole aligned vectors go to y with non-temporal stores (the caller fences): for outputs much
+/// larger than the caches, whose lines would otherwise be read for ownership and then crowd out the operands.
+template <class Arch, class Src>
+inline void store_tile_from(Arch, const Src& src, index_t rows, index_t cols, index_t m0, index_t n0,
+                            MatrixView<float> y, const epilogue& ep, bool stream = false) noexcept {
     for (index_t r = 0; r < rows; ++r) {
-        const float* cr = c + r * ldc;
         float* yr = y.row(m0 + r) + n0;
         const float* res = ep.residual ? ep.residual + (m0 + r) * ep.ld_residual + n0 : nullptr;
         const float* bias = ep.bias ? ep.bias + n0 : nullptr;
@@ -251,21 +277,42 @@ inline void store_tile(Arch, const float* c, index_t ldc, index_t rows, index_t 
             using B = xsimd::batch<float, Arch>;
             constexpr index_t W = static_cast<index_t>(B::size);
             for (; j + W <= cols; j += W) {
-                B v = B::load_unaligned(cr + j);
+                B v = src.batch(B{}, r, j);
                 if (bias) v += B::load_unaligned(bias + j);
                 v = activate(Arch{}, ep.act, v);
                 if (res) v += B::load_unaligned(res + j);
-                v.store_unaligned(yr + j);
+                if (stream && reinterpret_cast<std::uintptr_t>(yr + j) % (W * sizeof(float)) == 0)
+                    stream_store(Arch{}, yr + j, v);
+                else
+                    v.store_unaligned(yr + j);
             }
         }
         for (; j < cols; ++j) {
-            float v = cr[j];
+            float v = src.scalar(r, j);
             if (bias) v += bias[j];
             v = activate(ep.act, v);
             if (res) v += res[j];
             yr[j] = v;
         }
     }
+}
+
+/// A float tile c (row stride ldc) as store_tile_from's source.
+struct float_tile {
+    const float* c;
+    index_t ldc;
+    template <class B>
+    B batch(B, index_t r, index_t j) const noexcept {
+        return B::load_unaligned(c + r * ldc + j);
+    }
+    float scalar(index_t r, index_t j) const noexcept { return c[r * ldc + j]; }
+};
+
+/// store_tile_from on a finished float tile: rows × cols of c (row stride ldc).
+template <class Arch>
+inline void store_tile(Arch, const float* c, index_t ldc, index_t rows, index_t cols, index_t m0, index_t n0,
+                       MatrixView<float> y, const epilogue& ep) noexcept {
+    store_tile_from(Arch{}, float_tile{c, ldc}, rows, cols, m0, n0, y, ep);
 }
 
 /// s·B [N, rank] packed like the weight panels: lr[p·rank·nr + r·nr + j] = s·B[p·nr + j, r] (0 past N).
