@@ -37,6 +37,16 @@ struct guarded {
     }
 };
 
+/// While alive, gemm_s8 writes every output with non-temporal stores (threshold 0); the old threshold comes back
+/// even when the call under test throws.
+struct stream_every_output {
+    std::size_t saved = kernels::detail::s8_stream_bytes().exchange(0);
+    stream_every_output() = default;
+    stream_every_output(const stream_every_output&) = delete;
+    stream_every_output& operator=(const stream_every_output&) = delete;
+    ~stream_every_output() { kernels::detail::s8_stream_bytes() = saved; }
+};
+
 /// Every ISA path, plus AVX-512 without VNNI where the CPU has VNNI (the vpmaddubsw route on AVX-512), plus, on
 /// every SIMD ISA, the signed vpmaddubsw tile for pair-bounded weights (which otherwise take the u8 tile there).
 template <class Body>
@@ -420,10 +430,10 @@ TEST_CASE("gemm_s8: bias, activation and residual fused on the integer tiles, ag
                             kernels::gemm_s8(x.view(), kv, y.view(), ep);
                             CHECK(testing::rel_error(y.view(), ref) < 2e-6);
                             CHECK(y.guards_intact());
-                            const std::size_t threshold = kernels::detail::s8_stream_bytes();
-                            kernels::detail::s8_stream_bytes() = 0;
-                            kernels::gemm_s8(x.view(), kv, ys.view(), eps);
-                            kernels::detail::s8_stream_bytes() = threshold;
+                            {
+                                const stream_every_output streamed;
+                                kernels::gemm_s8(x.view(), kv, ys.view(), eps);
+                            }
                             CHECK(std::memcmp(ys.store.data(), y.store.data(), sizeof(float) * std::size_t(y.store.size())) == 0);
                         });
                     }
@@ -447,10 +457,10 @@ TEST_CASE("gemm_s8: bias, activation and residual fused on the integer tiles, ag
             ep.ld_residual = N;
             kernels::gemm_s8(x.view(), kv, y.view(), ep);
             ep.residual = ys.data();
-            const std::size_t threshold = kernels::detail::s8_stream_bytes();
-            kernels::detail::s8_stream_bytes() = 0;
-            kernels::gemm_s8(x.view(), kv, ys.view(), ep);
-            kernels::detail::s8_stream_bytes() = threshold;
+            {
+                const stream_every_output streamed;
+                kernels::gemm_s8(x.view(), kv, ys.view(), ep);
+            }
             for (index_t i = 0; i < y.size(); ++i) REQUIRE(ys.data()[i] == y.data()[i]);
         });
     }
