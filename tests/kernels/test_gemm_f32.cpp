@@ -200,6 +200,28 @@ TEST_CASE("gemm_f32 across the GEMV boundary, M = 1..9") {
     }
 }
 
+TEST_CASE("gemm_f32 GEMV streams: panel counts that do not divide into streams, 1 and 2 threads") {
+    // The GEMV reads S panels at once (S = 4, 2 or 1 by the rows of x), each thread's panels cut into S runs and
+    // the rest one at a time: panel counts 1..13 per call (with a partial last panel) on 1 and 2 threads put
+    // every split, remainder and stream count on every path. K = 1100 keeps two threads worth starting.
+    for (index_t n : {32, 64, 97, 128, 161, 357, 416})
+        for (index_t m : {1, 2, 3, 4, 6, 8}) {
+            problem pb(m, n, 1100, unsigned(7 * n + m));
+            pb.with_bias();
+            if (m % 2) pb.with_lowrank(5, 0.25f);
+            const packed_weights_f32 pw(pb.w);
+            for (int t : {1, 2}) {
+                thread_count tc(t);
+                testing::for_each_isa([&](arch::isa) {
+                    CAPTURE(n);
+                    CAPTURE(m);
+                    CAPTURE(t);
+                    CHECK(run_checked(pb, pw) <= tol);
+                });
+            }
+        }
+}
+
 TEST_CASE("gemm_f32 epilogue: each feature alone and combined") {
     const activation acts[] = {activation::none, activation::relu, activation::gelu_erf, activation::gelu_tanh,
                                activation::silu};
