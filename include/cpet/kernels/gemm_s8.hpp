@@ -305,14 +305,6 @@ struct s8_vnni {
             }
         };
         index_t c = c0;
-#if CPET_S8_SPLIT
-        if constexpr (C > 1) {
-            const index_t len = (c1 - c0) / C;
-            for (index_t i = 0; i < len; ++i)
-                for (int t = 0; t < C; ++t) step(c0 + t * len + i, t);
-            c = c0 + C * len;
-        }
-#endif
         for (; c + C <= c1; c += C)
             for (int t = 0; t < C; ++t) step(c + t, t);
         for (; c < c1; ++c) step(c, 0);
