@@ -321,8 +321,11 @@ void nm_tile(const nm_weights& w, const float* x, index_t ldx, index_t p, index_
                     iw += sparse_panel_rows;
                     pos = 0;
                 }
-                __builtin_prefetch((Q ? static_cast<const void*>(qv + t * 16 + 1024)
-                                      : static_cast<const void*>(vals + t * 16 + 1024)));
+                // fp32 values 4 KiB ahead into L2 (prefetcht1), int8 ones 1 KiB ahead into L1: measured on Zen 4
+                // (2:4, 4096², alternately) L2 for fp32 took M = 4 −15 %, M = 8 −6 %, while for int8 it cost
+                // M = 1 +30 %
+                if constexpr (Q) __builtin_prefetch(qv + t * 16 + 1024, 0, 3);
+                else __builtin_prefetch(vals + t * 16 + 1024, 0, 2);
                 for (int v = 0; v < V; ++v) {
                     // BW 4: vpermilps reads only the low 2 bits, so neither the mask nor an offset is needed
                     const I idx = BW == 4 ? I(word[v] >> static_cast<int>(pos * bits))
