@@ -575,6 +575,15 @@ constexpr index_t gemv_stream_count(index_t rows) noexcept {
     return s >= 4 ? 4 : s >= 2 ? 2 : 1;
 }
 
+/// The most rows of x that S streams take (gemv_stream_count(rows) ≥ S): the row dispatch below stops there, so
+/// tiles whose accumulators would not fit in the registers are never instantiated.
+template <class Arch, index_t S>
+inline constexpr index_t gemv_stream_rows = [] {
+    index_t r = 1;
+    while (r < 8 && gemv_stream_count<Arch>(r + 1) >= S) ++r;
+    return r;
+}();
+
 template <class Arch, index_t NV, index_t S, index_t R, index_t RMAX>
 inline void gemv_streams_rows(index_t rows, index_t kc, const float* x, index_t ldx, const float* const* b,
                               index_t kc2, const float* u, index_t ldu, const float* const* b2,
@@ -615,6 +624,9 @@ void gemv_simd(ConstMatrixView<float> x, const packed_weights_f32& w, MatrixView
             constexpr index_t SN = decltype(s_tag)::value;
             alignas(64) float tiles[SN][8 * nr];
             const index_t run = (p1 - p0) / SN;  // stream s: panels [p0 + s·run, p0 + (s + 1)·run)
+            // every row group has at most min(group, M) rows, and S ≥ SN streams fit those (the count only
+            // falls as rows grow), so the row dispatch can stop at gemv_stream_rows
+            constexpr index_t rmax = std::min(group, gemv_stream_rows<Arch, SN>);
             for (index_t i = 0; i < run; ++i) {
                 const float* bs[SN];
                 const float* b2s[SN];
@@ -626,7 +638,7 @@ void gemv_simd(ConstMatrixView<float> x, const packed_weights_f32& w, MatrixView
                 }
                 for (index_t m0 = 0; m0 < M; m0 += group) {
                     const index_t rows = std::min(group, M - m0);
-                    gemv_streams_rows<Arch, NV, SN, 1, group>(rows, K, x.row(m0), x.stride(), bs, rank,
+                    gemv_streams_rows<Arch, NV, SN, 1, rmax>(rows, K, x.row(m0), x.stride(), bs, rank,
                                                               rank ? ep.lowrank_u + m0 * ep.ld_u : nullptr, ep.ld_u,
                                                               rank ? b2s : nullptr, outs);
                     for (index_t si = 0; si < SN; ++si) {
