@@ -617,7 +617,9 @@ void gemv_simd(ConstMatrixView<float> x, const packed_weights_f32& w, MatrixView
     // S streams per thread for the plain GEMV (see gemv_tile_streams), by the rows of its widest row group
     const index_t S = ep.segment_count == 0 ? gemv_stream_count<Arch>(std::min(group, M)) : 1;
     parallel_region(threads, [&](int t, int nt) {
-        const auto [p0, p1] = split(w.panels(), t, nt);
+        // plain variables, not a structured binding: the lambda below captures them (clang < 16 cannot)
+        const auto part = split(w.panels(), t, nt);
+        const index_t p0 = part.first, p1 = part.second;
         alignas(64) float tile[8 * nr];
         index_t p_rest = p0;  // panels from here on go one at a time
         const auto streamed = [&](auto s_tag) {
