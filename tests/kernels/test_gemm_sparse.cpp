@@ -122,6 +122,37 @@ TEST_CASE("N:M fp32 and int8 kernels match the dense reference on every path and
     }
 }
 
+TEST_CASE("N:M small-M panel groups: panel counts that do not divide into groups, 1 and 2 threads") {
+    // Below the lanes threshold S = 4 or 2 consecutive panels run side by side (nm_group_streams: AVX-512 4 up to 4
+    // rows, 2 up to 8; AVX2 2 for one row), the last group short. Panel counts 1–13 (the last panel partial) put
+    // every remainder after full groups; M covers each S and the row tiles below it; 2:4 (4-wide x block), 4:8
+    // (8-wide on AVX2) and 3:16 (16-wide), fp32 and int8. Then 2:4 with enough work to start threads (≥ 1e6 kept
+    // multiply-adds), so the groups split over 2 threads.
+    unsigned seed = 900;
+    const auto run = [&](nm_pattern pat, index_t panels, index_t k, std::initializer_list<index_t> ms) {
+        const index_t n = panels * kernels::sparse_panel_rows - (panels % 3);
+        CAPTURE(pat.m);
+        CAPTURE(n);
+        CAPTURE(k);
+        const auto w = testing::random_matrix(n, k, ++seed);
+        const auto f = compress::prune_nm(w.view(), pat);
+        const auto q = compress::prune_nm(w.view(), pat, sparsity_score::magnitude, nullptr, sparse_values::int8);
+        testing::for_each_isa([&](arch::isa) {
+            for (index_t m : ms) {
+                CAPTURE(m);
+                check_one(f, m, seed * 13 + unsigned(m));
+                check_one(q, m, seed * 17 + unsigned(m));
+            }
+        });
+    };
+    set_num_threads(1);
+    for (nm_pattern pat : {nm_pattern{2, 4}, nm_pattern{4, 8}, nm_pattern{3, 16}})
+        for (index_t panels = 1; panels <= 13; ++panels) run(pat, panels, 48, {1, 2, 3, 4, 5, 6, 8, 9});
+    set_num_threads(2);
+    for (index_t panels : {5, 6, 7, 13}) run({2, 4}, panels, 9600, {1, 4, 8});
+    set_num_threads(max_threads());
+}
+
 TEST_CASE("large-M N:M kernel: every row-block width, K blocks with a tail, several panel chunks") {
     // M >= 48 on SIMD paths: blocks of MV·L rows of x (MV = 8 on AVX-512, 4 on AVX2; the last block takes the MV
     // that covers it), K in blocks of kernels::sparse_detail::nm_t_kc with a shorter last block, panels in chunks

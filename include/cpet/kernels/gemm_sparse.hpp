@@ -46,6 +46,12 @@
 
 namespace cpet::kernels {
 
+#ifndef CPET_SPARSE_PF
+#define CPET_SPARSE_PF 1024
+#endif
+#ifndef CPET_SPARSE_PFL
+#define CPET_SPARSE_PFL 2
+#endif
 #ifndef CPET_SPARSE_BLOCK4
 #define CPET_SPARSE_BLOCK4 1
 #endif
@@ -274,11 +280,15 @@ struct x_block<Arch, 4> {
     using type = typename isa_ops<Arch>::block4;
 };
 
-/// SIMD tile: panel p × MR rows of x. Lanes are output rows (V registers of L lanes cover the 16 rows). BW is the
-/// width of the x block one register set holds: 16 (isa_ops::block: one zmm, or two ymm picked by two vpermps and
-/// a blend) or 8 (isa_ops::block8 on AVX2, for groups of M ≤ 8: one ymm and one vpermps, so a row of x costs a
-/// third of the registers and a quarter of the pick instructions, and MR = 4 rows fit instead of 2).
-template <int MR, bool Q, int BW, class Arch>
+/// SIMD tile: S consecutive panels p … p + S − 1 × MR rows of x. Lanes are output rows (V registers of L lanes cover
+/// the 16 rows). BW is the width of the x block one register set holds: 16 (isa_ops::block: one zmm, or two ymm
+/// picked by two vpermps and a blend) or 8 (isa_ops::block8 on AVX2, for groups of M ≤ 8: one ymm and one vpermps,
+/// so a row of x costs a third of the registers and a quarter of the pick instructions, and MR = 4 rows fit instead
+/// of 2). The S panels are S weight streams read side by side, each with its own accumulators: at decode sizes one
+/// panel is one sequential stream and one chain of dependent FMAs per accumulator (at M = 1 on AVX-512, one), and
+/// one core keeps more DRAM misses in flight on several streams, which the hardware prefetchers follow separately
+/// (see gemm_f32's gemv_tile_streams); the x picks are shared by the S panels' slot.
+template <int MR, bool Q, int BW, int S, class Arch>
 void nm_tile(const nm_weights& w, const float* x, index_t ldx, index_t p, index_t m0, MatrixView<float> y,
              const epilogue& ep) {
     using F = fbatch<Arch>;
@@ -292,14 +302,17 @@ void nm_tile(const nm_weights& w, const float* x, index_t ldx, index_t p, index_
     const index_t G = w.k / group;
     const int bits = w.bits;
     const I mask(static_cast<std::int32_t>((1u << bits) - 1));
-    const float* vals = Q ? nullptr : w.values + p * slots * sparse_panel_rows;
-    const std::int8_t* qv = Q ? w.qvalues + p * slots * sparse_panel_rows : nullptr;
-    const std::uint32_t* iw = w.idx + p * w.words * sparse_panel_rows;
+    const index_t vstride = slots * sparse_panel_rows;    // values per panel
+    const index_t istride = w.words * sparse_panel_rows;  // index words per panel
+    const float* vals = Q ? nullptr : w.values + p * vstride;
+    const std::int8_t* qv = Q ? w.qvalues + p * vstride : nullptr;
+    const std::uint32_t* iw = w.idx + p * istride;
 
-    F acc[MR][V];
-    for (int m = 0; m < MR; ++m)
-        for (int v = 0; v < V; ++v) acc[m][v] = F(0.f);
-    I word[V];
+    F acc[S][MR][V];
+    for (int s = 0; s < S; ++s)
+        for (int m = 0; m < MR; ++m)
+            for (int v = 0; v < V; ++v) acc[s][m][v] = F(0.f);
+    I word[S][V];
     index_t pos = w.vpw;  // index within the current word; reload when it reaches vpw
     index_t t = 0;
     for (index_t g0 = 0; g0 < G; g0 += gpb) {
@@ -316,41 +329,49 @@ void nm_tile(const nm_weights& w, const float* x, index_t ldx, index_t p, index_
             const I offset(static_cast<std::int32_t>((g - g0) * group));
             for (index_t j = 0; j < keep; ++j, ++t, ++pos) {
                 if (pos == w.vpw) {
-                    for (int v = 0; v < V; ++v)
-                        word[v] = I::load_aligned(reinterpret_cast<const std::int32_t*>(iw) + v * L);
+                    for (int s = 0; s < S; ++s)
+                        for (int v = 0; v < V; ++v)
+                            word[s][v] =
+                                I::load_aligned(reinterpret_cast<const std::int32_t*>(iw + s * istride) + v * L);
                     iw += sparse_panel_rows;
                     pos = 0;
                 }
-                // fp32 values 4 KiB ahead into L2 (prefetcht1), int8 ones 1 KiB ahead into L1: measured on Zen 4
-                // (2:4, 4096², alternately) L2 for fp32 took M = 4 −15 %, M = 8 −6 %, while for int8 it cost
-                // M = 1 +30 %
-                if constexpr (Q) __builtin_prefetch(qv + t * 16 + 1024, 0, 3);
-                else __builtin_prefetch(vals + t * 16 + 1024, 0, 2);
-                for (int v = 0; v < V; ++v) {
-                    // BW 4: vpermilps reads only the low 2 bits, so neither the mask nor an offset is needed
-                    const I idx = BW == 4 ? I(word[v] >> static_cast<int>(pos * bits))
-                                          : I(((word[v] >> static_cast<int>(pos * bits)) & mask) + offset);
-                    const F wv = Q ? ops::load_q8(qv + t * sparse_panel_rows + v * L)
-                                   : F::load_aligned(vals + t * sparse_panel_rows + v * L);
-                    for (int m = 0; m < MR; ++m) {
-                        if constexpr (BW == 8) acc[m][v] = xsimd::fma(ops::pick8(xb[m], idx), wv, acc[m][v]);
-                        else if constexpr (BW == 4) acc[m][v] = xsimd::fma(ops::pick4(xb[m], idx), wv, acc[m][v]);
-                        else acc[m][v] = xsimd::fma(ops::pick(xb[m], idx), wv, acc[m][v]);
+                for (int s = 0; s < S; ++s) {
+                    // fp32 values 4 KiB ahead into L2 (prefetcht1), int8 ones 1 KiB ahead into L1: measured on Zen
+                    // 4 (2:4, 4096², alternately) L2 for fp32 took M = 4 −15 %, M = 8 −6 %, while for int8 it
+                    // cost M = 1 +30 %
+                    if constexpr (Q) __builtin_prefetch(qv + s * vstride + t * 16 + 1024, 0, 3);
+                    else __builtin_prefetch(vals + s * vstride + t * 16 + CPET_SPARSE_PF, 0, CPET_SPARSE_PFL);
+                    for (int v = 0; v < V; ++v) {
+                        // BW 4: vpermilps reads only the low 2 bits, so neither the mask nor an offset is needed
+                        const I idx = BW == 4 ? I(word[s][v] >> static_cast<int>(pos * bits))
+                                              : I(((word[s][v] >> static_cast<int>(pos * bits)) & mask) + offset);
+                        const F wv = Q ? ops::load_q8(qv + s * vstride + t * sparse_panel_rows + v * L)
+                                       : F::load_aligned(vals + s * vstride + t * sparse_panel_rows + v * L);
+                        for (int m = 0; m < MR; ++m) {
+                            if constexpr (BW == 8)
+                                acc[s][m][v] = xsimd::fma(ops::pick8(xb[m], idx), wv, acc[s][m][v]);
+                            else if constexpr (BW == 4)
+                                acc[s][m][v] = xsimd::fma(ops::pick4(xb[m], idx), wv, acc[s][m][v]);
+                            else acc[s][m][v] = xsimd::fma(ops::pick(xb[m], idx), wv, acc[s][m][v]);
+                        }
                     }
                 }
             }
         }
     }
-    alignas(64) float c[MR * sparse_panel_rows];
-    for (int v = 0; v < V; ++v) {
-        F s(1.f);
-        if constexpr (Q) s = F::load_unaligned(w.scales + p * sparse_panel_rows + v * L);
-        for (int m = 0; m < MR; ++m) {
-            const F r = Q ? acc[m][v] * s : acc[m][v];
-            r.store_aligned(c + m * sparse_panel_rows + v * L);
+    for (int s = 0; s < S; ++s) {
+        alignas(64) float c[MR * sparse_panel_rows];
+        for (int v = 0; v < V; ++v) {
+            F sc(1.f);
+            if constexpr (Q) sc = F::load_unaligned(w.scales + (p + s) * sparse_panel_rows + v * L);
+            for (int m = 0; m < MR; ++m) {
+                const F r = Q ? acc[s][m][v] * sc : acc[s][m][v];
+                r.store_aligned(c + m * sparse_panel_rows + v * L);
+            }
         }
+        store(Arch{}, c, MR, p + s, w.n, m0, y, ep);
     }
-    store(Arch{}, c, MR, p, w.n, m0, y, ep);
 }
 
 /// Rows of x per tile: 8 on AVX-512; on AVX2 2 with 16-wide x blocks, 4 with 8-wide ones (registers: MR·V
@@ -358,38 +379,92 @@ void nm_tile(const nm_weights& w, const float* x, index_t ldx, index_t p, index_
 template <class Arch, int BW>
 inline constexpr int sparse_mr = fbatch<Arch>::size >= 16 ? 8 : (BW <= 8 ? 4 : 2);
 
-template <int MR, bool Q, int BW, class Arch>
+/// Panels a tile of `rows` rows of x reads side by side (nm_tile's S): as many as the registers hold (S·(rows·V
+/// accumulators + V index words) + rows x blocks + 4 temporaries), 4 at most, 1 where two do not fit (AVX-512: 4 up
+/// to 4 rows, 2 up to 8; AVX2 with 8- or 4-wide x blocks: 2 for one row). On AVX2 the 16-wide block takes two
+/// registers a row, and keeps one stream.
+template <class Arch, int BW>
+constexpr int nm_stream_count(index_t rows) noexcept {
+    constexpr index_t L = fbatch<Arch>::size, V = sparse_panel_rows / L;
+    constexpr index_t regs = L >= 16 ? 32 : 16;
+#ifdef CPET_SPARSE_SROWS
+    rows = std::min<index_t>(rows, CPET_SPARSE_SROWS);
+#endif
+    const index_t xregs = L < 16 && BW == 16 ? 2 * rows : rows;
+    const index_t s = (regs - xregs - 4) / (rows * V + V);
+    return s >= 4 ? 4 : s >= 2 ? 2 : 1;
+}
+
+/// The most rows of x a tile of S streams takes (nm_stream_count(rows) ≥ S), at most sparse_mr: the row tiles of a
+/// panel group stop there, so no tile is instantiated whose accumulators cannot fit.
+template <class Arch, int BW, int S>
+inline constexpr int nm_stream_rows = [] {
+    int r = 1;
+    while (r < sparse_mr<Arch, BW> && nm_stream_count<Arch, BW>(r + 1) >= S) ++r;
+    return r;
+}();
+
+template <int MR, bool Q, int BW, int S, class Arch>
 void nm_rows(const nm_weights& w, const float* x, index_t ldx, index_t p, index_t m0, index_t rem,
              MatrixView<float> y, const epilogue& ep) {
     if constexpr (MR > 1) {
-        if (rem < MR) return nm_rows<MR - 1, Q, BW, Arch>(w, x, ldx, p, m0, rem, y, ep);
+        if (rem < MR) return nm_rows<MR - 1, Q, BW, S, Arch>(w, x, ldx, p, m0, rem, y, ep);
     }
-    nm_tile<MR, Q, BW, Arch>(w, x, ldx, p, m0, y, ep);
+    nm_tile<MR, Q, BW, S, Arch>(w, x, ldx, p, m0, y, ep);
 }
 
-template <int BW, class Arch>
-void nm_panel_bw(const nm_weights& w, const float* x, index_t ldx, index_t p, index_t m0, index_t mr,
-                 MatrixView<float> y, const epilogue& ep) {
-    constexpr int MR = sparse_mr<Arch, BW>;
+template <int BW, int S, class Arch>
+void nm_panels_bw(const nm_weights& w, const float* x, index_t ldx, index_t p, index_t m0, index_t mr,
+                  MatrixView<float> y, const epilogue& ep) {
+    constexpr int MR = nm_stream_rows<Arch, BW, S>;
     for (index_t m = m0; m < m0 + mr; m += MR) {
         const index_t rem = std::min<index_t>(MR, m0 + mr - m);
         if (w.int8())
-            nm_rows<MR, true, BW, Arch>(w, x, ldx, p, m, rem, y, ep);
+            nm_rows<MR, true, BW, S, Arch>(w, x, ldx, p, m, rem, y, ep);
         else
-            nm_rows<MR, false, BW, Arch>(w, x, ldx, p, m, rem, y, ep);
+            nm_rows<MR, false, BW, S, Arch>(w, x, ldx, p, m, rem, y, ep);
     }
 }
 
-template <class Arch>
-void nm_panel(Arch, const nm_weights& w, const float* x, index_t ldx, index_t p, index_t m0, index_t mr,
-              MatrixView<float> y, const epilogue& ep) {
+/// Calls fn(std::integral_constant<int, BW>) with the x block width of w on Arch (nm_tile's BW): 4 for groups of
+/// 4, 8 for groups of ≤ 8 where Arch has an 8-wide block, else 16. Only the widths Arch has are instantiated.
+template <class Arch, class Fn>
+decltype(auto) with_block_width(const nm_weights& w, Fn&& fn) {
 #if CPET_SPARSE_BLOCK4
-    if (w.group == 4) return nm_panel_bw<4, Arch>(w, x, ldx, p, m0, mr, y, ep);
+    if (w.group == 4) return fn(std::integral_constant<int, 4>{});
 #endif
     if constexpr (has_block8<Arch>) {
-        if (w.group <= 8) return nm_panel_bw<8, Arch>(w, x, ldx, p, m0, mr, y, ep);
+        if (w.group <= 8) return fn(std::integral_constant<int, 8>{});
     }
-    nm_panel_bw<16, Arch>(w, x, ldx, p, m0, mr, y, ep);
+    return fn(std::integral_constant<int, 16>{});
+}
+
+/// Panels side by side for M rows of x (M below the lanes threshold) on Arch: nm_stream_count for the rows of the
+/// widest tile, so a group's narrower tiles (the remainder rows) fit too.
+template <class Arch>
+index_t nm_group_streams(const nm_weights& w, index_t M) noexcept {
+    const auto count = [&](auto bw_tag) -> index_t {
+        constexpr int BW = decltype(bw_tag)::value;
+        return nm_stream_count<Arch, BW>(std::min<index_t>(M, sparse_mr<Arch, BW>));
+    };
+    return with_block_width<Arch>(w, count);
+}
+
+/// Panels p … p + s − 1, rows [m0, m0 + mr) of x: s = 4 or 2 run as one group of streams (s must not exceed
+/// nm_group_streams for M ≥ mr), any other s one panel at a time.
+template <class Arch>
+void nm_panels(Arch, const nm_weights& w, const float* x, index_t ldx, index_t p, index_t s, index_t m0,
+               index_t mr, MatrixView<float> y, const epilogue& ep) {
+    const auto run = [&](auto bw_tag) {
+        constexpr int BW = decltype(bw_tag)::value;
+        if (s == 4) {
+            if constexpr (nm_stream_count<Arch, BW>(1) >= 4) return nm_panels_bw<BW, 4, Arch>(w, x, ldx, p, m0, mr, y, ep);
+        } else if (s == 2) {
+            if constexpr (nm_stream_count<Arch, BW>(1) >= 2) return nm_panels_bw<BW, 2, Arch>(w, x, ldx, p, m0, mr, y, ep);
+        }
+        for (index_t q = p; q < p + s; ++q) nm_panels_bw<BW, 1, Arch>(w, x, ldx, q, m0, mr, y, ep);
+    };
+    with_block_width<Arch>(w, run);
 }
 
 // ---- N:M, large M: x rows in lanes ---------------------------------------------------------------------------
@@ -794,9 +869,21 @@ void gemm_nm(Arch tag, ConstMatrixView<float> x, const nm_weights& w, MatrixView
     const index_t ld = (w.k + 15) / 16 * 16;
     aligned_buffer<float> xp(static_cast<std::size_t>(M * ld));
     for (index_t m = 0; m < M; ++m) std::memcpy(xp.data() + m * ld, x.row(m), sizeof(float) * w.k);
-    sparse_detail::for_panels(M, w.panels(), double(w.n) * double(w.slots()), [&](index_t p, index_t m0, index_t mr) {
-        sparse_detail::nm_panel(tag, w, xp.data(), ld, p, m0, mr, y, ep);
-    });
+    if constexpr (arch::is_simd_v<Arch>) {
+        // groups of S consecutive panels read side by side (the last group may be short)
+        const index_t panels = w.panels(), S = sparse_detail::nm_group_streams<Arch>(w, M);
+        sparse_detail::for_panels(M, (panels + S - 1) / S, double(w.n) * double(w.slots()),
+                                  [&](index_t g, index_t m0, index_t mr) {
+                                      const index_t p = g * S;
+                                      sparse_detail::nm_panels(tag, w, xp.data(), ld, p, std::min(S, panels - p),
+                                                               m0, mr, y, ep);
+                                  });
+    } else {
+        sparse_detail::for_panels(M, w.panels(), double(w.n) * double(w.slots()),
+                                  [&](index_t p, index_t m0, index_t mr) {
+                                      sparse_detail::nm_panel(tag, w, xp.data(), ld, p, m0, mr, y, ep);
+                                  });
+    }
 }
 
 /// Throws format_error unless w is a consistent N:M view.
