@@ -88,9 +88,10 @@ void check_one(const Packed& s, index_t m, unsigned seed) {
 }  // namespace
 
 TEST_CASE("N:M fp32 and int8 kernels match the dense reference on every path and awkward shape") {
-    // M >= kernels::sparse_detail::nm_lanes_m_threshold<Arch> (32 on AVX-512, 16 on AVX2) takes the x-rows-in-lanes
+    // M >= kernels::sparse_detail::nm_lanes_m_threshold<Arch> (48 on AVX-512, 16 on AVX2) takes the x-rows-in-lanes
     // kernel on SIMD paths; below it AVX2 runs 8-wide x blocks (4 rows a tile) for groups of M <= 8 and 16-wide
-    // ones (2 rows) for 3:16, so 1, 7, 8, 9 cover the tile tails of both and 33 and up the lanes kernel
+    // ones (2 rows) for 3:16, so 1, 7, 8, 9 cover the tile tails of both, 33 and 47 the AVX-512 small-M kernel's
+    // largest M and AVX2's lanes kernel, 48 and up the lanes kernel on both
     const std::vector<index_t> ms{1, 7, 8, 9, 33, 47, 48, 65, 128};
     const std::vector<index_t> ns{1, 7, 33, 127};
     for (nm_pattern pat : {nm_pattern{2, 4}, nm_pattern{1, 4}, nm_pattern{4, 8}, nm_pattern{1, 2}, nm_pattern{3, 16}}) {

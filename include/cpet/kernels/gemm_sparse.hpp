@@ -18,7 +18,7 @@
 //   SELL: per slot one load of 16 values, one of 16 uint16 columns (widened), and per row of x one gather of
 //         x[col] (vgatherdps) and one FMA. Gathers are slow, so this pays only at high sparsity (bench_sparse).
 // At larger M the permute (port 5, shared with the FMAs) would pair with every FMA and cap the N:M kernel at half
-// the FMA peak, so N:M switches to x rows in lanes (nm_lanes_m below, from M = nm_lanes_m_threshold<Arch>: 32 on
+// the FMA peak, so N:M switches to x rows in lanes (nm_lanes_m below, from M = nm_lanes_m_threshold<Arch>: 48 on
 // AVX-512, 16 on AVX2; x transposed per call, one broadcast of each kept value and up to 8 FMAs with contiguous x
 // vectors; half the FMAs of dense at ~1.4 FMA/cycle in L1, bound by loads), and SELL likewise from M ≥ 48 (sell_lanes_m: the whole K of 64 rows of x transposed into L2, no gathers).
 // Why not decompress-to-L1 + the dense microkernel: that keeps every FMA of the dense GEMM (it only saves weight
@@ -503,7 +503,10 @@ template <class Arch>
 inline constexpr int nm_t_mv = fbatch<Arch>::size >= 16 ? 8 : 4;
 
 /// M from which gemm_nm takes the x-rows-in-lanes kernel, per ISA, measured (CPET_SPARSE_LANES_M overrides both):
-///   AVX-512 (Xeon, 2048²): they tie at M = 24, the lanes kernel is 1.25× faster at 32 and 1.8× at 64.
+///   AVX-512: 48. On a Xeon (2048²) the lanes kernel was 1.25× faster at M = 32 than the output-rows-in-lanes
+///   kernel of then, and on Zen 5 they tied there (2026-12-02); since that kernel's in-lane picks for groups of 4
+///   and its panel streams it is the faster at 32: Zen 5 (4096², 2:4, one thread, old and new binaries alternately, three rounds) 4.6-6.1 ms against
+///   6.9-7.1 ms, dense fp32 6.3-6.8 ms; int8 values 4.9-5.4 against 5.9-6.5 ms.
 ///   AVX2 (Zen, 4096², 2:4, one thread, CPU time on a shared machine): with 8-wide x blocks (MR = 4) the
 ///   output-rows-in-lanes kernel takes 2.4-3.5 ms at M = 4, 4.5-4.8 ms at M = 8 and 8.6 ms at M = 16, against
 ///   6.5, 6.8 and 8.4 ms for the lanes kernel (whose per-weight decode is a fixed cost): they tie at 16.
@@ -512,7 +515,7 @@ template <class Arch>
 inline constexpr index_t nm_lanes_m_threshold = CPET_SPARSE_LANES_M;
 #else
 template <class Arch>
-inline constexpr index_t nm_lanes_m_threshold = fbatch<Arch>::size >= 16 ? 32 : 16;
+inline constexpr index_t nm_lanes_m_threshold = fbatch<Arch>::size >= 16 ? 48 : 16;
 #endif
 /// The same for SELL-16 (sell_lanes_m; measured with the earlier 4-vector N:M kernel, which it still resembles).
 inline constexpr index_t sell_lanes_m_threshold = 48;
