@@ -258,6 +258,9 @@ inline void stream_fence() noexcept {
 #endif
 }
 
+/// Rows ahead at which store_tile_from prefetches the residual and y (see there).
+inline constexpr index_t store_prefetch_rows = 8;
+
 /// Epilogue of one finished tile: rows × cols of values → y at (m0, n0), applying bias, activation and residual
 /// on SIMD batches (scalar for the column tail). The values come from src: src.batch(B, r, j) gives the batch of
 /// row r at columns j.., src.scalar(r, j) one value (so a quantised GEMM can rescale its integer tile on the way,
@@ -272,6 +275,24 @@ inline void store_tile_from(Arch, const Src& src, index_t rows, index_t cols, in
         float* yr = y.row(m0 + r) + n0;
         const float* res = ep.residual ? ep.residual + (m0 + r) * ep.ld_residual + n0 : nullptr;
         const float* bias = ep.bias ? ep.bias + n0 : nullptr;
+        // Rows of a tall call (gemm_s8 hands over a whole 256-row block of one 16-column panel) are a row stride
+        // apart, too far for the hardware prefetcher: fetch the residual and y (for ownership; not when streamed)
+        // 8 rows ahead. With a missed residual and y line per row, the epilogue of the BERT layer's K = 768 W8A8
+        // GEMMs stalled on them (Zen 3: the epilogue 22 % → 15 % of the integer loop's time, sampled). Short
+        // tiles (rows ≤ 8, the fp32 GEMM's) prefetch nothing.
+        if (r + store_prefetch_rows < rows && cols > 0) {
+            const index_t bytes = cols * index_t(sizeof(float));
+            if (res) {
+                const char* p = reinterpret_cast<const char*>(res + store_prefetch_rows * ep.ld_residual);
+                for (index_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b);
+                __builtin_prefetch(p + bytes - 1);
+            }
+            if (!stream) {
+                const char* p = reinterpret_cast<const char*>(y.row(m0 + r + store_prefetch_rows) + n0);
+                for (index_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 1);
+                __builtin_prefetch(p + bytes - 1, 1);
+            }
+        }
         index_t j = 0;
         if constexpr (arch::is_simd_v<Arch>) {
             using B = xsimd::batch<float, Arch>;
